@@ -1,0 +1,498 @@
+"""Mixtral 8x7B in MLX: the model, its tokenizer, loading, generation and a one-shot CLI.
+
+    python mixtral.py --model-path mlx_model --prompt "The capital of France is"
+"""
+
+import argparse
+import glob
+import json
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+DEFAULT_MODEL_PATH = "mlx_model"
+
+
+class MixtralError(Exception):
+    """Bad input from the user (a file, a flag, a config value): the CLIs print it as one line."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class MoEArgs:
+    num_experts: int
+    num_experts_per_tok: int
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    head_dim: int
+    hidden_dim: int
+    n_heads: int
+    n_kv_heads: int
+    norm_eps: float
+    vocab_size: int
+    moe: MoEArgs
+    rope_theta: float = 1e6
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "config") -> "ModelArgs":
+        """Build from a params.json-style dict; unknown, missing or inconsistent keys are errors."""
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.name != "rope_theta"}
+        if unknown := sorted(config.keys() - names):
+            raise MixtralError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        if missing := sorted(required - config.keys()):
+            raise MixtralError(f"{source}: missing key(s) {', '.join(missing)}")
+        moe = config["moe"]
+        if not isinstance(moe, dict) or set(moe) != {"num_experts", "num_experts_per_tok"}:
+            raise MixtralError(
+                f"{source}: 'moe' must be {{\"num_experts\": N, \"num_experts_per_tok\": K}}, got {moe!r}"
+            )
+        args = cls(**{**config, "moe": MoEArgs(**moe)})
+        args.validate(source)
+        return args
+
+    def validate(self, source: str = "config"):
+        ints = ["dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size"]
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise MixtralError(f"{source}: {name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise MixtralError(
+                f"{source}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        e, k = self.moe.num_experts, self.moe.num_experts_per_tok
+        if not (isinstance(e, int) and isinstance(k, int) and 1 <= k <= e):
+            raise MixtralError(
+                f"{source}: moe.num_experts_per_tok ({k}) must be between 1 and moe.num_experts ({e})"
+            )
+        if not self.norm_eps > 0 or not self.rope_theta > 0:
+            raise MixtralError(f"{source}: norm_eps and rope_theta must be positive")
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["moe"] = vars(self.moe).copy()
+        return d
+
+
+# --------------------------------------------------------------------------- model
+
+
+class KVCache:
+    """Keys and values of one layer, grown in steps so decoding does not copy the whole cache per token."""
+
+    step = 256
+
+    def __init__(self):
+        self.keys = self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys, values):
+        B, H, T, D = keys.shape  # (B, n_kv_heads, T, head_dim)
+        if self.keys is None or self.offset + T > self.keys.shape[2]:
+            n = -(-(self.offset + T) // self.step) * self.step  # capacity: a multiple of step
+            self.keys, self.values = (self._grow(a, new, n) for a, new in ((self.keys, keys), (self.values, values)))
+        self.keys[:, :, self.offset : self.offset + T] = keys
+        self.values[:, :, self.offset : self.offset + T] = values
+        self.offset += T
+        return self.keys[:, :, : self.offset], self.values[:, :, : self.offset]
+
+    def _grow(self, old, new, n):
+        B, H, _, D = new.shape
+        if old is None:
+            return mx.zeros((B, H, n, D), new.dtype)
+        return mx.concatenate([old[:, :, : self.offset], mx.zeros((B, H, n - self.offset, D), new.dtype)], axis=2)
+
+    def trim(self, n: int) -> int:
+        """Forget the last n positions (chat's /undo and /regen); returns how many were dropped."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+
+class RoPE(nn.Module):
+    # Hugging Face checkpoints store wq/wk permuted for "rotate-half" RoPE (the two halves of each
+    # head are the rotated pairs), so we apply the non-traditional form to them as they are.
+    # Interleaved ("traditional") RoPE on these weights runs but produces fluent garbage.
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def __call__(self, x, offset: int = 0):
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.theta, scale=1.0, offset=offset)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.rope = RoPE(args.head_dim, args.rope_theta)
+
+    def __call__(self, x, cache: KVCache):
+        B, T, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, n_heads, T, head_dim)
+        k = k.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, n_kv_heads, T, head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        # The fused kernel shares each KV head among n_heads // n_kv_heads query heads (GQA), and
+        # its "causal" mask is aligned to the end of the keys, so T new tokens on top of a cache of
+        # S attend to all S old ones and causally among themselves.
+        mask = "causal" if T > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.wo(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class SwitchLinear(nn.Module):
+    """num_experts stacked linear layers (experts, out, in); each token row uses the experts it is routed to."""
+
+    def __init__(self, in_dims: int, out_dims: int, num_experts: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, out_dims, in_dims))
+
+    def __call__(self, x, indices):
+        return mx.gather_mm(x, self["weight"].swapaxes(-1, -2), rhs_indices=indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 8, mode: str = "affine"):
+        return QuantizedSwitchLinear(self, group_size, bits, mode)
+
+
+class QuantizedSwitchLinear(nn.Module):
+    def __init__(self, linear: SwitchLinear, group_size: int, bits: int, mode: str = "affine"):
+        super().__init__()
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.weight, self.scales, self.biases = mx.quantize(linear.weight, group_size, bits, mode=mode)
+        self.freeze()
+
+    def __call__(self, x, indices):
+        return mx.gather_qmm(
+            x, self["weight"], self["scales"], self["biases"], rhs_indices=indices,
+            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
+        )
+
+
+class FeedForward(nn.Module):
+    """The SwiGLU expert, w2(silu(w1 x) * w3 x), for all experts at once: weights are (experts, out, in)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E = args.moe.num_experts
+        self.w1 = SwitchLinear(args.dim, args.hidden_dim, E)
+        self.w2 = SwitchLinear(args.hidden_dim, args.dim, E)
+        self.w3 = SwitchLinear(args.dim, args.hidden_dim, E)
+
+    def __call__(self, x, indices):
+        # x: (..., 1, 1, dim), indices: (..., top_k) -> (..., top_k, 1, dim)
+        return self.w2(nn.silu(self.w1(x, indices)) * self.w3(x, indices), indices)
+
+
+class MOEFeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.moe.num_experts_per_tok
+        self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)  # the router
+        self.experts = FeedForward(args)
+
+    def __call__(self, x):
+        gates = self.gate(x)  # (B, T, experts)
+        k = self.top_k
+        inds = mx.stop_gradient(mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k])  # (B, T, k)
+        # Softmax over the chosen logits equals softmax over all experts renormalised to the top k
+        # (Hugging Face's order); float32 because near-equal weights decide the mix.
+        scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1).astype(mx.float32), axis=-1)
+        y = self.experts(mx.expand_dims(x, (-2, -3)), inds).squeeze(-2)  # (B, T, k, dim)
+        return (y * scores[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+class MOETransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = MOEFeedForward(args)
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+
+    def __call__(self, x, cache: KVCache):
+        h = x + self.attention(self.attention_norm(x), cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Mixtral(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = [MOETransformerBlock(args) for _ in range(args.n_layers)]
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def make_cache(self) -> List[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    def __call__(self, tokens, cache: Optional[List[KVCache]] = None):
+        """tokens: (B, T) ids after what `cache` holds -> (logits (B, T, vocab) float32, cache)."""
+        cache = self.make_cache() if cache is None else cache
+        h = self.tok_embeddings(tokens)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, c)
+        return self.output(self.norm(h)).astype(mx.float32), cache
+
+    @property
+    def dtype(self):
+        return self.norm.weight.dtype
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+class Tokenizer:
+    def __init__(self, model_path: str):
+        from sentencepiece import SentencePieceProcessor
+
+        if not Path(model_path).is_file():
+            raise MixtralError(f"{model_path}: tokenizer file not found")
+        try:
+            self._sp = SentencePieceProcessor(model_file=str(model_path))
+        except Exception as e:  # sentencepiece raises bare RuntimeErrors/OSErrors
+            raise MixtralError(f"{model_path}: not a sentencepiece model ({e})") from None
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    def encode(self, text: str, bos: bool = True) -> List[int]:
+        return ([self.bos_id] if bos else []) + self._sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode(list(ids))
+
+    def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
+        """Yield text as soon as it is final; the pieces joined equal decode(all ids).
+
+        We re-decode the ids since an anchor and yield what is new, holding back while the text ends
+        in U+FFFD (a character whose bytes are still arriving as byte-fallback tokens). The anchor
+        moves to every plain piece after a yield, so each step decodes a few tokens, not all of them;
+        keeping the anchor token in the window preserves sentencepiece's leading-space handling.
+        """
+        window, done = [], 0  # ids from the anchor on; chars of decode(window) already accounted for
+        for i in ids:
+            window.append(int(i))
+            text = self._sp.decode(window)
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > done:
+                yield text[done:]
+            if not self._sp.is_byte(window[-1]):
+                window = [window[-1]]
+                done = len(self._sp.decode(window))
+            else:
+                done = len(text)
+        if window and len(text := self._sp.decode(window)) > done:
+            yield text[done:]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def default_dtype():
+    # MLX's CPU kernels are several times faster in float32 (and gather_mm supports only float32
+    # there); on a GPU, float16 halves the memory traffic that decoding is bound by.
+    return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else mx.float16
+
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def load_model(model_path: str, dtype=None, lazy: bool = False):
+    """Load a converted folder (config.json, weights.*.npz, tokenizer.model) -> (Mixtral, Tokenizer).
+
+    dtype: compute dtype (an mx.Dtype or its name); default float32 on the CPU, float16 on a GPU.
+    """
+    path = Path(model_path)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise MixtralError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or default_dtype()
+    if not path.is_dir():
+        raise MixtralError(f"{path}: no such folder; convert a model first (python convert.py --help)")
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise MixtralError(f"{config_file}: missing; is {path} a converted model (python convert.py)?") from None
+    except json.JSONDecodeError as e:
+        raise MixtralError(f"{config_file}: not valid JSON ({e})") from None
+    quantization = config.pop("quantization", None)
+    args = ModelArgs.from_dict(config, source=str(config_file))
+
+    shards = sorted(glob.glob(str(path / "weights.*.npz")))
+    if not shards:
+        raise MixtralError(f"{path}: no weights.*.npz shards; convert a model first (python convert.py)")
+    weights = {}
+    for shard in shards:
+        try:
+            weights.update(mx.load(shard))  # lazy: nothing is read until evaluated
+        except Exception as e:
+            raise MixtralError(f"{shard}: cannot read ({e})") from None
+
+    model = Mixtral(args)
+    if quantization:
+        # Quantize exactly the layers the converter quantized (it keeps the router in full precision).
+        nn.quantize(
+            model, quantization["group_size"], quantization["bits"],
+            class_predicate=lambda p, m: f"{p}.scales" in weights,
+        )
+    expected = dict(tree_flatten(model.parameters()))
+    if missing := sorted(expected.keys() - weights.keys()):
+        raise MixtralError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if extra := sorted(weights.keys() - expected.keys()):
+        raise MixtralError(f"{path}: unexpected tensor(s) {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    for name, param in expected.items():
+        if weights[name].shape != param.shape:
+            raise MixtralError(
+                f"{path}: tensor {name} has shape {tuple(weights[name].shape)}, config.json implies {tuple(param.shape)}"
+            )
+    # Floating tensors (norms, router, unquantized weights, quantization scales/biases) compute in dtype.
+    cast = lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
+    model.load_weights([(k, cast(w)) for k, w in weights.items()], strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, Tokenizer(path / "tokenizer.model")
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def sample(logits, temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0):
+    """logits (B, vocab) -> token ids (B,). temp 0 is greedy; top_p keeps the smallest set of
+    tokens whose probability reaches top_p; min_p drops tokens below min_p x the top probability."""
+    if temp == 0:
+        return mx.argmax(logits, axis=-1)
+    logprobs = logits / temp
+    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    if min_p > 0:
+        top = mx.max(logprobs, axis=-1, keepdims=True)
+        logprobs = mx.where(logprobs < top + mx.log(mx.array(min_p)), -mx.inf, logprobs)
+    if top_p < 1.0:
+        order = mx.argsort(-logprobs, axis=-1)
+        sorted_probs = mx.exp(mx.take_along_axis(logprobs, order, axis=-1))
+        # Keep a token if the mass strictly before it is below top_p (so the top token always stays).
+        keep_sorted = (mx.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
+        keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+        logprobs = mx.where(keep, logprobs, -mx.inf)
+    return mx.random.categorical(logprobs)
+
+
+def generate(
+    model: Mixtral,
+    prompt_ids,
+    cache: Optional[List[KVCache]] = None,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: Optional[int] = None,
+) -> Iterator[int]:
+    """Yield token ids after prompt_ids without end (the caller stops on EOS or a budget).
+
+    prompt_ids are appended to `cache` (a new one when None): pass the cache of an earlier call to
+    continue a conversation. Sampled ids are fed back through the cache one step at a time.
+    """
+    if seed is not None:
+        mx.random.seed(seed)
+    cache = model.make_cache() if cache is None else cache
+
+    def step(tokens):
+        logits, _ = model(tokens[None], cache)
+        return sample(logits[:, -1, :], temp, top_p, min_p)[0]
+
+    y = step(mx.array(list(prompt_ids), dtype=mx.uint32))
+    mx.async_eval(y)
+    while True:
+        # Build step n+1 on the lazy token of step n before waiting for it: the graph construction
+        # overlaps the computation.
+        next_y = step(y[None])
+        mx.async_eval(next_y)
+        yield y.item()
+        y = next_y
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="One-shot Mixtral generation with MLX.")
+    p.add_argument("--model-path", default=DEFAULT_MODEL_PATH, help="converted model folder (default: %(default)s)")
+    p.add_argument("--prompt", required=True, help="the prompt; '-' reads it from stdin")
+    p.add_argument("--max-tokens", "-m", type=int, default=100, help="tokens to generate at most (default: %(default)s)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 is off (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if args.max_tokens < 0 or args.temp < 0 or not 0 < args.top_p <= 1:
+            raise MixtralError("--max-tokens and --temp must be >= 0 and --top-p in (0, 1]")
+        tic = time.perf_counter()
+        model, tokenizer = load_model(args.model_path, args.dtype)
+        print(f"[load] {time.perf_counter() - tic:.1f} s, dtype {model.dtype}", file=sys.stderr)
+    except MixtralError as e:
+        sys.exit(f"error: {e}")
+
+    prompt_ids = tokenizer.encode(prompt)
+    tic = time.perf_counter()
+    ids, t_first = [], None
+
+    def tokens():
+        nonlocal t_first
+        for i, y in enumerate(generate(model, prompt_ids, temp=args.temp, top_p=args.top_p, seed=args.seed)):
+            t_first = t_first or time.perf_counter()
+            if y == tokenizer.eos_id or i >= args.max_tokens:
+                break
+            ids.append(y)
+            yield y
+
+    if args.max_tokens > 0:
+        for text in tokenizer.decode_stream(tokens()):
+            print(text, end="", flush=True)
+    print()
+    toc = time.perf_counter()
+    prefill = (t_first or toc) - tic
+    print(
+        f"[prompt] {len(prompt_ids)} tokens, {len(prompt_ids) / prefill:.2f} tokens/s\n"
+        f"[generation] {len(ids)} tokens, {max(len(ids) - 1, 0) / max(toc - (t_first or toc), 1e-9):.2f} tokens/s\n"
+        f"[memory] peak {mx.get_peak_memory() / 2**30:.2f} GB",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()
