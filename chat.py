@@ -1,0 +1,468 @@
+"""Chat with Menny, a cynical teenager, on Mixtral-8x7B-Instruct in MLX.
+
+    python chat.py --model-path mlx_model
+
+The conversation lives in one KV cache for the whole session: each turn feeds only its new tokens.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+import mixtral
+from mixtral import MixtralError
+
+DEFAULT_SYSTEM_PROMPT = "Your name is Menny, a cynical teenager AI assistant."
+DEFAULT_TEMP, DEFAULT_TOP_P, DEFAULT_MIN_P = 0.7, 0.9, 0.0
+DEFAULT_MAX_TOKENS = 1024
+MAX_POSITIONS = 32768  # Mixtral's context length
+HUB_MODEL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+
+HELP = """commands:
+  /help           this text
+  /reset          forget the conversation (keeps the persona)
+  /system TEXT    new persona (resets the conversation); /system alone removes it
+  /undo           drop the last exchange
+  /regen          regenerate the last reply
+  /save FILE      write the transcript (messages, settings, seed) as JSON
+  /quit           leave (also Ctrl-D, or Ctrl-C at an empty prompt)
+  \"\"\"             start and end a multi-line message
+Ctrl-C during a reply stops it and keeps what was said."""
+
+
+# --------------------------------------------------------------------------- prompt format
+# Mixtral-8x7B-Instruct-v0.1 as mistral-common's v1 tokenizer encodes it: BOS once, each user turn
+# one encode of "[INST] {text} [/INST]" (the system prompt joined to the first user message with a
+# blank line), each reply its own encode followed by EOS. [INST] is plain text, not a special token.
+
+
+def user_block(tokenizer, content: str, system: str = "") -> List[int]:
+    text = f"{system}\n\n{content}" if system else content
+    return tokenizer.encode(f"[INST] {text} [/INST]", bos=False)
+
+
+def reply_block(tokenizer, message: dict) -> List[int]:
+    # A generated reply keeps its ids: re-encoding its text need not give the same tokens.
+    ids = message.get("tokens")
+    return (list(ids) if ids is not None else tokenizer.encode(message["content"], bos=False)) + [tokenizer.eos_id]
+
+
+def split_system(messages: List[dict]):
+    """-> (system prompt or "", the user/assistant turns); checks the order of roles."""
+    system = ""
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    for i, m in enumerate(messages):
+        if m.get("role") != ("user", "assistant")[i % 2] or not isinstance(m.get("content"), str):
+            want = ("user", "assistant")[i % 2]
+            raise MixtralError(f"message {i}: expected role {want!r} (user and assistant alternate after an optional system message), got {m.get('role')!r}")
+    return system, messages
+
+
+def message_blocks(tokenizer, messages: List[dict]) -> List[List[int]]:
+    """The token ids of each user/assistant message (BOS not included)."""
+    system, turns = split_system(messages)
+    return [
+        user_block(tokenizer, m["content"], system if i == 0 else "") if m["role"] == "user" else reply_block(tokenizer, m)
+        for i, m in enumerate(turns)
+    ]
+
+
+def encode_messages(tokenizer, messages: List[dict]) -> List[int]:
+    """[{"role": "system"|"user"|"assistant", "content": str}, ...] -> token ids for Mixtral-Instruct.
+
+    An assistant message may carry "tokens", the ids it was generated as; they are used as they are."""
+    return [tokenizer.bos_id] + [i for block in message_blocks(tokenizer, messages) for i in block]
+
+
+# --------------------------------------------------------------------------- the conversation
+
+
+class Chat:
+    """Messages and the KV cache that holds exactly their tokens (`tokens` mirrors the cache)."""
+
+    def __init__(self, model, tokenizer, system=DEFAULT_SYSTEM_PROMPT, max_context=MAX_POSITIONS,
+                 max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT_TEMP, top_p=DEFAULT_TOP_P, min_p=DEFAULT_MIN_P, seed=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.system, self.max_context, self.max_tokens = system, max_context, max_tokens
+        self.temp, self.top_p, self.min_p = temp, top_p, min_p
+        self.seed = random.randrange(2**31) if seed is None else seed
+        mx.random.seed(self.seed)
+        self.reset()
+
+    def reset(self, system: Optional[str] = None):
+        if system is not None:
+            self.system = system
+        self.messages: List[dict] = []
+        self.starts: List[int] = []  # where each message's tokens start in `tokens`
+        self.tokens: List[int] = []  # exactly what the cache holds
+        self.cache = self.model.make_cache()
+        self.stats, self.notice = {}, ""
+
+    def conversation(self) -> List[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def _trim(self, n: int):
+        """Keep the first n tokens in the cache."""
+        for c in self.cache:
+            c.trim(c.offset - n)
+        del self.tokens[n:]
+
+    def _refill(self, tokens: List[int]):
+        self.cache, self.tokens = self.model.make_cache(), list(tokens)
+        if tokens:
+            self.model(mx.array([tokens]), self.cache)  # lazy: evaluated with the next prefill
+
+    def _rebuild(self):
+        """Refill the cache from the messages (after dropping old turns, or on --resume)."""
+        blocks = message_blocks(self.tokenizer, self.conversation()) if self.messages else []
+        lengths = [1] + [len(b) for b in blocks]  # BOS, then each message
+        self.starts = [sum(lengths[: i + 1]) for i in range(len(blocks))]
+        self._refill(encode_messages(self.tokenizer, self.conversation()) if blocks else [])
+
+    def _new_block(self, content: str, first: bool) -> List[int]:
+        """Tokens to feed for a new user message; the first one brings BOS and the persona."""
+        block = user_block(self.tokenizer, content, self.system if first else "")
+        return [self.tokenizer.bos_id] + block if first else block
+
+    def _fit(self, content: str) -> List[int]:
+        """Drop the oldest whole exchanges until the new message and a reply fit in max_context."""
+        reserve = min(self.max_tokens + 1, self.max_context // 2)
+        for drop in range(0, len(self.messages) + 1, 2):
+            kept = self.messages[drop:]
+            if drop == 0:
+                used = len(self.tokens)
+            else:  # what the cache would hold, the persona re-attached to the first kept message
+                system = [{"role": "system", "content": self.system}] if self.system else []
+                used = len(encode_messages(self.tokenizer, system + kept)) if kept else 0
+            block = self._new_block(content, first=not kept)
+            if used + len(block) + reserve <= self.max_context:
+                break
+        else:
+            raise MixtralError(f"message too long: {len(block)} tokens leave no room for a reply in --max-context {self.max_context}")
+        if drop:
+            self.messages = kept
+            self._rebuild()
+            self.notice = f"(dropped the {drop // 2} oldest exchange{'s' * (drop > 2)} to fit --max-context {self.max_context})"
+        return block
+
+    def ask(self, content: str, should_stop=lambda: False) -> Iterator[str]:
+        """Stream Menny's reply to a new user message; only the new tokens are prefilled."""
+        block = self._fit(content)
+        self.starts.append(len(self.tokens))
+        self.messages.append({"role": "user", "content": content})
+        yield from self._reply(block, should_stop)
+
+    def regen(self, should_stop=lambda: False) -> Iterator[str]:
+        """Stream a new reply to the last user message."""
+        if not self.messages:
+            raise MixtralError("nothing to regenerate yet")
+        self.messages.pop()
+        # Step back one token before the reply: its logits, which pick the first word, were not kept.
+        n = self.starts.pop() - 1
+        last = self.tokens[n]
+        self._trim(n)
+        yield from self._reply([last], should_stop)
+
+    def undo(self):
+        if not self.messages:
+            raise MixtralError("nothing to undo")
+        start = self.starts[-2]
+        del self.messages[-2:], self.starts[-2:]
+        self._trim(start if self.messages else 0)  # an empty conversation starts again with BOS
+
+    def _reply(self, prompt: List[int], should_stop) -> Iterator[str]:
+        tok = self.tokenizer
+        self.tokens += prompt
+        self.starts.append(len(self.tokens))
+        budget = min(self.max_tokens, self.max_context - len(self.tokens) - 1)
+        ids, finished, tic = [], False, time.perf_counter()
+        self.stats = {"prompt_tokens": len(prompt), "ttft": None}
+
+        def tokens():
+            nonlocal finished
+            for y in mixtral.generate(self.model, prompt, self.cache, temp=self.temp, top_p=self.top_p, min_p=self.min_p):
+                # generate() has fed y through the cache before yielding it.
+                self.stats["ttft"] = self.stats["ttft"] or time.perf_counter() - tic
+                finished = y == tok.eos_id
+                if finished:
+                    return
+                ids.append(y)
+                yield y
+                if len(ids) >= budget or should_stop():
+                    return
+
+        try:
+            yield from tok.decode_stream(tokens())
+        finally:
+            # However the reply ended, the cache ends exactly after it, closed with EOS.
+            self.tokens += ids + [tok.eos_id] * finished
+            if any(c.offset != len(self.tokens) for c in self.cache):  # a step broken off half-way
+                self._refill(self.tokens)
+            if not finished:
+                self.model(mx.array([[tok.eos_id]]), self.cache)  # lazy: computed with the next prefill
+                self.tokens.append(tok.eos_id)
+            self.messages.append({"role": "assistant", "content": tok.decode(ids), "tokens": ids})
+            elapsed = time.perf_counter() - tic
+            ttft = self.stats["ttft"] or elapsed
+            self.stats.update(
+                reply_tokens=len(ids), elapsed=elapsed, stopped=not finished and len(ids) < budget,
+                cut_off=not finished and len(ids) >= budget, context=len(self.tokens),
+                prompt_tps=len(prompt) / ttft, gen_tps=max(len(ids) - 1, 0) / max(elapsed - ttft, 1e-9),
+            )
+
+    def save(self, path: str, settings: dict):
+        data = {"messages": self.conversation(), "settings": settings, "seed": self.seed}
+        try:
+            Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise MixtralError(f"{path}: cannot write ({e.strerror})") from None
+
+    def load(self, path: str):
+        try:
+            data = json.loads(Path(path).read_text())
+            system, turns = split_system(data["messages"])
+        except (OSError, ValueError, KeyError, TypeError, MixtralError) as e:
+            raise MixtralError(f"{path}: not a chat transcript ({e})") from None
+        if turns and turns[-1]["role"] == "user":
+            turns = turns[:-1]  # a question without its answer: the user can ask it again
+        self.reset(system)
+        self.messages = turns
+        if turns:
+            self._rebuild()
+
+
+# --------------------------------------------------------------------------- finding the model
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixtral-mlx"
+
+
+def resolve_model(path: str, log) -> Path:
+    """A converted folder as it is; a Hugging Face folder or Hub id converted once into a cache."""
+    p = Path(path)
+    if (p / "config.json").is_file() and any(p.glob("weights.*.npz")):
+        return p
+    is_hf_folder = (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+    is_repo_id = not p.exists() and path.count("/") == 1 and not path.startswith((".", "/"))
+    if not (is_hf_folder or is_repo_id):
+        raise MixtralError(
+            f"no converted model at {path}. These two commands get Menny running:\n"
+            f"  python convert.py --hf-path {HUB_MODEL} --mlx-path {mixtral.DEFAULT_MODEL_PATH}\n"
+            f"  python chat.py --model-path {mixtral.DEFAULT_MODEL_PATH}"
+        )
+    import convert
+
+    name = (p.resolve().name if is_hf_folder else path.replace("/", "--")) + "-8bit"
+    target = cache_root() / name
+    if not (target / "config.json").is_file():
+        log(f"converting {path} to 8-bit MLX in {target} (once) ...")
+        convert.convert(path, target, log=log)
+    return target
+
+
+# --------------------------------------------------------------------------- the terminal
+
+
+class Terminal:
+    """Reads turns and prints replies: readline and colours when interactive, plain lines when piped."""
+
+    def __init__(self, interactive: bool):
+        self.interactive = interactive
+        self.history_file = Path.home() / ".mixtral_chat_history"
+        if interactive:
+            try:
+                import readline
+
+                self.readline = readline
+                with contextlib.suppress(OSError):
+                    readline.read_history_file(self.history_file)
+            except ImportError:
+                self.readline = None
+
+    def dim(self, text: str):
+        """Remarks go to the terminal dimmed; when piped, to stderr so stdout holds only replies."""
+        if self.interactive:
+            print(f"\033[2m{text}\033[0m", flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def read(self) -> Optional[str]:
+        """The next message (a \"\"\" block may span lines); None at the end of input."""
+        prompt = "\001\033[1m\002>>> \001\033[0m\002" if self.interactive else ""
+        while True:
+            try:
+                line = input(prompt)
+            except EOFError:
+                return None
+            except KeyboardInterrupt:
+                if self.readline and self.readline.get_line_buffer():
+                    print()
+                    continue  # Ctrl-C on a typed line drops the line, as in a shell
+                print()
+                return None
+            if line.strip().startswith('"""'):
+                lines, line = [], line.strip()[3:]
+                while not line.rstrip().endswith('"""'):
+                    lines.append(line)
+                    try:
+                        line = input("... " if self.interactive else "")
+                    except (EOFError, KeyboardInterrupt):
+                        return None
+                lines.append(line.rstrip()[:-3])
+                return "\n".join(lines).strip("\n")
+            if line.strip():
+                return line
+
+    def close(self):
+        if self.interactive and self.readline:
+            with contextlib.suppress(OSError):
+                self.readline.write_history_file(self.history_file)
+
+
+@contextlib.contextmanager
+def ctrl_c_stops():
+    """While a reply streams, Ctrl-C asks it to stop (checked between tokens) instead of killing us."""
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stream_reply(chat: Chat, term: Terminal, replies, verbose: bool):
+    with ctrl_c_stops() as stopped:
+        for text in replies(stopped):
+            print(text, end="", flush=True)
+    print(flush=True)
+    s = chat.stats
+    if s.get("stopped"):
+        term.dim("(stopped)")
+    elif s.get("cut_off"):
+        term.dim(f"(cut off at --max-tokens {chat.max_tokens})")
+    if verbose:
+        term.dim(
+            f"[prompt {s['prompt_tokens']} tokens, {s['prompt_tps']:.1f} tokens/s, first token {s['ttft']:.2f} s | "
+            f"reply {s['reply_tokens']} tokens, {s['gen_tps']:.1f} tokens/s | context {s['context']}/{chat.max_context}]"
+        )
+
+
+def command(chat: Chat, term: Terminal, line: str, settings: dict, verbose: bool) -> bool:
+    """Run a /command; False to quit."""
+    name, _, arg = line.strip().partition(" ")
+    if name in ("/quit", "/exit", "/bye"):
+        return False
+    if name == "/help":
+        term.dim(HELP)
+    elif name == "/reset":
+        chat.reset()
+        term.dim("(conversation forgotten)")
+    elif name == "/system":
+        chat.reset(arg)
+        term.dim(f"(new persona: {arg})" if arg else "(no persona)")
+    elif name == "/undo":
+        chat.undo()
+        term.dim("(last exchange dropped)")
+    elif name == "/regen":
+        stream_reply(chat, term, lambda stopped: chat.regen(stopped), verbose)
+    elif name == "/save":
+        if not arg:
+            raise MixtralError("/save needs a file name")
+        chat.save(arg, settings)
+        term.dim(f"(saved to {arg})")
+    else:
+        raise MixtralError(f"unknown command {name}; /help lists them")
+    return True
+
+
+def default_max_context(model) -> int:
+    """Mixtral's 32k positions, capped to what the KV cache can take beside the weights."""
+    a = model.args
+    kv_per_token = a.n_layers * 2 * a.n_kv_heads * a.head_dim * mx.zeros((), model.dtype).itemsize
+    info = mx.device_info()
+    memory = info.get("max_recommended_working_set_size") or info.get("memory_size") or (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    )
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return max(1024, min(MAX_POSITIONS, int((0.9 * memory - weights) // kv_per_token)))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Chat with Menny, a cynical teenager, on Mixtral-8x7B-Instruct.")
+    p.add_argument("--model-path", default=mixtral.DEFAULT_MODEL_PATH,
+                   help="converted folder, or a Hugging Face folder / Hub id to convert once (default: %(default)s)")
+    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="the persona; '' for none (default: Menny)")
+    p.add_argument("--prompt", help="one message: print Menny's reply and exit")
+    p.add_argument("--resume", help="start from a transcript saved with /save")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens per reply at most (default: %(default)s)")
+    p.add_argument("--max-context", type=int, help="tokens of conversation kept (default: 32768, or what fits in memory)")
+    p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature, 0 is greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=DEFAULT_MIN_P, help="drop tokens below this share of the top one (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="random seed (default: a new one, saved by /save)")
+    p.add_argument("--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    p.add_argument("--verbose", action="store_true", help="per-turn speed and context use")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    interactive = args.prompt is None and sys.stdin.isatty()
+    term = Terminal(interactive)
+    try:
+        if args.max_tokens < 1 or args.temp < 0 or not 0 < args.top_p <= 1 or not 0 <= args.min_p < 1:
+            raise MixtralError("need --max-tokens >= 1, --temp >= 0, 0 < --top-p <= 1, 0 <= --min-p < 1")
+        if args.max_context is not None and args.max_context < 16:
+            raise MixtralError("--max-context must be at least 16 tokens")
+        model, tokenizer = mixtral.load_model(resolve_model(args.model_path, term.dim), args.dtype)
+        max_context = args.max_context or default_max_context(model)
+        chat = Chat(model, tokenizer, args.system_prompt, max_context, args.max_tokens, args.temp, args.top_p, args.min_p, args.seed)
+        if args.resume:
+            chat.load(args.resume)
+    except MixtralError as e:
+        sys.exit(f"error: {e}")
+    settings = {k: getattr(args, k) for k in ("model_path", "max_tokens", "temp", "top_p", "min_p", "dtype")}
+    settings["max_context"] = max_context
+
+    if args.prompt is not None:
+        try:
+            stream_reply(chat, term, lambda stopped: chat.ask(args.prompt, stopped), args.verbose)
+        except MixtralError as e:
+            sys.exit(f"error: {e}")
+        return
+    if interactive:
+        persona = f" ({chat.system})" if chat.system else ""
+        term.dim(f"Chatting with Menny{persona}. /help for commands, Ctrl-D to leave.")
+        if chat.messages:
+            term.dim(f"(resumed {len(chat.messages) // 2} exchanges from {args.resume})")
+    try:
+        while (line := term.read()) is not None:
+            try:
+                if line.startswith("/"):
+                    if not command(chat, term, line, settings, args.verbose):
+                        break
+                    continue
+                stream_reply(chat, term, lambda stopped: chat.ask(line, stopped), args.verbose)
+                if chat.notice:
+                    term.dim(chat.notice)
+                    chat.notice = ""
+            except MixtralError as e:
+                term.dim(f"error: {e}")
+    finally:
+        term.close()
+
+
+if __name__ == "__main__":
+    main()

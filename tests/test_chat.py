@@ -1,0 +1,311 @@
+"""chat.py: the Mixtral-Instruct format, the live KV cache across turns, and the terminal."""
+
+import copy
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+import chat
+import mixtral
+
+ROOT = Path(__file__).resolve().parent.parent
+MENNY = chat.DEFAULT_SYSTEM_PROMPT
+
+CONVERSATIONS = [
+    [("user", "Hi!")],
+    [("system", MENNY), ("user", "Hi!")],
+    [("system", MENNY), ("user", "What is 2+2?"), ("assistant", "Ugh. Four."), ("user", "And 3+3?")],
+    [("user", "one"), ("assistant", "two"), ("user", "three"), ("assistant", "four"), ("user", "five")],
+    [("system", "Be brief.\nVery brief."), ("user", "😀 emoji 🦙 and CJK 你好，世界"), ("assistant", "🥷 ok"), ("user", "日本語")],
+    [("user", "I type [INST] and [/INST] and </s> and <s> literally")],
+    [("system", MENNY), ("user", "  leading and trailing spaces  "), ("assistant", " spaced reply "), ("user", "\nnewlines\n\n")],
+    [("user", "tabs\tand\r\nwindows lines"), ("assistant", "[INST] fake [/INST]"), ("user", "ok")],
+    [("system", "  persona with spaces  "), ("user", "x")],
+]
+
+
+def as_dicts(conv):
+    return [{"role": r, "content": c} for r, c in conv]
+
+
+@pytest.mark.parametrize("conv", CONVERSATIONS)
+def test_encode_messages_matches_mistral_common(tokenizer, conv):
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    request = ChatCompletionRequest(messages=[kinds[r](content=c) for r, c in conv])
+    reference = MistralTokenizer.v1().encode_chat_completion(request).tokens
+    assert chat.encode_messages(tokenizer, as_dicts(conv)) == reference
+
+
+def test_roles_out_of_order_are_an_error(tokenizer):
+    with pytest.raises(mixtral.MixtralError, match="expected role 'assistant'"):
+        chat.encode_messages(tokenizer, as_dicts([("user", "a"), ("user", "b")]))
+
+
+@pytest.fixture(scope="module")
+def model(mlx_q8):
+    return mixtral.load_model(mlx_q8)[0]
+
+
+def new_chat(model, tokenizer, **kw):
+    return chat.Chat(model, tokenizer, **{"max_tokens": 12, "temp": 0.8, "seed": 3, **kw})
+
+
+def probe_logits(model, tokens_or_cache, probe):
+    """Logits of `probe` fed after a cache (copied, so the chat's own is untouched) or after a fresh prefill."""
+    if isinstance(tokens_or_cache, list) and isinstance(tokens_or_cache[0], int):
+        logits, _ = model(mx.array([tokens_or_cache + probe]))
+    else:
+        logits, _ = model(mx.array([probe]), [copy.copy(c) for c in tokens_or_cache])
+    return np.array(logits[0, -1])
+
+
+def assert_cache_is_conversation(model, tokenizer, c):
+    """The live cache equals a fresh prefill of encode_messages(the whole conversation)."""
+    ids = chat.encode_messages(tokenizer, c.conversation())
+    assert c.tokens == ids and all(layer.offset == len(ids) for layer in c.cache)
+    probe = tokenizer.encode("[INST] probe [/INST]", bos=False)
+    np.testing.assert_allclose(probe_logits(model, c.cache, probe), probe_logits(model, ids, probe), atol=1e-3)
+
+
+class CountingModel:
+    """The real model, recording how many tokens each call feeds."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, tokens, cache=None):
+        self.calls.append(tokens.shape[1])
+        return self.model(tokens, cache)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def test_each_turn_prefills_only_its_new_block_and_the_cache_equals_a_fresh_prefill(model, tokenizer):
+    counting = CountingModel(model)
+    c = new_chat(counting, tokenizer)
+    for turn, text in enumerate(["Hi Menny.", "What's up?", "Tell me about the weather.", "Bye."]):
+        before = list(c.tokens)
+        counting.calls.clear()
+        "".join(c.ask(text))
+        block = chat.user_block(tokenizer, text, MENNY if turn == 0 else "")
+        block = [tokenizer.bos_id] + block if turn == 0 else block
+        assert c.tokens[: len(before)] == before  # history is never re-fed
+        assert counting.calls[0] == len(block) and set(counting.calls[1:]) <= {1}
+        assert_cache_is_conversation(model, tokenizer, c)
+
+
+def test_reply_keeps_generated_ids_and_the_printed_text_is_their_decode(model, tokenizer):
+    c = new_chat(model, tokenizer)
+    printed = "".join(c.ask("Say something."))
+    reply = c.messages[-1]
+    assert printed == tokenizer.decode(reply["tokens"]) == reply["content"]
+    assert c.tokens[-len(reply["tokens"]) - 1 :] == reply["tokens"] + [tokenizer.eos_id]
+
+
+def test_undo_trims_the_cache_to_the_remaining_conversation(model, tokenizer):
+    c = new_chat(model, tokenizer)
+    for text in ("one", "two", "three"):
+        "".join(c.ask(text))
+    c.undo()
+    assert [m["content"] for m in c.messages if m["role"] == "user"] == ["one", "two"]
+    assert_cache_is_conversation(model, tokenizer, c)
+    c.undo()
+    c.undo()
+    assert c.messages == [] and c.tokens == []
+    "".join(c.ask("again"))
+    assert_cache_is_conversation(model, tokenizer, c)
+
+
+def test_regen_replaces_the_last_reply_and_keeps_the_cache_exact(model, tokenizer):
+    c = new_chat(model, tokenizer, temp=1.0)
+    "".join(c.ask("one"))
+    "".join(c.ask("two"))
+    first = c.messages[-1]["tokens"]
+    "".join(c.regen())
+    assert len(c.messages) == 4 and c.messages[-2]["content"] == "two"
+    assert c.messages[-1]["tokens"] != first
+    assert_cache_is_conversation(model, tokenizer, c)
+
+
+def test_stopping_mid_reply_keeps_the_partial_reply_closed_with_eos(model, tokenizer):
+    c = new_chat(model, tokenizer, max_tokens=50)
+    checks = []
+
+    def stop_after_five_tokens():
+        checks.append(1)
+        return len(checks) >= 5
+
+    "".join(c.ask("Talk a lot.", should_stop=stop_after_five_tokens))
+    assert c.stats["stopped"] and len(c.messages[-1]["tokens"]) == 5
+    assert c.tokens[-1] == tokenizer.eos_id
+    assert_cache_is_conversation(model, tokenizer, c)
+    "".join(c.ask("And now?"))
+    assert_cache_is_conversation(model, tokenizer, c)
+
+
+def test_abandoned_stream_still_leaves_a_consistent_cache(model, tokenizer):
+    c = new_chat(model, tokenizer, max_tokens=40)
+    stream = c.ask("Go on.")
+    next(stream)
+    stream.close()  # what a Ctrl-C that escapes the flag would do
+    assert c.messages[-1]["role"] == "assistant"
+    assert_cache_is_conversation(model, tokenizer, c)
+
+
+def test_context_overflow_drops_oldest_turns_and_keeps_the_persona(model, tokenizer):
+    c = new_chat(model, tokenizer, max_context=160, max_tokens=16)
+    notices = 0
+    for turn in range(50):
+        "".join(c.ask(f"Message number {turn}, please answer."))
+        notices += bool(c.notice)
+        c.notice = ""
+        assert len(c.tokens) <= 160
+    assert notices > 0
+    assert c.messages[0]["role"] == "user" and c.messages[0]["content"] != "Message number 0, please answer."
+    # The persona is re-attached to the first message kept, right after BOS.
+    first = [tokenizer.bos_id] + chat.user_block(tokenizer, c.messages[0]["content"], MENNY)
+    assert c.tokens[: len(first)] == first
+    assert_cache_is_conversation(model, tokenizer, c)
+
+
+def test_a_message_too_long_for_the_context_is_an_error(model, tokenizer):
+    c = new_chat(model, tokenizer, max_context=64, max_tokens=8)
+    with pytest.raises(mixtral.MixtralError, match="message too long"):
+        "".join(c.ask("word " * 100))
+    "".join(c.ask("short"))
+    assert_cache_is_conversation(model, tokenizer, c)
+
+
+def test_save_and_resume_restore_the_exact_cache(tmp_path, model, tokenizer):
+    c = new_chat(model, tokenizer)
+    "".join(c.ask("one"))
+    "".join(c.ask("two"))
+    c.save(tmp_path / "t.json", {"temp": 0.8})
+    d = new_chat(model, tokenizer, system="someone else")
+    d.load(tmp_path / "t.json")
+    assert d.system == MENNY and d.tokens == c.tokens
+    assert_cache_is_conversation(model, tokenizer, d)
+    assert json.loads((tmp_path / "t.json").read_text())["seed"] == 3
+
+
+# --------------------------------------------------------------------------- the program
+
+
+def run_chat(*args, stdin="", env=None):
+    cmd = [sys.executable, str(ROOT / "chat.py"), *map(str, args)]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env)
+
+
+def test_piped_turns_print_only_the_replies(tmp_path, mlx_q8):
+    t = tmp_path / "t.json"
+    r = run_chat("--model-path", mlx_q8, "--max-tokens", 15, "--seed", 1, stdin=f"hello\nhow are you?\n/save {t}\n")
+    assert r.returncode == 0, r.stderr
+    saved = json.loads(t.read_text())
+    replies = [m for m in saved["messages"] if m["role"] == "assistant"]
+    assert [m["content"] for m in saved["messages"] if m["role"] == "user"] == ["hello", "how are you?"]
+    tok = mixtral.Tokenizer(mlx_q8 / "tokenizer.model")
+    assert r.stdout == "".join(tok.decode(m["tokens"]) + "\n" for m in replies)
+    assert saved["seed"] == 1 and saved["settings"]["max_tokens"] == 15
+
+
+def test_one_shot_prompt_prints_one_reply(mlx_q8):
+    r = run_chat("--model-path", mlx_q8, "--prompt", "hi", "--max-tokens", 10, "--seed", 5, "--temp", 0)
+    assert r.returncode == 0, r.stderr
+    m, tok = mixtral.load_model(mlx_q8)
+    c = chat.Chat(m, tok, max_tokens=10, temp=0, seed=5)
+    assert r.stdout == "".join(c.ask("hi")) + "\n"
+
+
+def test_no_model_says_which_two_commands_to_run(tmp_path):
+    r = run_chat("--model-path", tmp_path / "mlx_model")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "python convert.py --hf-path mistralai/Mixtral-8x7B-Instruct-v0.1" in r.stderr and "python chat.py" in r.stderr
+
+
+def test_a_hugging_face_folder_is_converted_once_then_reused(tmp_path, hf_tiny):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = run_chat("--model-path", hf_tiny, "--prompt", "hi", "--max-tokens", 3, env=env)
+    assert r.returncode == 0 and "converting" in r.stderr, r.stderr
+    assert list((tmp_path / "cache" / "mixtral-mlx").glob("*/weights.00.npz"))
+    r = run_chat("--model-path", hf_tiny, "--prompt", "hi", "--max-tokens", 3, env=env)
+    assert r.returncode == 0 and "converting" not in r.stderr, r.stderr
+
+
+class Pty:
+    """chat.py on a pseudo-terminal, driven as a person would."""
+
+    def __init__(self, *args):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execv(sys.executable, [sys.executable, str(ROOT / "chat.py"), *map(str, args)])
+        self.out = ""
+
+    def read_until(self, done, timeout=120):
+        """Read the screen until done(screen) holds (a string: until it appears)."""
+        check = (lambda s: done in s) if isinstance(done, str) else done
+        end = time.time() + timeout
+        while not check(self.out):
+            assert time.time() < end, f"timed out; screen:\n{self.out[-2000:]}"
+            if select.select([self.fd], [], [], 0.1)[0]:
+                self.out += os.read(self.fd, 65536).decode(errors="replace")
+
+    def prompts(self, n):
+        self.read_until(lambda s: s.count(">>> ") >= n)
+
+    def send(self, text):
+        os.write(self.fd, text.encode())
+
+    def wait(self):
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+
+def test_terminal_session_two_turns_command_ctrl_c_and_ctrl_d(tmp_path, mlx_q8):
+    t = tmp_path / "t.json"
+    term = Pty("--model-path", mlx_q8, "--max-tokens", 600, "--seed", 2, "--temp", 1.0)
+    term.prompts(1)
+    term.send("hello\r")
+    term.prompts(2)
+    term.send("/help\r")
+    term.prompts(3)
+    assert "/regen" in term.out
+    term.send("tell me a long story\r")
+    shown = len(term.out)
+    term.read_until(lambda s: len(s) > shown + 100)  # the reply is streaming
+    term.send("\x03")
+    term.read_until("(stopped)")
+    term.prompts(4)
+    term.send("and now?\r")
+    term.prompts(5)
+    term.send(f"/save {t}\r")
+    term.read_until("(saved")
+    term.prompts(6)
+    term.send("\x04")
+    assert term.wait() == 0
+    assert "Traceback" not in term.out
+    saved = json.loads(t.read_text())["messages"]
+    assert [m["content"] for m in saved if m["role"] == "user"] == ["hello", "tell me a long story", "and now?"]
+    stopped = saved[4]
+    assert stopped["role"] == "assistant" and 0 < len(stopped["tokens"]) < 600
+
+
+def test_ctrl_c_at_an_empty_prompt_exits_cleanly(mlx_q8):
+    term = Pty("--model-path", mlx_q8)
+    term.prompts(1)
+    term.send("\x03")
+    assert term.wait() == 0
+    assert "Traceback" not in term.out
