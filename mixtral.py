@@ -4,8 +4,10 @@
 """
 
 import argparse
+import copy
 import glob
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -14,7 +16,7 @@ from typing import Iterable, Iterator, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 DEFAULT_MODEL_PATH = "mlx_model"
 
@@ -172,8 +174,8 @@ class SwitchLinear(nn.Module):
         super().__init__()
         self.weight = mx.zeros((num_experts, out_dims, in_dims))
 
-    def __call__(self, x, indices):
-        return mx.gather_mm(x, self["weight"].swapaxes(-1, -2), rhs_indices=indices)
+    def __call__(self, x, indices, sorted_indices=False):
+        return mx.gather_mm(x, self["weight"].swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
     def to_quantized(self, group_size: int = 64, bits: int = 8, mode: str = "affine"):
         return QuantizedSwitchLinear(self, group_size, bits, mode)
@@ -186,15 +188,17 @@ class QuantizedSwitchLinear(nn.Module):
         self.weight, self.scales, self.biases = mx.quantize(linear.weight, group_size, bits, mode=mode)
         self.freeze()
 
-    def __call__(self, x, indices):
+    def __call__(self, x, indices, sorted_indices=False):
         return mx.gather_qmm(
-            x, self["weight"], self["scales"], self["biases"], rhs_indices=indices,
-            transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
+            x, self["weight"], self["scales"], self["biases"], rhs_indices=indices, transpose=True,
+            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
         )
 
 
 class FeedForward(nn.Module):
     """The SwiGLU expert, w2(silu(w1 x) * w3 x), for all experts at once: weights are (experts, out, in)."""
+
+    sort_threshold = 64  # routed (token, expert) pairs from which sorting by expert pays
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -204,8 +208,21 @@ class FeedForward(nn.Module):
         self.w3 = SwitchLinear(args.dim, args.hidden_dim, E)
 
     def __call__(self, x, indices):
-        # x: (..., 1, 1, dim), indices: (..., top_k) -> (..., top_k, 1, dim)
-        return self.w2(nn.silu(self.w1(x, indices)) * self.w3(x, indices), indices)
+        # x: (B, T, dim), indices: (B, T, k) -> (B, T, k, dim)
+        B, T, k = indices.shape
+        if indices.size >= self.sort_threshold:
+            # Many tokens (prefill): group the rows by expert so each expert's weights are read once.
+            flat = indices.flatten()
+            order = mx.argsort(flat)
+            x, idx = x.reshape(B * T, 1, -1)[order // k], flat[order]  # (B*T*k, 1, dim)
+            y = self._experts(x, idx, sorted_indices=True)
+            return y[mx.argsort(order)].reshape(B, T, k, -1)
+        x = mx.expand_dims(x, (-2, -3))  # (B, T, 1, 1, dim): one row, broadcast over the k experts
+        return self._experts(x, indices).squeeze(-2)
+
+    def _experts(self, x, idx, sorted_indices=False):
+        h = nn.silu(self.w1(x, idx, sorted_indices)) * self.w3(x, idx, sorted_indices)
+        return self.w2(h, idx, sorted_indices)
 
 
 class MOEFeedForward(nn.Module):
@@ -222,7 +239,7 @@ class MOEFeedForward(nn.Module):
         # Softmax over the chosen logits equals softmax over all experts renormalised to the top k
         # (Hugging Face's order); float32 because near-equal weights decide the mix.
         scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1).astype(mx.float32), axis=-1)
-        y = self.experts(mx.expand_dims(x, (-2, -3)), inds).squeeze(-2)  # (B, T, k, dim)
+        y = self.experts(x, inds)  # (B, T, k, dim)
         return (y * scores[..., None].astype(y.dtype)).sum(axis=-2)
 
 
@@ -262,6 +279,57 @@ class Mixtral(nn.Module):
     @property
     def dtype(self):
         return self.norm.weight.dtype
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+
+class RowParallel(nn.Module):
+    """A projection whose output rows are split over CPU streams, the slices concatenated.
+
+    MLX's CPU backend runs each stream on one thread, so one stream uses one core. Splitting every
+    large projection by rows (tensor parallelism, inside one machine) puts all cores to work and
+    changes no result: each output is the same dot product as before. GPUs need none of this.
+    """
+
+    def __init__(self, layer: nn.Module, streams):
+        super().__init__()
+        rows = layer["weight"].shape[-2]
+        cuts = [rows * i // len(streams) for i in range(len(streams) + 1)]
+        self.parts = [_row_slice(layer, a, b) for a, b in zip(cuts, cuts[1:])]
+        self.streams = streams
+
+    def __call__(self, x, *args):
+        outs = []
+        for part, stream in zip(self.parts, self.streams):
+            with mx.stream(stream):
+                outs.append(part(x, *args))
+        return mx.concatenate(outs, axis=-1)
+
+
+def _row_slice(layer: nn.Module, a: int, b: int) -> nn.Module:
+    part = copy.copy(layer)
+    for name in ("weight", "scales", "biases", "bias"):
+        if name in layer:
+            w = layer[name]
+            part[name] = mx.contiguous(w[a:b] if w.ndim == 1 else w[..., a:b, :])
+    return part
+
+
+def use_cpu_threads(model: "Mixtral", n: int):
+    """Split each projection of at least 256 rows over n CPU streams (the router is too small to)."""
+    streams = [mx.new_stream(mx.cpu) for _ in range(n)]
+    splittable = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
+    model.update_modules(
+        tree_map(
+            lambda m: RowParallel(m, streams) if isinstance(m, splittable) and m["weight"].shape[-2] >= 256 else m,
+            model.leaf_modules(), is_leaf=nn.Module.is_module,
+        )
+    )
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -326,10 +394,11 @@ def default_dtype():
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
-def load_model(model_path: str, dtype=None, lazy: bool = False):
+def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Optional[int] = None):
     """Load a converted folder (config.json, weights.*.npz, tokenizer.model) -> (Mixtral, Tokenizer).
 
     dtype: compute dtype (an mx.Dtype or its name); default float32 on the CPU, float16 on a GPU.
+    cpu_threads: CPU streams to split the projections over; default all cores on the CPU, 1 on a GPU.
     """
     path = Path(model_path)
     if isinstance(dtype, str):
@@ -379,9 +448,31 @@ def load_model(model_path: str, dtype=None, lazy: bool = False):
     # Floating tensors (norms, router, unquantized weights, quantization scales/biases) compute in dtype.
     cast = lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
     model.load_weights([(k, cast(w)) for k, w in weights.items()], strict=True)
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    if cpu_threads is None:
+        cpu_threads = min(cpu_cores(), 8) if on_cpu else 1
+    if cpu_threads > 1:
+        use_cpu_threads(model, cpu_threads)
+    if not on_cpu:
+        keep_resident(model, path)
     if not lazy:
         mx.eval(model.parameters())
     return model, Tokenizer(path / "tokenizer.model")
+
+
+def keep_resident(model: Mixtral, path: Path):
+    """On a Mac, refuse weights that cannot fit in GPU memory, and wire them so macOS does not page
+    them out between tokens (as mlx-lm does)."""
+    limit = mx.device_info().get("max_recommended_working_set_size")
+    if not limit:
+        return
+    size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    if size > 0.9 * limit:
+        raise MixtralError(
+            f"{path}: the weights take {size / 2**30:.1f} GB but this Mac's GPU can use about {limit / 2**30:.1f} GB; "
+            "convert with --q-bits 4 (about 26 GB for Mixtral 8x7B)"
+        )
+    mx.set_wired_limit(limit)
 
 
 # --------------------------------------------------------------------------- generation
@@ -407,6 +498,20 @@ def sample(logits, temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0):
     return mx.random.categorical(logprobs)
 
 
+def prefill(model: Mixtral, tokens: List[int], cache: List[KVCache], step: int = 512) -> List[int]:
+    """Feed all but the last token through the cache, `step` at a time; return what is left.
+
+    Only the cache is evaluated: MLX then skips what nothing needs for those positions (the output
+    projection and the last layer's experts), and memory stays bounded for long prompts.
+    """
+    while len(tokens) > 1:
+        n = min(step, len(tokens) - 1)
+        model(mx.array([tokens[:n]], dtype=mx.uint32), cache)
+        mx.eval([c.state for c in cache])
+        tokens = tokens[n:]
+    return tokens
+
+
 def generate(
     model: Mixtral,
     prompt_ids,
@@ -415,6 +520,7 @@ def generate(
     top_p: float = 1.0,
     min_p: float = 0.0,
     seed: Optional[int] = None,
+    prefill_step: int = 512,
 ) -> Iterator[int]:
     """Yield token ids after prompt_ids without end (the caller stops on EOS or a budget).
 
@@ -429,7 +535,7 @@ def generate(
         logits, _ = model(tokens[None], cache)
         return sample(logits[:, -1, :], temp, top_p, min_p)[0]
 
-    y = step(mx.array(list(prompt_ids), dtype=mx.uint32))
+    y = step(mx.array(prefill(model, list(prompt_ids), cache, prefill_step), dtype=mx.uint32))
     mx.async_eval(y)
     while True:
         # Build step n+1 on the lazy token of step n before waiting for it: the graph construction

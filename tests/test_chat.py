@@ -104,7 +104,11 @@ def test_each_turn_prefills_only_its_new_block_and_the_cache_equals_a_fresh_pref
         block = chat.user_block(tokenizer, text, MENNY if turn == 0 else "")
         block = [tokenizer.bos_id] + block if turn == 0 else block
         assert c.tokens[: len(before)] == before  # history is never re-fed
-        assert counting.calls[0] == len(block) and set(counting.calls[1:]) <= {1}
+        reply = c.messages[-1]["tokens"]
+        # Every token goes through the model exactly once: the new block (prefilled in one call but
+        # for its last token, whose logits pick the first word), each reply token, and the EOS.
+        assert counting.calls[0] == len(block) - 1 and set(counting.calls[1:]) == {1}
+        assert sum(counting.calls) == len(block) + len(reply) + 1
         assert_cache_is_conversation(model, tokenizer, c)
 
 

@@ -150,7 +150,7 @@ def test_quantized_logits_close_to_unquantized(request, fp_model, fixture, bound
 
 
 def test_router_stays_unquantized_and_experts_use_gather_qmm(mlx_q8):
-    model, _ = mixtral.load_model(mlx_q8)
+    model, _ = mixtral.load_model(mlx_q8, cpu_threads=1)
     moe = model.layers[0].feed_forward
     assert isinstance(moe.gate, nn.Linear) and not isinstance(moe.gate, nn.QuantizedLinear)
     assert isinstance(moe.experts.w1, mixtral.QuantizedSwitchLinear) and moe.experts.w1.bits == 8
@@ -238,3 +238,20 @@ def test_sampling_greedy_top_p_and_seed():
     a = [mixtral.sample(logits, temp=1.0, top_p=1.0).item() for _ in range(1) for _ in [mx.random.seed(42)]]
     b = [mixtral.sample(logits, temp=1.0, top_p=1.0).item() for _ in range(1) for _ in [mx.random.seed(42)]]
     assert a == b
+
+
+def test_splitting_projections_over_cpu_streams_changes_no_logit(mlx_q8, tokenizer):
+    ids = mx.array([tokenizer.encode("The same numbers, computed by three threads instead of one.")])
+    one, _ = mixtral.load_model(mlx_q8, cpu_threads=1)
+    three, _ = mixtral.load_model(mlx_q8, cpu_threads=3)  # uneven cuts of every projection
+    assert any(isinstance(m, mixtral.RowParallel) for m in three.modules())
+    np.testing.assert_allclose(np.array(three(ids)[0]), np.array(one(ids)[0]), atol=1e-5)
+
+
+def test_chunked_prefill_generates_the_same_tokens(fp_model, tokenizer):
+    from itertools import islice
+
+    ids = tokenizer.encode("A prompt long enough to be cut into several prefill chunks of seven tokens each.")
+    whole = list(islice(mixtral.generate(fp_model, ids), 8))
+    chunked = list(islice(mixtral.generate(fp_model, ids, prefill_step=7), 8))
+    assert chunked == whole

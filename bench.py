@@ -1,0 +1,209 @@
+"""Benchmark loading, prefill, decode and chat turns; optionally against mlx-lm on the same weights.
+
+    python bench.py --synthetic                      # random 8-bit weights built in memory
+    python bench.py --model-path mlx_model --repeat 3
+    python bench.py --model-path M --mlx-lm-model L --mlx-lm-python venv/bin/python   # ratios
+
+Figures are medians over --repeat runs; the JSON goes to stdout (or --json FILE), a table to stderr.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+import chat
+import mixtral
+
+
+def synthetic_model(a, dtype):
+    """A Mixtral of the given size with random weights, quantized as convert.py would."""
+    args = mixtral.ModelArgs.from_dict({
+        "dim": a.dim, "n_layers": a.n_layers, "head_dim": a.head_dim, "hidden_dim": a.hidden_dim,
+        "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads, "norm_eps": 1e-5, "vocab_size": a.vocab_size,
+        "moe": {"num_experts": a.n_experts, "num_experts_per_tok": a.top_k},
+    })
+    model = mixtral.Mixtral(args)
+    mx.random.seed(0)
+    model.update(tree_map(lambda p: (mx.random.normal(p.shape) * a.dim**-0.5).astype(dtype), model.parameters()))
+    if a.q_bits:
+        nn.quantize(model, a.q_group_size, a.q_bits,
+                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("feed_forward.gate"))
+        model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
+    return model
+
+
+def load(a):
+    tic = time.perf_counter()
+    if a.synthetic:
+        dtype = mixtral.DTYPES[a.dtype] if a.dtype else mixtral.default_dtype()
+        model = synthetic_model(a, dtype)
+        threads = a.cpu_threads if a.cpu_threads is not None else (
+            min(mixtral.cpu_cores(), 8) if mx.default_device().type == mx.DeviceType.cpu else 1)
+        if threads > 1:
+            mixtral.use_cpu_threads(model, threads)
+        mx.eval(model.parameters())
+        tokenizer = mixtral.Tokenizer(a.tokenizer) if a.tokenizer else None
+    else:
+        model, tokenizer = mixtral.load_model(a.model_path, a.dtype, cpu_threads=a.cpu_threads)
+    return model, tokenizer, time.perf_counter() - tic
+
+
+def prompt_and_decode(model, a):
+    """-> (prefill tokens/s, decode tokens/s) for a fresh random prompt."""
+    prompt = mx.random.randint(3, model.args.vocab_size, (a.prompt_tokens,)).tolist()
+    tic = time.perf_counter()
+    tokens = mixtral.generate(model, prompt)
+    next(tokens)
+    first = time.perf_counter()
+    for _ in range(a.gen_tokens - 1):
+        next(tokens)
+    end = time.perf_counter()
+    return a.prompt_tokens / (first - tic), (a.gen_tokens - 1) / (end - first)
+
+
+def decode_breakdown(model, n=16):
+    """Per decode step: time to build the graph in Python, and time to evaluate a built graph alone
+    (all the kernels, no Python). The pipelined step should cost about the latter."""
+    cache = model.make_cache()
+    y = mx.array([[1]], dtype=mx.uint32)
+    mx.eval(model(mx.random.randint(3, model.args.vocab_size, (1, 64)), cache)[0])
+    build = run = 0.0
+    for _ in range(n):
+        t0 = time.perf_counter()
+        logits, _ = model(y, cache)
+        y = mx.argmax(logits[:, -1:], axis=-1).astype(mx.uint32)
+        t1 = time.perf_counter()
+        mx.eval(y)
+        t2 = time.perf_counter()
+        build, run = build + t1 - t0, run + t2 - t1
+    return 1000 * build / n, 1000 * run / n
+
+
+class WordTokenizer:
+    """Stands in for sentencepiece on synthetic models without a tokenizer: one id per word."""
+
+    bos_id, eos_id = 1, 2
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def encode(self, text, bos=True):
+        ids = [3 + sum(map(ord, w)) % (self.vocab_size - 3) for w in text.split()]
+        return ([self.bos_id] if bos else []) + ids
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+    def decode_stream(self, ids):
+        for i in ids:
+            yield f" {i}"
+
+
+def chat_turns(model, tokenizer, a):
+    """Time to first token of each chat turn, same message length every turn."""
+    c = chat.Chat(model, tokenizer or WordTokenizer(model.args.vocab_size), max_tokens=a.reply_tokens, temp=0.0, seed=0,
+                  max_context=chat.MAX_POSITIONS)
+    ttfts = []
+    for turn in range(a.chat_turns):
+        message = " ".join(["word"] * a.turn_tokens) + f" {turn}"
+        for _ in c.ask(message):
+            pass
+        ttfts.append(c.stats["ttft"])
+    return ttfts
+
+
+def run_mlx_lm(a):
+    cmd = [a.mlx_lm_python, "-m", "mlx_lm", "benchmark", "--model", a.mlx_lm_model, "-p", str(a.prompt_tokens),
+           "-g", str(a.gen_tokens), "-n", str(a.repeat)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    m = re.search(r"Averages: prompt_tps=([\d.]+), generation_tps=([\d.]+), peak_memory=([\d.]+)", out.stdout + out.stderr)
+    if not m:
+        sys.exit(f"error: mlx-lm benchmark failed:\n{out.stderr[-2000:]}")
+    return {"prompt_tps": float(m[1]), "generation_tps": float(m[2]), "peak_memory_gb": float(m[3])}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Benchmark Mixtral in MLX.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-path", help="converted model folder")
+    src.add_argument("--synthetic", action="store_true", help="random weights of the size below, built in memory")
+    g = p.add_argument_group("synthetic size (default: 1024 wide, 3584 expert width, 4 layers, 8 experts)")
+    g.add_argument("--dim", type=int, default=1024)
+    g.add_argument("--hidden-dim", type=int, default=3584)
+    g.add_argument("--n-layers", type=int, default=4)
+    g.add_argument("--n-experts", type=int, default=8)
+    g.add_argument("--top-k", type=int, default=2)
+    g.add_argument("--n-heads", type=int, default=8)
+    g.add_argument("--n-kv-heads", type=int, default=2)
+    g.add_argument("--head-dim", type=int, default=128)
+    g.add_argument("--vocab-size", type=int, default=32000)
+    g.add_argument("--q-bits", type=int, choices=[0, 4, 8], default=8, help="0: unquantized")
+    g.add_argument("--q-group-size", type=int, default=64)
+    g.add_argument("--tokenizer", help="a tokenizer.model for the chat turns (default: fixed-length random ids)")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--chat-turns", type=int, default=20, help="turns for the time-to-first-token check")
+    p.add_argument("--turn-tokens", type=int, default=32, help="words per chat message")
+    p.add_argument("--reply-tokens", type=int, default=32, help="tokens per chat reply")
+    p.add_argument("--repeat", type=int, default=1, help="runs; figures are medians")
+    p.add_argument("--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    p.add_argument("--cpu-threads", type=int, help="CPU streams (default: all cores on the CPU)")
+    p.add_argument("--mlx-lm-model", help="also run mlx-lm's benchmark on this mlx-lm model and report ratios")
+    p.add_argument("--mlx-lm-python", default=sys.executable, help="the Python that has mlx-lm (default: this one)")
+    p.add_argument("--json", help="write the JSON here instead of stdout")
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    try:
+        model, tokenizer, load_s = load(a)
+    except mixtral.MixtralError as e:
+        sys.exit(f"error: {e}")
+    runs = [prompt_and_decode(model, a) for _ in range(a.repeat)]
+    turns = [chat_turns(model, tokenizer, a) for _ in range(a.repeat)]
+    build_ms, run_ms = decode_breakdown(model)
+    gen_tps = statistics.median(r[1] for r in runs)
+    result = {
+        "device": str(mx.default_device()), "device_name": mx.device_info().get("device_name", ""),
+        "compute_dtype": str(model.dtype).removeprefix("mlx.core."),
+        "cpu_threads": next((len(m.streams) for m in model.modules() if isinstance(m, mixtral.RowParallel)), 1),
+        "model": a.model_path or f"synthetic {a.dim}x{a.hidden_dim}, {a.n_layers} layers, {a.n_experts} experts, {a.q_bits or 'no'}-bit",
+        "load_s": load_s,
+        "prompt_tokens": a.prompt_tokens, "prompt_tps": statistics.median(r[0] for r in runs),
+        "gen_tokens": a.gen_tokens, "generation_tps": gen_tps,
+        "ttft_turn1_s": statistics.median(t[0] for t in turns),
+        f"ttft_turn{a.chat_turns}_s": statistics.median(t[-1] for t in turns),
+        "decode_step_ms": 1000 / gen_tps, "decode_kernels_ms": run_ms, "decode_python_ms": build_ms,
+        "peak_memory_gb": mx.get_peak_memory() / 2**30,
+    }
+    result["ttft_ratio"] = result[f"ttft_turn{a.chat_turns}_s"] / result["ttft_turn1_s"]
+    result["decode_overhead"] = result["decode_step_ms"] / run_ms - 1
+    if a.mlx_lm_model:
+        lm = run_mlx_lm(a)
+        result["mlx_lm"] = lm
+        result["prompt_speedup"] = result["prompt_tps"] / lm["prompt_tps"]
+        result["decode_speedup"] = gen_tps / lm["generation_tps"]
+
+    width = max(map(len, result))
+    for k, v in result.items():
+        shown = f"{v:.3f}" if isinstance(v, float) else v
+        print(f"{k:<{width}}  {shown}", file=sys.stderr)
+    text = json.dumps(result, indent=2)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
