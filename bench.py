@@ -16,7 +16,6 @@ import sys
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 import chat
@@ -34,8 +33,8 @@ def synthetic_model(a, dtype):
     mx.random.seed(0)
     model.update(tree_map(lambda p: (mx.random.normal(p.shape) * a.dim**-0.5).astype(dtype), model.parameters()))
     if a.q_bits:
-        nn.quantize(model, a.q_group_size, a.q_bits,
-                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("feed_forward.gate"))
+        on_cpu = mx.default_device().type == mx.DeviceType.cpu
+        mixtral.quantize(model, a.q_group_size, a.q_bits, input_major=on_cpu, keep=lambda p: not p.endswith("feed_forward.gate"))
         model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
     return model
 

@@ -155,20 +155,26 @@ def check_shapes(groups, tensors, expected):
                     raise MixtralError(f"tensor {hf}: shape {tuple(tensors[hf].shape)} contradicts config.json (expected {want})")
 
 
-def convert_tensor(name, sources, q_bits, q_group_size, dtype):
+def convert_tensor(name, sources, q_bits, q_group_size, dtype, input_major=False):
     """Stack experts, quantize -> {name(s): array}."""
     w = mx.stack(sources) if ".experts." in name else sources[0]
     if not q_bits or name.endswith(NOT_QUANTIZED) or w.ndim < 2:
         return {name: w.astype(dtype)}
     if w.shape[-1] % q_group_size:
         raise MixtralError(f"tensor {name}: last dimension {w.shape[-1]} is not a multiple of --q-group-size {q_group_size}")
+    if input_major and name != "tok_embeddings.weight" and w.shape[-2] % q_group_size == 0:
+        w = w.swapaxes(-1, -2)  # (..., in, out): see mixtral.InputMajor
     q, scales, biases = mx.quantize(w, q_group_size, q_bits)
     base = name.removesuffix(".weight")
     return {name: q, f"{base}.scales": scales.astype(dtype), f"{base}.biases": biases.astype(dtype)}
 
 
-def convert(hf_path, mlx_path, q_bits=8, q_group_size=64, dtype="bfloat16", max_shard_gb=5.0, force=False, log=print):
+def convert(hf_path, mlx_path, q_bits=8, q_group_size=64, dtype="bfloat16", max_shard_gb=5.0, force=False,
+            layout="auto", log=print):
     out = Path(mlx_path)
+    if layout == "auto":  # for the machine converting: it is usually the one that runs the model
+        layout = "input-major" if mx.default_device().type == mx.DeviceType.cpu else "standard"
+    input_major = bool(q_bits) and layout == "input-major"
     src = Path(hf_path)
     if not src.exists():
         if str(hf_path).count("/") != 1 or str(hf_path).startswith((".", "/")):
@@ -216,7 +222,7 @@ def convert(hf_path, mlx_path, q_bits=8, q_group_size=64, dtype="bfloat16", max_
                 sources = [tensors.pop(hf) for hf in hfs]  # pop: drop each input once it is used
                 in_bytes += sum(s.nbytes for s in sources)
                 n_params += sum(s.size for s in sources)
-                arrays = convert_tensor(name, sources, q_bits, q_group_size, DTYPES[dtype])
+                arrays = convert_tensor(name, sources, q_bits, q_group_size, DTYPES[dtype], input_major)
                 mx.eval(arrays)
                 nbytes = sum(a.nbytes for a in arrays.values())
                 if shard_bytes and shard_bytes + nbytes > max_bytes:
@@ -234,6 +240,8 @@ def convert(hf_path, mlx_path, q_bits=8, q_group_size=64, dtype="bfloat16", max_
         config = args.to_dict()
         if q_bits:
             config["quantization"] = {"group_size": q_group_size, "bits": q_bits}
+            if input_major:
+                config["quantization"]["layout"] = "input-major"
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(tokenizer, tmp / "tokenizer.model")
         if out.exists():  # --force: swap in the new folder, then remove the old one
@@ -262,6 +270,9 @@ def build_parser():
     p.add_argument("--no-quantize", action="store_true", help="keep full-precision weights (--dtype)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="dtype of unquantized tensors and scales (default: %(default)s)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard in GiB (default: %(default)s)")
+    p.add_argument("--layout", choices=["auto", "standard", "input-major"], default="auto",
+                   help="quantized layout: input-major runs ~5x faster on MLX's CPU backend, standard suits GPUs; "
+                        "auto picks for this machine (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
     return p
 
@@ -273,7 +284,7 @@ def main(argv=None):
     try:
         convert(
             a.hf_path, a.mlx_path, None if a.no_quantize else a.q_bits, a.q_group_size, a.dtype, a.max_shard_gb, a.force,
-            log=lambda s: print(s, file=sys.stderr, flush=True),
+            a.layout, log=lambda s: print(s, file=sys.stderr, flush=True),
         )
     except MixtralError as e:
         sys.exit(f"error: {e}")
