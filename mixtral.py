@@ -150,6 +150,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.rope = RoPE(args.head_dim, args.rope_theta)
+        self.sdpa = mx.fast.scaled_dot_product_attention  # use_cpu_threads splits it over CPU streams
 
     def __call__(self, x, cache: KVCache):
         B, T, _ = x.shape
@@ -163,7 +164,7 @@ class Attention(nn.Module):
         # its "causal" mask is aligned to the end of the keys, so T new tokens on top of a cache of
         # S attend to all S old ones and causally among themselves.
         mask = "causal" if T > 1 else None
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = self.sdpa(q, k, v, scale=self.scale, mask=mask)
         return self.wo(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
@@ -353,6 +354,24 @@ class RowParallel(nn.Module):
         return mx.concatenate(outs, axis=-1)
 
 
+class HeadParallel:
+    """Attention with the KV heads (and the query heads that share them) split over CPU streams."""
+
+    def __init__(self, n_kv_heads: int, streams):
+        n = min(len(streams), n_kv_heads)
+        self.cuts = [n_kv_heads * i // n for i in range(n + 1)]
+        self.streams = streams[:n]
+
+    def __call__(self, q, k, v, scale, mask):
+        group = q.shape[1] // k.shape[1]  # query heads per KV head
+        outs = []
+        for a, b, stream in zip(self.cuts, self.cuts[1:], self.streams):
+            with mx.stream(stream):
+                outs.append(mx.fast.scaled_dot_product_attention(
+                    q[:, a * group : b * group], k[:, a:b], v[:, a:b], scale=scale, mask=mask))
+        return mx.concatenate(outs, axis=1)
+
+
 def _out_dims(layer: nn.Module) -> int:
     return layer.out_dims if isinstance(layer, InputMajor) else layer["weight"].shape[-2]
 
@@ -374,8 +393,10 @@ def _out_slice(layer: nn.Module, a: int, b: int) -> nn.Module:
 
 
 def use_cpu_threads(model: "Mixtral", n: int):
-    """Split each projection with enough outputs over n CPU streams (the router has too few)."""
+    """Split attention by heads, and each projection with enough outputs, over n CPU streams."""
     streams = [mx.new_stream(mx.cpu) for _ in range(n)]
+    for layer in model.layers:
+        layer.attention.sdpa = HeadParallel(layer.attention.n_kv_heads, streams)
     splittable = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear, InputMajor)
     model.update_modules(
         tree_map(
