@@ -126,9 +126,11 @@ class Chat:
     def _rebuild(self):
         """Refill the cache from the messages (after dropping old turns, or on --resume)."""
         blocks = message_blocks(self.tokenizer, self.conversation()) if self.messages else []
-        lengths = [1] + [len(b) for b in blocks]  # BOS, then each message
-        self.starts = [sum(lengths[: i + 1]) for i in range(len(blocks))]
-        self._refill(encode_messages(self.tokenizer, self.conversation()) if blocks else [])
+        tokens, self.starts = [self.tokenizer.bos_id] if blocks else [], []
+        for block in blocks:
+            self.starts.append(len(tokens))
+            tokens += block
+        self._refill(tokens)
 
     def _new_block(self, content: str, first: bool) -> List[int]:
         """Tokens to feed for a new user message; the first one brings BOS and the persona."""

@@ -226,6 +226,15 @@ def test_piped_turns_print_only_the_replies(tmp_path, mlx_q8):
     assert saved["seed"] == 1 and saved["settings"]["max_tokens"] == 15
 
 
+def test_triple_quotes_make_one_multi_line_message(tmp_path, mlx_q8):
+    t = tmp_path / "t.json"
+    stdin = f'"""first line\nsecond line\n"""\none more\n/save {t}\n'
+    r = run_chat("--model-path", mlx_q8, "--max-tokens", 3, stdin=stdin)
+    assert r.returncode == 0, r.stderr
+    users = [m["content"] for m in json.loads(t.read_text())["messages"] if m["role"] == "user"]
+    assert users == ["first line\nsecond line", "one more"]
+
+
 def test_one_shot_prompt_prints_one_reply(mlx_q8):
     r = run_chat("--model-path", mlx_q8, "--prompt", "hi", "--max-tokens", 10, "--seed", 5, "--temp", 0)
     assert r.returncode == 0, r.stderr
