@@ -235,6 +235,16 @@ def test_triple_quotes_make_one_multi_line_message(tmp_path, mlx_q8):
     assert users == ["first line\nsecond line", "one more"]
 
 
+def test_resume_continues_a_saved_conversation(tmp_path, mlx_q8):
+    first, second = tmp_path / "1.json", tmp_path / "2.json"
+    r = run_chat("--model-path", mlx_q8, "--max-tokens", 4, stdin=f"hello\n/save {first}\n")
+    assert r.returncode == 0, r.stderr
+    r = run_chat("--model-path", mlx_q8, "--max-tokens", 4, "--resume", first, stdin=f"again\n/save {second}\n")
+    assert r.returncode == 0, r.stderr
+    old, new = (json.loads(p.read_text())["messages"] for p in (first, second))
+    assert new[: len(old)] == old and [m["content"] for m in new[len(old):] if m["role"] == "user"] == ["again"]
+
+
 def test_one_shot_prompt_prints_one_reply(mlx_q8):
     r = run_chat("--model-path", mlx_q8, "--prompt", "hi", "--max-tokens", 10, "--seed", 5, "--temp", 0)
     assert r.returncode == 0, r.stderr

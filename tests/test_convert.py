@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import convert
 import mixtral
 from synthetic import write_hf_checkpoint
 
@@ -197,3 +198,18 @@ def test_hub_repo_id_converts_from_the_cache_offline(tmp_path, hf_tiny, mlx_fp):
     np.testing.assert_array_equal(np.array(a(ids)[0]), np.array(b(ids)[0]))
     r = run_convert("--hf-path", "test-org/unknown", "--mlx-path", tmp_path / "out2", env=env)
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "test-org/unknown" in r.stderr, r.stderr
+
+
+def test_the_real_mixtral_config_maps_to_params_json():
+    # config.json of mistralai/Mixtral-8x7B-Instruct-v0.1 (no head_dim key: it is hidden_size / heads).
+    hf = {
+        "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32,
+        "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 32000,
+    }
+    params = json.loads((ROOT / "params.json").read_text())
+    assert convert.args_from_hf_config(hf, "config.json").to_dict() == params
