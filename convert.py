@@ -215,6 +215,7 @@ def convert(hf_path, mlx_path, q_bits=8, q_group_size=64, dtype="bfloat16", max_
             if shard:
                 mx.savez(str(tmp / f"weights.{n_shards:02d}.npz"), **shard)
                 shard, shard_bytes, n_shards = {}, 0, n_shards + 1
+                mx.clear_cache()
 
         for g, (group, rows) in enumerate(groups):
             tic, in_bytes, out_bytes = time.perf_counter(), 0, 0
@@ -231,6 +232,7 @@ def convert(hf_path, mlx_path, q_bits=8, q_group_size=64, dtype="bfloat16", max_
                 shard_bytes += nbytes
                 out_bytes += nbytes
                 del sources, arrays
+                mx.clear_cache()  # hand freed inputs back to the OS rather than keep them for reuse
             total_bytes += out_bytes
             log(
                 f"[{g + 1}/{len(groups)}] {group}: {in_bytes / 2**20:.1f} MB -> {out_bytes / 2**20:.1f} MB "

@@ -89,8 +89,10 @@ def test_peak_memory_stays_near_one_shard(tmp_path, hf_big):
     baseline = peak_rss_mb([tmp_path / "imports.py"])
     peak = peak_rss_mb([ROOT / "convert.py", "--hf-path", hf_big, "--mlx-path", tmp_path / "out",
                         "--max-shard-gb", str(largest / 1024)])
-    # One input shard being read, one output shard being filled, and the group in flight.
-    bound = baseline + 3 * largest
+    # The output shard being filled (--max-shard-gb = the largest input shard), the tensor in flight
+    # (its inputs, the stacked experts and their float32 copy while quantizing) and allocator slack:
+    # four shards' worth, a quarter of this checkpoint; a converter holding the model needs it all.
+    bound = baseline + 4 * largest
     print(f"peak RSS {peak:.0f} MB, baseline {baseline:.0f} MB, largest shard {largest:.0f} MB, checkpoint {total:.0f} MB")
     assert peak < bound < total
     mixtral.load_model(tmp_path / "out", lazy=True)
