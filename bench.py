@@ -68,12 +68,13 @@ def prompt_and_decode(model, a):
     return a.prompt_tokens / (first - tic), (a.gen_tokens - 1) / (end - first)
 
 
-def decode_breakdown(model, n=16):
+def decode_breakdown(model, a, n=16):
     """Per decode step: time to build the graph in Python, and time to evaluate a built graph alone
-    (all the kernels, no Python). The pipelined step should cost about the latter."""
+    (all the kernels, no Python), after a prompt as long as the one prompt_and_decode uses. The
+    pipelined step should cost about the latter."""
     cache = model.make_cache()
     y = mx.array([[1]], dtype=mx.uint32)
-    mx.eval(model(mx.random.randint(3, model.args.vocab_size, (1, 64)), cache)[0])
+    mixtral.prefill(model, mx.random.randint(3, model.args.vocab_size, (a.prompt_tokens + 1,)).tolist(), cache)
     build = run = 0.0
     for _ in range(n):
         t0 = time.perf_counter()
@@ -169,7 +170,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     runs = [prompt_and_decode(model, a) for _ in range(a.repeat)]
     turns = [chat_turns(model, tokenizer, a) for _ in range(a.repeat)]
-    build_ms, run_ms = decode_breakdown(model)
+    build_ms, run_ms = decode_breakdown(model, a)
     gen_tps = statistics.median(r[1] for r in runs)
     result = {
         "device": str(mx.default_device()), "device_name": mx.device_info().get("device_name", ""),
