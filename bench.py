@@ -33,8 +33,7 @@ def synthetic_model(a, dtype):
     mx.random.seed(0)
     model.update(tree_map(lambda p: (mx.random.normal(p.shape) * a.dim**-0.5).astype(dtype), model.parameters()))
     if a.q_bits:
-        on_cpu = mx.default_device().type == mx.DeviceType.cpu
-        mixtral.quantize(model, a.q_group_size, a.q_bits, input_major=on_cpu, keep=lambda p: not p.endswith("feed_forward.gate"))
+        mixtral.quantize(model, a.q_group_size, a.q_bits, input_major=mixtral.on_cpu(), keep=lambda p: not p.endswith("feed_forward.gate"))
         model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
     return model
 
@@ -44,8 +43,7 @@ def load(a):
     if a.synthetic:
         dtype = mixtral.DTYPES[a.dtype] if a.dtype else mixtral.default_dtype()
         model = synthetic_model(a, dtype)
-        threads = a.cpu_threads if a.cpu_threads is not None else (
-            min(mixtral.cpu_cores(), 8) if mx.default_device().type == mx.DeviceType.cpu else 1)
+        threads = mixtral.default_cpu_threads() if a.cpu_threads is None else a.cpu_threads
         if threads > 1:
             mixtral.use_cpu_threads(model, threads)
         mx.eval(model.parameters())

@@ -109,8 +109,10 @@ class Chat:
         self.cache = self.model.make_cache()
         self.stats, self.notice = {}, ""
 
-    def conversation(self) -> List[dict]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+    def conversation(self, messages: Optional[List[dict]] = None) -> List[dict]:
+        """The persona (if any) followed by `messages` (default: the whole conversation)."""
+        return ([{"role": "system", "content": self.system}] if self.system else []) + (
+            self.messages if messages is None else messages)
 
     def _trim(self, n: int):
         """Keep the first n tokens in the cache."""
@@ -145,8 +147,7 @@ class Chat:
             if drop == 0:
                 used = len(self.tokens)
             else:  # what the cache would hold, the persona re-attached to the first kept message
-                system = [{"role": "system", "content": self.system}] if self.system else []
-                used = len(encode_messages(self.tokenizer, system + kept)) if kept else 0
+                used = len(encode_messages(self.tokenizer, self.conversation(kept))) if kept else 0
             block = self._new_block(content, first=not kept)
             if used + len(block) + reserve <= self.max_context:
                 break

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mixtral import DTYPES, Mixtral, MixtralError, ModelArgs
+from mixtral import DTYPES, Mixtral, MixtralError, ModelArgs, on_cpu
 
 # Hugging Face name -> our name. {l} is the layer; a row with {e} lists one tensor per expert, which
 # we stack into (experts, out, in) for gather_mm. q_proj/k_proj stay as they are: Hugging Face stores
@@ -173,7 +173,7 @@ def convert(hf_path, mlx_path, q_bits=8, q_group_size=64, dtype="bfloat16", max_
             layout="auto", log=print):
     out = Path(mlx_path)
     if layout == "auto":  # for the machine converting: it is usually the one that runs the model
-        layout = "input-major" if mx.default_device().type == mx.DeviceType.cpu else "standard"
+        layout = "input-major" if on_cpu() else "standard"
     input_major = bool(q_bits) and layout == "input-major"
     src = Path(hf_path)
     if not src.exists():

@@ -406,8 +406,17 @@ def use_cpu_threads(model: "Mixtral", n: int):
     )
 
 
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def on_cpu() -> bool:
+    """Whether MLX computes on the CPU (Linux, or a machine without a GPU)."""
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def default_cpu_threads() -> int:
+    """One stream per core (up to 8) on the CPU; 1 on a GPU, whose kernels use the whole device."""
+    if not on_cpu():
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, 8)
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -466,7 +475,7 @@ class Tokenizer:
 def default_dtype():
     # MLX's CPU kernels are several times faster in float32 (and gather_mm supports only float32
     # there); on a GPU, float16 halves the memory traffic that decoding is bound by.
-    return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else mx.float16
+    return mx.float32 if on_cpu() else mx.float16
 
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -524,12 +533,10 @@ def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Opt
     # Floating tensors (norms, router, unquantized weights, quantization scales/biases) compute in dtype.
     cast = lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
     model.load_weights([(k, cast(w)) for k, w in weights.items()], strict=True)
-    on_cpu = mx.default_device().type == mx.DeviceType.cpu
-    if cpu_threads is None:
-        cpu_threads = min(cpu_cores(), 8) if on_cpu else 1
+    cpu_threads = default_cpu_threads() if cpu_threads is None else cpu_threads
     if cpu_threads > 1:
         use_cpu_threads(model, cpu_threads)
-    if not on_cpu:
+    if not on_cpu():
         keep_resident(model, path)
     if not lazy:
         mx.eval(model.parameters())
