@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -115,7 +116,7 @@ class Chat:
             self.messages if messages is None else messages)
 
     def _trim(self, n: int):
-        """Keep the first n tokens in the cache."""
+        """Keep the first n tokens in the cache (which may hold more than `tokens`)."""
         for c in self.cache:
             c.trim(c.offset - n)
         del self.tokens[n:]
@@ -160,11 +161,18 @@ class Chat:
         return block
 
     def ask(self, content: str, should_stop=lambda: False) -> Iterator[str]:
-        """Stream Menny's reply to a new user message; only the new tokens are prefilled."""
-        block = self._fit(content)
-        self.starts.append(len(self.tokens))
+        """Stream Menny's reply to a new user message; only the new tokens are prefilled.
+
+        A stop before the first token (during a long prefill) drops the message, as if unsent."""
+        block, tic = self._fit(content), time.perf_counter()
+        start = len(self.tokens)
+        if len(mixtral.prefill(self.model, block, self.cache, should_stop=should_stop)) > 1 or should_stop():
+            self._trim(start)
+            self.stats = {"cancelled": True}
+            return
+        self.starts.append(start)
         self.messages.append({"role": "user", "content": content})
-        yield from self._reply(block, should_stop)
+        yield from self._reply(block, should_stop, tic)
 
     def regen(self, should_stop=lambda: False) -> Iterator[str]:
         """Stream a new reply to the last user message."""
@@ -184,17 +192,18 @@ class Chat:
         del self.messages[-2:], self.starts[-2:]
         self._trim(start if self.messages else 0)  # an empty conversation starts again with BOS
 
-    def _reply(self, prompt: List[int], should_stop) -> Iterator[str]:
-        tok = self.tokenizer
+    def _reply(self, prompt: List[int], should_stop, tic=None) -> Iterator[str]:
+        tok, tic = self.tokenizer, tic or time.perf_counter()
         self.tokens += prompt
         self.starts.append(len(self.tokens))
         budget = min(self.max_tokens, self.max_context - len(self.tokens) - 1)
-        ids, finished, tic = [], False, time.perf_counter()
+        ids, finished = [], False
         self.stats = {"prompt_tokens": len(prompt), "ttft": None}
 
         def tokens():
             nonlocal finished
-            for y in mixtral.generate(self.model, prompt, self.cache, temp=self.temp, top_p=self.top_p, min_p=self.min_p):
+            # ask() has prefilled all but the last token of the block.
+            for y in mixtral.generate(self.model, prompt[-1:], self.cache, temp=self.temp, top_p=self.top_p, min_p=self.min_p):
                 # generate() has fed y through the cache before yielding it.
                 self.stats["ttft"] = self.stats["ttft"] or time.perf_counter() - tic
                 finished = y == tok.eos_id
@@ -282,17 +291,16 @@ class Terminal:
     """Reads turns and prints replies: readline and colours when interactive, plain lines when piped."""
 
     def __init__(self, interactive: bool):
-        self.interactive = interactive
+        self.interactive, self.readline = interactive, None
         self.history_file = Path.home() / ".mixtral_chat_history"
+        self.ctrl_c = CtrlC()
         if interactive:
-            try:
+            with contextlib.suppress(ImportError):
                 import readline
 
                 self.readline = readline
                 with contextlib.suppress(OSError):
                     readline.read_history_file(self.history_file)
-            except ImportError:
-                self.readline = None
 
     def dim(self, text: str):
         """Remarks go to the terminal dimmed; when piped, to stderr so stdout holds only replies."""
@@ -302,31 +310,47 @@ class Terminal:
             print(text, file=sys.stderr, flush=True)
 
     def read(self) -> Optional[str]:
-        """The next message (a \"\"\" block may span lines); None at the end of input."""
+        """The next message (a \"\"\" block may span lines); None to leave (end of input, or Ctrl-C
+        at an empty prompt). Ctrl-C on a typed line or inside a block drops it, as in a shell."""
         prompt = "\001\033[1m\002>>> \001\033[0m\002" if self.interactive else ""
         while True:
             try:
-                line = input(prompt)
-            except EOFError:
-                return None
+                line = self._input(prompt)
+                if line is not None and line.strip().startswith('"""'):
+                    line = self._block(line.strip()[3:])
             except KeyboardInterrupt:
-                if self.readline and self.readline.get_line_buffer():
-                    print()
-                    continue  # Ctrl-C on a typed line drops the line, as in a shell
+                if not self.interactive:
+                    raise  # piped: Ctrl-C ends the program (status 130)
                 print()
+                if self.readline and self.readline.get_line_buffer():
+                    continue
                 return None
-            if line.strip().startswith('"""'):
-                lines, line = [], line.strip()[3:]
-                while not line.rstrip().endswith('"""'):
-                    lines.append(line)
-                    try:
-                        line = input("... " if self.interactive else "")
-                    except (EOFError, KeyboardInterrupt):
-                        return None
-                lines.append(line.rstrip()[:-3])
-                return "\n".join(lines).strip("\n")
-            if line.strip():
+            if line is None or line.strip():
                 return line
+
+    def _block(self, line: str) -> Optional[str]:
+        lines = []
+        while not line.rstrip().endswith('"""'):
+            lines.append(line)
+            try:
+                line = self._input("... " if self.interactive else "")
+            except KeyboardInterrupt:
+                if not self.interactive:
+                    raise
+                print()
+                self.dim("(block dropped)")
+                return ""  # back to the prompt
+            if line is None:
+                return None
+        lines.append(line.rstrip()[:-3])
+        return "\n".join(lines).strip("\n")
+
+    @staticmethod
+    def _input(prompt: str) -> Optional[str]:
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
 
     def close(self):
         if self.interactive and self.readline:
@@ -334,23 +358,60 @@ class Terminal:
                 self.readline.write_history_file(self.history_file)
 
 
-@contextlib.contextmanager
-def ctrl_c_stops():
-    """While a reply streams, Ctrl-C asks it to stop (checked between tokens) instead of killing us."""
-    pressed = []
-    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
-    try:
-        yield lambda: bool(pressed)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+class CtrlC:
+    """The program's one SIGINT handler: KeyboardInterrupt, or, while a reply streams, a stop request.
+
+    Python runs a handler only when the main thread next runs Python code. CPython's readline prints
+    the prompt and then blocks in select(), looking for signals only when select() is interrupted: a
+    Ctrl-C that lands between the two sets Python's flag, interrupts nothing and waits for the next
+    key. A harness that answers the prompt at once hits that window (measured here under load: 1 in 10
+    for a bare `input()`, 1 in 3 with a few idle threads as MLX has). So a watchdog thread learns of
+    each SIGINT through the wakeup fd and interrupts the main thread with a no-op SIGUSR1 until the
+    handler has run.
+    """
+
+    def __init__(self):
+        self.handled, self.pressed = 0, None  # pressed: a list while a reply streams
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGUSR1, lambda *_: None)  # only interrupts a blocking call
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(r, threading.main_thread().ident), daemon=True).start()
+
+    def _handle(self, *_):
+        self.handled += 1
+        if self.pressed is None:
+            raise KeyboardInterrupt
+        self.pressed.append(True)
+
+    def _watch(self, fd, main_thread):
+        while True:
+            if signal.SIGINT in os.read(fd, 256):
+                seen, end = self.handled, time.monotonic() + 5  # a long mx.eval runs it when it returns
+                while self.handled == seen and time.monotonic() < end:
+                    signal.pthread_kill(main_thread, signal.SIGUSR1)
+                    time.sleep(0.02)
+
+    @contextlib.contextmanager
+    def stops(self):
+        """While a reply streams, Ctrl-C asks it to stop (checked between tokens and prefill chunks)."""
+        self.pressed = []
+        try:
+            yield lambda: bool(self.pressed)
+        finally:
+            self.pressed = None
 
 
 def stream_reply(chat: Chat, term: Terminal, replies, verbose: bool):
-    with ctrl_c_stops() as stopped:
+    with term.ctrl_c.stops() as stopped:
         for text in replies(stopped):
             print(text, end="", flush=True)
-    print(flush=True)
     s = chat.stats
+    if s.get("cancelled"):
+        term.dim("(stopped before the reply: message dropped)")
+        return
+    print(flush=True)
     if s.get("stopped"):
         term.dim("(stopped)")
     elif s.get("cut_off"):
@@ -422,49 +483,51 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    interactive = args.prompt is None and sys.stdin.isatty()
-    term = Terminal(interactive)
+    term = Terminal(interactive=args.prompt is None and sys.stdin.isatty())
     try:
-        if args.max_tokens < 1 or args.temp < 0 or not 0 < args.top_p <= 1 or not 0 <= args.min_p < 1:
-            raise MixtralError("need --max-tokens >= 1, --temp >= 0, 0 < --top-p <= 1, 0 <= --min-p < 1")
-        if args.max_context is not None and args.max_context < 16:
-            raise MixtralError("--max-context must be at least 16 tokens")
-        model, tokenizer = mixtral.load_model(resolve_model(args.model_path, term.dim), args.dtype)
-        max_context = args.max_context or default_max_context(model)
-        chat = Chat(model, tokenizer, args.system_prompt, max_context, args.max_tokens, args.temp, args.top_p, args.min_p, args.seed)
-        if args.resume:
-            chat.load(args.resume)
+        run(args, term)
     except MixtralError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        term.close()
+
+
+def run(args, term: Terminal):
+    if args.max_tokens < 1 or args.temp < 0 or not 0 < args.top_p <= 1 or not 0 <= args.min_p < 1:
+        raise MixtralError("need --max-tokens >= 1, --temp >= 0, 0 < --top-p <= 1, 0 <= --min-p < 1")
+    if args.max_context is not None and args.max_context < 16:
+        raise MixtralError("--max-context must be at least 16 tokens")
+    model, tokenizer = mixtral.load_model(resolve_model(args.model_path, term.dim), args.dtype)
+    max_context = args.max_context or default_max_context(model)
+    chat = Chat(model, tokenizer, args.system_prompt, max_context, args.max_tokens, args.temp, args.top_p, args.min_p, args.seed)
+    if args.resume:
+        chat.load(args.resume)
     settings = {k: getattr(args, k) for k in ("model_path", "max_tokens", "temp", "top_p", "min_p", "dtype")}
     settings["max_context"] = max_context
 
     if args.prompt is not None:
-        try:
-            stream_reply(chat, term, lambda stopped: chat.ask(args.prompt, stopped), args.verbose)
-        except MixtralError as e:
-            sys.exit(f"error: {e}")
+        stream_reply(chat, term, lambda stopped: chat.ask(args.prompt, stopped), args.verbose)
         return
-    if interactive:
+    if term.interactive:
         persona = f" ({chat.system})" if chat.system else ""
         term.dim(f"Chatting with Menny{persona}. /help for commands, Ctrl-D to leave.")
         if chat.messages:
             term.dim(f"(resumed {len(chat.messages) // 2} exchanges from {args.resume})")
-    try:
-        while (line := term.read()) is not None:
-            try:
-                if line.startswith("/"):
-                    if not command(chat, term, line, settings, args.verbose):
-                        break
-                    continue
-                stream_reply(chat, term, lambda stopped: chat.ask(line, stopped), args.verbose)
-                if chat.notice:
-                    term.dim(chat.notice)
-                    chat.notice = ""
-            except MixtralError as e:
-                term.dim(f"error: {e}")
-    finally:
-        term.close()
+    while (line := term.read()) is not None:
+        try:
+            if line.startswith("/"):
+                if not command(chat, term, line, settings, args.verbose):
+                    break
+                continue
+            stream_reply(chat, term, lambda stopped: chat.ask(line, stopped), args.verbose)
+            if chat.notice:
+                term.dim(chat.notice)
+                chat.notice = ""
+        except MixtralError as e:
+            term.dim(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -581,13 +581,15 @@ def sample(logits, temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0):
     return mx.random.categorical(logprobs)
 
 
-def prefill(model: Mixtral, tokens: List[int], cache: List[KVCache], step: int = 512) -> List[int]:
-    """Feed all but the last token through the cache, `step` at a time; return what is left.
+def prefill(model: Mixtral, tokens: List[int], cache: List[KVCache], step: int = 512,
+            should_stop=lambda: False) -> List[int]:
+    """Feed all but the last token through the cache, `step` at a time; return what is left (more
+    than one token when should_stop() turned true between two chunks).
 
     Only the cache is evaluated: MLX then skips what nothing needs for those positions (the output
     projection and the last layer's experts), and memory stays bounded for long prompts.
     """
-    while len(tokens) > 1:
+    while len(tokens) > 1 and not should_stop():
         n = min(step, len(tokens) - 1)
         model(mx.array([tokens[:n]], dtype=mx.uint32), cache)
         mx.eval([c.state for c in cache])
@@ -647,14 +649,21 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        if args.max_tokens < 0 or args.temp < 0 or not 0 < args.top_p <= 1:
-            raise MixtralError("--max-tokens and --temp must be >= 0 and --top-p in (0, 1]")
-        tic = time.perf_counter()
-        model, tokenizer = load_model(args.model_path, args.dtype)
-        print(f"[load] {time.perf_counter() - tic:.1f} s, dtype {model.dtype}", file=sys.stderr)
+        run(args)
     except MixtralError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def run(args):
+    if args.max_tokens < 0 or args.temp < 0 or not 0 < args.top_p <= 1:
+        raise MixtralError("--max-tokens and --temp must be >= 0 and --top-p in (0, 1]")
+    prompt = read_prompt(args.prompt)
+    tic = time.perf_counter()
+    model, tokenizer = load_model(args.model_path, args.dtype)
+    print(f"[load] {time.perf_counter() - tic:.1f} s, dtype {model.dtype}", file=sys.stderr)
 
     prompt_ids = tokenizer.encode(prompt)
     tic = time.perf_counter()
@@ -681,6 +690,16 @@ def main(argv=None):
         f"[memory] peak {mx.get_peak_memory() / 2**30:.2f} GB",
         file=sys.stderr,
     )
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt text; '-' reads stdin, which must be UTF-8."""
+    if prompt != "-":
+        return prompt
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MixtralError(f"stdin: not UTF-8 text (byte {e.start}); convert it first, e.g. iconv -t UTF-8") from None
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ TINY = ["--dim", 64, "--hidden-dim", 128, "--n-layers", 1, "--n-heads", 4, "--n-
 
 
 def run_bench(*args):
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *map(str, args)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *map(str, args)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_cli(*args, stdin=None):
     cmd = [sys.executable, str(ROOT / "mixtral.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, input=stdin)
+    return subprocess.run(cmd, capture_output=True, text=True, input=stdin, timeout=120)
 
 
 def expected_text(model_path, prompt, n, **kw):

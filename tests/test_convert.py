@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_convert(*args, **kw):
-    return subprocess.run([sys.executable, str(ROOT / "convert.py"), *map(str, args)], capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, str(ROOT / "convert.py"), *map(str, args)], capture_output=True, text=True, **{"timeout": 300, **kw})
 
 
 def peak_rss_mb(args):
@@ -33,7 +33,7 @@ def peak_rss_mb(args):
         "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
         "finally:\n    print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1], file=sys.stderr)\n"
     )
-    r = subprocess.run([sys.executable, "-c", wrapper, *map(str, args)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", wrapper, *map(str, args)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return int(r.stderr.split()[-1]) / 1024
 
@@ -108,7 +108,7 @@ def test_interrupted_conversion_leaves_nothing_loadable(tmp_path, hf_big, sig):
             break
     assert list(tmp_path.glob(".out.tmp-*/weights.00.npz"))
     proc.send_signal(sig)
-    proc.wait()
+    proc.wait(timeout=60)
     assert proc.returncode != 0
     assert not out.exists()
     with pytest.raises(mixtral.MixtralError):
