@@ -19,6 +19,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
 import chat
+import parallel
 import mixtral
 
 
@@ -45,7 +46,7 @@ def load(a):
         model = synthetic_model(a, dtype)
         threads = mixtral.default_cpu_threads() if a.cpu_threads is None else a.cpu_threads
         if threads > 1:
-            mixtral.use_cpu_threads(model, threads)
+            parallel.use_cpu_threads(model, threads)
         mx.eval(model.parameters())
         tokenizer = mixtral.Tokenizer(a.tokenizer) if a.tokenizer else None
     else:
@@ -121,10 +122,10 @@ def chat_turns(model, tokenizer, a):
 def run_mlx_lm(a):
     cmd = [a.mlx_lm_python, "-m", "mlx_lm", "benchmark", "--model", a.mlx_lm_model, "-p", str(a.prompt_tokens),
            "-g", str(a.gen_tokens), "-n", str(a.repeat)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     m = re.search(r"Averages: prompt_tps=([\d.]+), generation_tps=([\d.]+), peak_memory=([\d.]+)", out.stdout + out.stderr)
     if not m:
-        sys.exit(f"error: mlx-lm benchmark failed:\n{out.stderr[-2000:]}")
+        raise mixtral.MixtralError(f"mlx-lm benchmark failed:\n{out.stderr[-2000:]}")
     return {"prompt_tps": float(m[1]), "generation_tps": float(m[2]), "peak_memory_gb": float(m[3])}
 
 
@@ -161,11 +162,11 @@ def build_parser():
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
-    try:
-        model, tokenizer, load_s = load(a)
-    except mixtral.MixtralError as e:
-        sys.exit(f"error: {e}")
+    mixtral.cli(run, build_parser().parse_args(argv))
+
+
+def run(a):
+    model, tokenizer, load_s = load(a)
     runs = [prompt_and_decode(model, a) for _ in range(a.repeat)]
     turns = [chat_turns(model, tokenizer, a) for _ in range(a.repeat)]
     build_ms, run_ms = decode_breakdown(model, a)
@@ -173,7 +174,7 @@ def main(argv=None):
     result = {
         "device": str(mx.default_device()), "device_name": mx.device_info().get("device_name", ""),
         "compute_dtype": str(model.dtype).removeprefix("mlx.core."),
-        "cpu_threads": next((len(m.streams) for m in model.modules() if isinstance(m, mixtral.RowParallel)), 1),
+        "cpu_threads": next((len(m.streams) for m in model.modules() if isinstance(m, parallel.RowParallel)), 1),
         "model": a.model_path or f"synthetic {a.dim}x{a.hidden_dim}, {a.n_layers} layers, {a.n_experts} experts, {a.q_bits or 'no'}-bit",
         "load_s": load_s,
         "prompt_tokens": a.prompt_tokens, "prompt_tps": statistics.median(r[0] for r in runs),

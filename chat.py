@@ -6,7 +6,9 @@ The conversation lives in one KV cache for the whole session: each turn feeds on
 """
 
 import argparse
+import atexit
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -21,6 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import mixtral
+import parallel
 from mixtral import MixtralError
 
 DEFAULT_SYSTEM_PROMPT = "Your name is Menny, a cynical teenager AI assistant."
@@ -240,11 +243,12 @@ class Chat:
         except OSError as e:
             raise MixtralError(f"{path}: cannot write ({e.strerror})") from None
 
-    def load(self, path: str):
+    def load(self, path: str, text: Optional[str] = None):
+        """Continue a transcript saved by /save (`text`: its contents, when already read)."""
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(read_text(path) if text is None else text)
             system, turns = split_system(data["messages"])
-        except (OSError, ValueError, KeyError, TypeError, MixtralError) as e:
+        except (ValueError, KeyError, TypeError, MixtralError) as e:
             raise MixtralError(f"{path}: not a chat transcript ({e})") from None
         if turns and turns[-1]["role"] == "user":
             turns = turns[:-1]  # a question without its answer: the user can ask it again
@@ -254,6 +258,13 @@ class Chat:
             self._rebuild()
 
 
+def read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MixtralError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
 # --------------------------------------------------------------------------- finding the model
 
 
@@ -261,7 +272,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixtral-mlx"
 
 
-def resolve_model(path: str, log) -> Path:
+def resolve_model(path: str, log, tokenizer=None) -> Path:
     """A converted folder as it is; a Hugging Face folder or Hub id converted once into a cache."""
     p = Path(path)
     if (p / "config.json").is_file() and any(p.glob("weights.*.npz")):
@@ -276,11 +287,13 @@ def resolve_model(path: str, log) -> Path:
         )
     import convert
 
-    name = (p.resolve().name if is_hf_folder else path.replace("/", "--")) + "-8bit"
+    # One conversion per source: the folder's resolved path (or the repo id) names its cache entry.
+    key = str(p.resolve()) if is_hf_folder else path
+    name = f"{(p.resolve().name if is_hf_folder else path.replace('/', '--'))}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
     target = cache_root() / name
     if not (target / "config.json").is_file():
-        log(f"converting {path} to 8-bit MLX in {target} (once) ...")
-        convert.convert(path, target, log=log)
+        log(f"converting {path} to MLX in {target} (once) ...")
+        convert.convert(path, target, tokenizer=tokenizer, log=log)
     return target
 
 
@@ -290,10 +303,10 @@ def resolve_model(path: str, log) -> Path:
 class Terminal:
     """Reads turns and prints replies: readline and colours when interactive, plain lines when piped."""
 
-    def __init__(self, interactive: bool):
-        self.interactive, self.readline = interactive, None
+    def __init__(self, interactive: bool, rank0: bool = True):
+        self.interactive, self.readline, self.rank0 = interactive, None, rank0
         self.history_file = Path.home() / ".mixtral_chat_history"
-        self.ctrl_c = CtrlC()
+        self.ctrl_c = CtrlC(install=rank0)
         if interactive:
             with contextlib.suppress(ImportError):
                 import readline
@@ -308,6 +321,10 @@ class Terminal:
             print(f"\033[2m{text}\033[0m", flush=True)
         else:
             print(text, file=sys.stderr, flush=True)
+
+    def read_shared(self, group) -> Optional[str]:
+        """The next line on every rank: rank 0 reads it, the others receive it."""
+        return parallel.text_from_rank0(self.read() if self.rank0 else None, group)
 
     def read(self) -> Optional[str]:
         """The next message (a \"\"\" block may span lines); None to leave (end of input, or Ctrl-C
@@ -370,14 +387,18 @@ class CtrlC:
     handler has run.
     """
 
-    def __init__(self):
+    def __init__(self, install: bool = True):
         self.handled, self.pressed = 0, None  # pressed: a list while a reply streams
+        self.accounted, self.exiting = 0, False  # handler runs the watchdog has seen; no kicks at exit
+        if not install:  # a rank other than 0: Ctrl-C is rank 0's to act on
+            return
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGUSR1, lambda *_: None)  # only interrupts a blocking call
         r, w = os.pipe()
         os.set_blocking(w, False)
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         threading.Thread(target=self._watch, args=(r, threading.main_thread().ident), daemon=True).start()
+        atexit.register(setattr, self, "exiting", True)
 
     def _handle(self, *_):
         self.handled += 1
@@ -387,11 +408,15 @@ class CtrlC:
 
     def _watch(self, fd, main_thread):
         while True:
-            if signal.SIGINT in os.read(fd, 256):
-                seen, end = self.handled, time.monotonic() + 5  # a long mx.eval runs it when it returns
-                while self.handled == seen and time.monotonic() < end:
-                    signal.pthread_kill(main_thread, signal.SIGUSR1)
-                    time.sleep(0.02)
+            if signal.SIGINT not in os.read(fd, 256):
+                continue
+            # Kick only if the handler has not run since the last SIGINT we saw: a signal into a
+            # process that is already exiting can abort MLX's teardown of its threads.
+            end = time.monotonic() + 1  # the window is microseconds; a long mx.eval runs it on return
+            while self.handled == self.accounted and time.monotonic() < end and not self.exiting:
+                signal.pthread_kill(main_thread, signal.SIGUSR1)
+                time.sleep(0.02)
+            self.accounted = self.handled
 
     @contextlib.contextmanager
     def stops(self):
@@ -404,7 +429,10 @@ class CtrlC:
 
 
 def stream_reply(chat: Chat, term: Terminal, replies, verbose: bool):
-    with term.ctrl_c.stops() as stopped:
+    group = chat.model.group
+    with term.ctrl_c.stops() as pressed:
+        # Under mlx.launch every rank must stop at the same token: rank 0's Ctrl-C decides.
+        stopped = pressed if group is None else lambda: bool(parallel.from_rank0(int(pressed()), group))
         for text in replies(stopped):
             print(text, end="", flush=True)
     s = chat.stats
@@ -444,7 +472,8 @@ def command(chat: Chat, term: Terminal, line: str, settings: dict, verbose: bool
     elif name == "/save":
         if not arg:
             raise MixtralError("/save needs a file name")
-        chat.save(arg, settings)
+        if term.rank0:  # the file is rank 0's, on rank 0's machine
+            chat.save(arg, settings)
         term.dim(f"(saved to {arg})")
     else:
         raise MixtralError(f"unknown command {name}; /help lists them")
@@ -478,19 +507,22 @@ def build_parser():
     p.add_argument("--seed", type=int, help="random seed (default: a new one, saved by /save)")
     p.add_argument("--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)")
     p.add_argument("--verbose", action="store_true", help="per-turn speed and context use")
+    p.add_argument("--verify", action="store_true", help="check every model file against its manifest (sha256) first")
+    p.add_argument("--tokenizer", help="tokenizer.model for a first-run conversion of a folder that lacks one")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    term = Terminal(interactive=args.prompt is None and sys.stdin.isatty())
+    mixtral.quiet_unless_rank0()
+    rank0 = mx.distributed.init().rank() == 0
+    term = Terminal(interactive=rank0 and args.prompt is None and sys.stdin.isatty(), rank0=rank0)
+    mixtral.cli(run_and_close, args, term)
+
+
+def run_and_close(args, term: Terminal):
     try:
         run(args, term)
-    except MixtralError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
     finally:
         term.close()
 
@@ -500,23 +532,30 @@ def run(args, term: Terminal):
         raise MixtralError("need --max-tokens >= 1, --temp >= 0, 0 < --top-p <= 1, 0 <= --min-p < 1")
     if args.max_context is not None and args.max_context < 16:
         raise MixtralError("--max-context must be at least 16 tokens")
-    model, tokenizer = mixtral.load_model(resolve_model(args.model_path, term.dim), args.dtype)
-    max_context = args.max_context or default_max_context(model)
+    model_path = resolve_model(args.model_path, term.dim, args.tokenizer)
+    if args.verify:
+        mixtral.verify(model_path)
+    model, tokenizer = mixtral.load_model(model_path, args.dtype)
+    group = model.group
+    # Every rank must make the same decisions: the context size and the transcript are rank 0's.
+    max_context = parallel.from_rank0(args.max_context or default_max_context(model), group)
     chat = Chat(model, tokenizer, args.system_prompt, max_context, args.max_tokens, args.temp, args.top_p, args.min_p, args.seed)
     if args.resume:
-        chat.load(args.resume)
+        chat.load(args.resume, parallel.text_from_rank0(read_text(args.resume) if term.rank0 else "", group))
     settings = {k: getattr(args, k) for k in ("model_path", "max_tokens", "temp", "top_p", "min_p", "dtype")}
     settings["max_context"] = max_context
 
     if args.prompt is not None:
         stream_reply(chat, term, lambda stopped: chat.ask(args.prompt, stopped), args.verbose)
         return
+    if group is not None and term.rank0 and not term.interactive:
+        term.dim("(under mlx.launch, end piped input with /quit: the launcher never passes the end of input on)")
     if term.interactive:
         persona = f" ({chat.system})" if chat.system else ""
         term.dim(f"Chatting with Menny{persona}. /help for commands, Ctrl-D to leave.")
         if chat.messages:
             term.dim(f"(resumed {len(chat.messages) // 2} exchanges from {args.resume})")
-    while (line := term.read()) is not None:
+    while (line := term.read_shared(group)) is not None:
         try:
             if line.startswith("/"):
                 if not command(chat, term, line, settings, args.verbose):

@@ -7,7 +7,9 @@ output shard and dropped, so peak memory is about one output shard whatever the 
 """
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -19,30 +21,37 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mixtral import DTYPES, Mixtral, MixtralError, ModelArgs, on_cpu
+from mixtral import DTYPES, Mixtral, MixtralError, ModelArgs, cli, on_cpu
 
-# Hugging Face name -> our name. {l} is the layer; a row with {e} lists one tensor per expert, which
-# we stack into (experts, out, in) for gather_mm. q_proj/k_proj stay as they are: Hugging Face stores
-# them permuted for rotate-half RoPE, which is the RoPE mixtral.py applies.
+# Source module -> our module; each holds .weight (and .scales/.biases when the source is quantized).
+# {l} is the layer. Experts come either one module per expert ({e}: Hugging Face, older mlx-community
+# files), which we stack into (experts, out, in) for gather_mm, or already stacked (mlx-lm's
+# switch_mlp). q_proj/k_proj stay as they are: Hugging Face stores them permuted for rotate-half RoPE,
+# which is the RoPE mixtral.py applies.
 NAME_MAP = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.layers.{l}.input_layernorm.weight": "layers.{l}.attention_norm.weight",
-    "model.layers.{l}.self_attn.q_proj.weight": "layers.{l}.attention.wq.weight",
-    "model.layers.{l}.self_attn.k_proj.weight": "layers.{l}.attention.wk.weight",
-    "model.layers.{l}.self_attn.v_proj.weight": "layers.{l}.attention.wv.weight",
-    "model.layers.{l}.self_attn.o_proj.weight": "layers.{l}.attention.wo.weight",
-    "model.layers.{l}.post_attention_layernorm.weight": "layers.{l}.ffn_norm.weight",
-    "model.layers.{l}.block_sparse_moe.gate.weight": "layers.{l}.feed_forward.gate.weight",
-    "model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight": "layers.{l}.feed_forward.experts.w1.weight",
-    "model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight": "layers.{l}.feed_forward.experts.w2.weight",
-    "model.layers.{l}.block_sparse_moe.experts.{e}.w3.weight": "layers.{l}.feed_forward.experts.w3.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
+    "model.embed_tokens": "tok_embeddings",
+    "model.layers.{l}.input_layernorm": "layers.{l}.attention_norm",
+    "model.layers.{l}.self_attn.q_proj": "layers.{l}.attention.wq",
+    "model.layers.{l}.self_attn.k_proj": "layers.{l}.attention.wk",
+    "model.layers.{l}.self_attn.v_proj": "layers.{l}.attention.wv",
+    "model.layers.{l}.self_attn.o_proj": "layers.{l}.attention.wo",
+    "model.layers.{l}.post_attention_layernorm": "layers.{l}.ffn_norm",
+    "model.layers.{l}.block_sparse_moe.gate": "layers.{l}.feed_forward.gate",
+    "model.layers.{l}.block_sparse_moe.experts.{e}.w1": "layers.{l}.feed_forward.experts.w1",
+    "model.layers.{l}.block_sparse_moe.experts.{e}.w2": "layers.{l}.feed_forward.experts.w2",
+    "model.layers.{l}.block_sparse_moe.experts.{e}.w3": "layers.{l}.feed_forward.experts.w3",
+    "model.layers.{l}.block_sparse_moe.switch_mlp.gate_proj": "layers.{l}.feed_forward.experts.w1",
+    "model.layers.{l}.block_sparse_moe.switch_mlp.down_proj": "layers.{l}.feed_forward.experts.w2",
+    "model.layers.{l}.block_sparse_moe.switch_mlp.up_proj": "layers.{l}.feed_forward.experts.w3",
+    "model.norm": "norm",
+    "lm_head": "output",
 }
 
-# The 8-way router decides everything and is tiny: it stays in full precision (as in llama.cpp).
-NOT_QUANTIZED = ("feed_forward.gate.weight",)
+# The 8-way router decides everything and is tiny: it stays in full precision (as in llama.cpp);
+# a quantized one (mlx-lm quantizes it) is dequantized.
+NOT_QUANTIZED = ("feed_forward.gate",)
 
+MANIFEST = "manifest.json"  # what was converted, the error report, and each file's size and sha256
 HUB_FILES = ["config.json", "tokenizer.model", "model.safetensors.index.json", "*.safetensors"]
 
 
@@ -71,17 +80,26 @@ def args_from_hf_config(config: dict, source: str) -> ModelArgs:
         raise MixtralError(f"{source}: missing key {e}") from None
 
 
-def plan(args: ModelArgs):
-    """[(group name, [(our name, [hf names])])] in file order: embeddings, each layer, head."""
-    rows = lambda keep: [(ours, hf) for hf, ours in NAME_MAP.items() if keep(hf)]
-    expand = lambda rows, l: [
-        (ours.format(l=l), [hf.format(l=l, e=e) for e in range(args.moe.num_experts)] if "{e}" in hf else [hf.format(l=l)])
-        for ours, hf in rows
-    ]
-    layer_rows = rows(lambda hf: "{l}" in hf)
-    groups = [("embeddings", expand(rows(lambda hf: hf.startswith("model.embed")), None))]
-    groups += [(f"layer {l}", expand(layer_rows, l)) for l in range(args.n_layers)]
-    groups.append(("head", expand(rows(lambda hf: hf in ("model.norm.weight", "lm_head.weight")), None)))
+def plan(args: ModelArgs, names=frozenset()):
+    """[(group name, [(our module, [source modules])])] in file order: embeddings, each layer, head.
+
+    Where several source rows map to one module of ours, the one present in `names` is used."""
+    def expand(src, l):
+        e_range = range(args.moe.num_experts) if "{e}" in src else [None]
+        return [src.format(l=l, e=e) for e in e_range]
+
+    def rows(l, keep):
+        out = {}
+        for src, ours in NAME_MAP.items():
+            if keep(src):
+                found = expand(src, l)
+                if ours.format(l=l) not in out or f"{found[0]}.weight" in names:
+                    out[ours.format(l=l)] = found
+        return list(out.items())
+
+    groups = [("embeddings", rows(None, lambda src: src.startswith("model.embed")))]
+    groups += [(f"layer {l}", rows(l, lambda src: "{l}" in src)) for l in range(args.n_layers)]
+    groups.append(("head", rows(None, lambda src: src in ("model.norm", "lm_head"))))
     return groups
 
 
@@ -103,7 +121,8 @@ def safetensors_header(path: Path) -> dict:
 
 
 def open_checkpoint(hf_path: Path):
-    """-> (ModelArgs, {hf name: lazy mx.array}) after checking the files against each other."""
+    """-> (ModelArgs, {source name: lazy mx.array}, source quantization or None), the files checked
+    against each other."""
     config_file = hf_path / "config.json"
     if not config_file.is_file():
         raise MixtralError(f"{config_file}: missing; --hf-path must be a Hugging Face Mixtral folder")
@@ -112,6 +131,7 @@ def open_checkpoint(hf_path: Path):
     except json.JSONDecodeError as e:
         raise MixtralError(f"{config_file}: not valid JSON ({e})") from None
     args = args_from_hf_config(config, str(config_file))
+    quant = source_quantization(config, str(config_file))
 
     index_file = hf_path / "model.safetensors.index.json"
     if index_file.is_file():
@@ -130,7 +150,7 @@ def open_checkpoint(hf_path: Path):
             raise MixtralError(f"{file}: listed in {index_file.name} but missing; download it again")
         safetensors_header(file)
         tensors.update(mx.load(str(file)))  # lazy: each tensor is read when it is used
-    return args, tensors
+    return args, tensors, quant
 
 
 def fetch_from_hub(repo_id: str) -> Path:
@@ -145,36 +165,135 @@ def fetch_from_hub(repo_id: str) -> Path:
         raise MixtralError(f"{repo_id}: not a local folder and not downloadable ({type(e).__name__}: {e})") from None
 
 
-def check_shapes(groups, tensors, expected):
+def source_quantization(config: dict, source: str):
+    """mlx-lm's "quantization" block (None for a float checkpoint): {"bits", "group_size"} plus
+    optional per-module overrides, keyed by module name."""
+    q = config.get("quantization")
+    if q is None:
+        return None
+    if not (isinstance(q, dict) and isinstance(q.get("bits"), int) and isinstance(q.get("group_size"), int)):
+        raise MixtralError(f"{source}: 'quantization' must hold integer 'bits' and 'group_size', got {q!r}")
+    if q.get("mode", "affine") != "affine":
+        raise MixtralError(f"{source}: quantization mode {q['mode']!r} is not supported; use an affine (default) checkpoint")
+    return q
+
+
+def module_bits(quant: dict, module: str):
+    """(bits, group_size) of a quantized source module."""
+    q = quant.get(module) if isinstance(quant.get(module), dict) else quant
+    return q["bits"], q["group_size"]
+
+
+def logical_shape(tensors, module, quant):
+    """A source module's weight shape as a float matrix (a packed one unpacked)."""
+    shape = tuple(tensors[f"{module}.weight"].shape)
+    if f"{module}.scales" in tensors:
+        shape = shape[:-1] + (shape[-1] * 32 // module_bits(quant, module)[0],)
+    return shape
+
+
+def check_shapes(groups, tensors, expected, quant):
     """Every input tensor against the shape config.json implies, before anything is written."""
     for _, rows in groups:
-        for name, hfs in rows:
-            want = tuple(expected[name][1:] if ".experts." in name else expected[name])
-            for hf in hfs:
-                if tuple(tensors[hf].shape) != want:
-                    raise MixtralError(f"tensor {hf}: shape {tuple(tensors[hf].shape)} contradicts config.json (expected {want})")
+        for name, modules in rows:
+            want = expected[f"{name}.weight"]
+            want = tuple(want[1:] if ".experts." in name and ".switch_mlp." not in modules[0] else want)
+            for m in modules:
+                if (got := logical_shape(tensors, m, quant)) != want:
+                    raise MixtralError(f"tensor {m}.weight: shape {got} contradicts config.json (expected {want})")
 
 
-def convert_tensor(name, sources, q_bits, q_group_size, dtype, input_major=False):
-    """Stack experts, quantize -> {name(s): array}."""
-    w = mx.stack(sources) if ".experts." in name else sources[0]
-    if not q_bits or name.endswith(NOT_QUANTIZED) or w.ndim < 2:
-        return {name: w.astype(dtype)}
+def quantize(w, group_size: int, bits: int, chunk: int = 2**22):
+    """Quantize in float32; store the scales and biases in the 2-byte float that rebuilds w best.
+
+    -> ({"weight", "scales", "biases"}, relative RMS error). Quantizing bf16 weights in bf16 gives
+    bf16 scales, whose 8-bit mantissa is as coarse as an 8-bit code: 1.5x the error of mlx-lm's
+    float32 conversion. float16 keeps 11 bits but overflows above 65504 and loses bits below 6e-5,
+    so both are tried and the smaller error wins (float16 nearly always). Groups run along the last
+    axis, so rows are quantized `chunk` weights at a time: memory stays near one chunk in float32.
+    """
+    rows = w.reshape(-1, w.shape[-1])
+    step = max(1, chunk // rows.shape[1])
+    candidates = (mx.float16, mx.bfloat16)
+    parts, err2, norm2 = [], [0.0] * len(candidates), 0.0
+    for a in range(0, rows.shape[0], step):
+        x = rows[a : a + step].astype(mx.float32)
+        q = mx.quantize(x, group_size, bits)
+        mx.eval(q)
+        parts.append(q)
+        norm2 += mx.sum(mx.square(x)).item()
+        for i, dtype in enumerate(candidates):
+            approx = mx.dequantize(q[0], q[1].astype(dtype), q[2].astype(dtype), group_size, bits)
+            err2[i] += mx.sum(mx.square(approx - x)).item()
+    best = min(range(len(candidates)), key=err2.__getitem__)
+    join = lambda k, dtype=None: mx.concatenate([p[k] for p in parts]).reshape(*w.shape[:-1], -1).astype(dtype or parts[0][k].dtype)
+    arrays = {"weight": join(0), "scales": join(1, candidates[best]), "biases": join(2, candidates[best])}
+    return arrays, (err2[best] / max(norm2, 1e-30)) ** 0.5
+
+
+def error_bound(bits: int, group_size: int) -> float:
+    """The largest relative RMS error affine rounding can give: each weight moves at most half a step,
+    a step is (max - min) / (2^bits - 1) <= 2 max|w| / (2^bits - 1), and max|w| <= sqrt(group) x the
+    group's RMS. 3.1% at 8 bits, 53% at 4 bits (group 64); typical weights get a sixth of that."""
+    return group_size**0.5 / (2**bits - 1)
+
+
+def convert_module(name, modules, tensors, quant, q_bits, q_group_size, dtype, input_major=False):
+    """Read (and drop) one module's source tensors; stack experts; quantize, or repack what is already
+    quantized as we would write it. -> ({our tensor: array}, relative error, or None if not rounded)."""
+    parts = {k: [tensors.pop(f"{m}.{k}") for m in modules] for k in ("weight", "scales", "biases") if f"{modules[0]}.{k}" in tensors}
+    stack = ".experts." in name and ".switch_mlp." not in modules[0]
+    parts = {k: mx.stack(v) if stack else v[0] for k, v in parts.items()}
+    w = parts["weight"]
+    quantized = q_bits and not name.endswith(NOT_QUANTIZED) and w.ndim >= 2
+    relayout = quantized and input_major and name != "tok_embeddings" and w.shape[-2] % q_group_size == 0
+    if "scales" in parts:
+        bits, group = module_bits(quant, modules[0])
+        if quantized and not relayout and (bits, group) == (q_bits, q_group_size):
+            return {f"{name}.{k}": v for k, v in parts.items()}, None  # repacked as it is: lossless
+        # float32 holds scale * q + bias exactly (an 8-bit integer times an 11-bit mantissa)
+        f32 = lambda a: a.astype(mx.float32)
+        w = mx.dequantize(w, f32(parts["scales"]), f32(parts["biases"]), group, bits)
+    if not quantized:
+        return {f"{name}.weight": w.astype(dtype or w.dtype)}, None
     if w.shape[-1] % q_group_size:
         raise MixtralError(f"tensor {name}: last dimension {w.shape[-1]} is not a multiple of --q-group-size {q_group_size}")
-    if input_major and name != "tok_embeddings.weight" and w.shape[-2] % q_group_size == 0:
+    if relayout:
         w = w.swapaxes(-1, -2)  # (..., in, out): see mixtral.InputMajor
-    q, scales, biases = mx.quantize(w, q_group_size, q_bits)
-    base = name.removesuffix(".weight")
-    return {name: q, f"{base}.scales": scales.astype(dtype), f"{base}.biases": biases.astype(dtype)}
+    arrays, err = quantize(w, q_group_size, q_bits)
+    if not err <= 1.5 * error_bound(q_bits, q_group_size):  # nan fails too
+        raise MixtralError(
+            f"tensor {name}: quantization error {err:.3g} is beyond the {error_bound(q_bits, q_group_size):.3g} that "
+            f"{q_bits}-bit rounding can give; the source holds non-finite or corrupt values"
+        )
+    return {f"{name}.{k}": v for k, v in arrays.items()}, err
 
 
-def convert(hf_path, mlx_path, q_bits=8, q_group_size=64, dtype="bfloat16", max_shard_gb=5.0, force=False,
-            layout="auto", log=print):
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def error_summary(errors: dict, worst: int = 3) -> str:
+    if not errors:
+        return "no tensor rounded (full precision, or repacked as it was)"
+    top = sorted(errors.items(), key=lambda kv: -kv[1])[:worst]
+    mean = sum(errors.values()) / len(errors)
+    return (f"quantization error (relative RMS) mean {100 * mean:.2f}% over {len(errors)} tensors, worst "
+            + ", ".join(f"{k} {100 * v:.2f}%" for k, v in top))
+
+
+def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max_shard_gb=5.0, force=False,
+            layout="auto", tokenizer=None, log=print):
+    """Convert a Hugging Face or mlx-lm (mlx-community) Mixtral folder or Hub id to ours.
+
+    q_bits: 8, 4, None (no quantization) or "auto" (the source's bits if it is quantized, else 8).
+    q_group_size: default the source's, else 64. dtype: of full-precision tensors, default the source's.
+    """
     out = Path(mlx_path)
-    if layout == "auto":  # for the machine converting: it is usually the one that runs the model
-        layout = "input-major" if on_cpu() else "standard"
-    input_major = bool(q_bits) and layout == "input-major"
     src = Path(hf_path)
     if not src.exists():
         if str(hf_path).count("/") != 1 or str(hf_path).startswith((".", "/")):
@@ -182,20 +301,29 @@ def convert(hf_path, mlx_path, q_bits=8, q_group_size=64, dtype="bfloat16", max_
         src = fetch_from_hub(str(hf_path))
     if out.exists() and not force:
         raise MixtralError(f"{out}: already exists; pass --force to replace it")
+    args, tensors, quant = open_checkpoint(src)
+    if q_bits == "auto":
+        q_bits = quant["bits"] if quant else 8
     if q_bits not in (None, 4, 8):
         raise MixtralError(f"--q-bits {q_bits}: use 8 or 4")
-    tokenizer = src / "tokenizer.model"
-    if not tokenizer.is_file():
-        raise MixtralError(f"{tokenizer}: missing; the sentencepiece tokenizer ships with the checkpoint")
-    args, tensors = open_checkpoint(src)
+    q_group_size = q_group_size or (quant["group_size"] if quant else 64)
+    if layout == "auto":  # for the machine converting (usually the one that runs the model), but
+        # an already quantized source keeps its layout: input-major would round a second time.
+        layout = "input-major" if on_cpu() and not quant else "standard"
+    elif layout == "input-major" and quant and q_bits:
+        log("note: input-major from an already quantized source rounds each weight a second time (the report "
+            "below measures it); --layout standard repacks it without loss")
+    input_major = bool(q_bits) and layout == "input-major"
+    tokenizer = check_tokenizer(Path(tokenizer) if tokenizer else src / "tokenizer.model", args)
     expected = {k: v.shape for k, v in tree_flatten(Mixtral(args).parameters())}  # lazy zeros: shapes only
-    groups = plan(args)
-    needed = {hf for _, rows in groups for _, hfs in rows for hf in hfs}
+    groups = plan(args, tensors.keys())
+    needed = {f"{m}.weight" for _, rows in groups for _, ms in rows for m in ms}
+    allowed = needed | {f"{m[:-len('.weight')]}.{k}" for m in needed for k in ("scales", "biases")}
     if missing := sorted(needed - tensors.keys()):
         raise MixtralError(f"{src}: missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    if extra := sorted(tensors.keys() - needed):
+    if extra := sorted(tensors.keys() - allowed):
         raise MixtralError(f"{src}: tensor(s) we cannot map {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
-    check_shapes(groups, tensors, expected)
+    check_shapes(groups, tensors, expected, quant)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,36 +335,41 @@ def convert(hf_path, mlx_path, q_bits=8, q_group_size=64, dtype="bfloat16", max_
         raise MixtralError(f"{out}: cannot write there ({e.strerror})") from None
     try:
         t0 = time.perf_counter()
-        shard, shard_bytes, n_shards, total_bytes, n_params = {}, 0, 0, 0, 0
+        shard, shard_bytes, shards, total_bytes, n_params, errors, repacked = {}, 0, [], 0, 0, {}, 0
         max_bytes = max_shard_gb * 2**30
 
         def flush():
-            nonlocal shard, shard_bytes, n_shards
+            nonlocal shard, shard_bytes
             if shard:
-                mx.savez(str(tmp / f"weights.{n_shards:02d}.npz"), **shard)
-                shard, shard_bytes, n_shards = {}, 0, n_shards + 1
+                shards.append(f"weights.{len(shards):02d}.npz")
+                mx.savez(str(tmp / shards[-1]), **shard)
+                shard, shard_bytes = {}, 0
                 mx.clear_cache()
 
         for g, (group, rows) in enumerate(groups):
-            tic, in_bytes, out_bytes = time.perf_counter(), 0, 0
-            for name, hfs in rows:
-                sources = [tensors.pop(hf) for hf in hfs]  # pop: drop each input once it is used
-                in_bytes += sum(s.nbytes for s in sources)
-                n_params += sum(s.size for s in sources)
-                arrays = convert_tensor(name, sources, q_bits, q_group_size, DTYPES[dtype], input_major)
+            tic, out_bytes = time.perf_counter(), 0
+            for name, modules in rows:
+                n_params += math.prod(expected[f"{name}.weight"])
+                arrays, err = convert_module(name, modules, tensors, quant, q_bits, q_group_size,
+                                             DTYPES.get(dtype), input_major)
                 mx.eval(arrays)
+                if err is not None:
+                    errors[name] = err
+                repacked += err is None and f"{name}.scales" in arrays
                 nbytes = sum(a.nbytes for a in arrays.values())
                 if shard_bytes and shard_bytes + nbytes > max_bytes:
                     flush()
                 shard.update(arrays)
                 shard_bytes += nbytes
                 out_bytes += nbytes
-                del sources, arrays
+                del arrays
                 mx.clear_cache()  # hand freed inputs back to the OS rather than keep them for reuse
             total_bytes += out_bytes
+            worst = max((errors.get(n, 0) for n, _ in rows), default=0)
             log(
-                f"[{g + 1}/{len(groups)}] {group}: {in_bytes / 2**20:.1f} MB -> {out_bytes / 2**20:.1f} MB "
-                f"in {time.perf_counter() - tic:.1f} s ({time.perf_counter() - t0:.0f} s elapsed)"
+                f"[{g + 1}/{len(groups)}] {group}: {out_bytes / 2**20:.1f} MB"
+                + (f", worst error {100 * worst:.2f}%" if worst else "")
+                + f" in {time.perf_counter() - tic:.1f} s ({time.perf_counter() - t0:.0f} s elapsed)"
             )
         flush()
         config = args.to_dict()
@@ -246,6 +379,14 @@ def convert(hf_path, mlx_path, q_bits=8, q_group_size=64, dtype="bfloat16", max_
                 config["quantization"]["layout"] = "input-major"
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        manifest = {
+            "source": str(hf_path), "source_format": "mlx-lm" if quant else "hugging face",
+            "bits": q_bits, "group_size": q_group_size if q_bits else None, "layout": layout if q_bits else None,
+            "parameters": n_params, "repacked_tensors": repacked, "quantization_error": errors,
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
+                      for f in shards + ["config.json", "tokenizer.model"]},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():  # --force: swap in the new folder, then remove the old one
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -253,24 +394,46 @@ def convert(hf_path, mlx_path, q_bits=8, q_group_size=64, dtype="bfloat16", max_
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MixtralError(f"{out}: cannot write ({e.strerror or e}); nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(
-        f"converted {n_params:,} parameters to {out}: {total_bytes / 2**30:.2f} GB in {n_shards} shard(s), "
+        f"converted {n_params:,} parameters to {out}: {total_bytes / 2**30:.2f} GB in {len(shards)} shard(s), "
         f"{8 * total_bytes / n_params:.2f} bits/weight, {time.perf_counter() - t0:.1f} s"
+        + (f"; {repacked} quantized tensors repacked without loss" if repacked else "")
     )
+    log(error_summary(errors))
     return out
+
+
+def check_tokenizer(path: Path, args: ModelArgs) -> Path:
+    """The sentencepiece tokenizer.model, with the vocabulary the embeddings have."""
+    if not path.is_file():
+        raise MixtralError(
+            f"{path}: missing (mlx-lm writes only tokenizer.json); pass --tokenizer with Mixtral's tokenizer.model "
+            "(huggingface-cli download mistralai/Mixtral-8x7B-Instruct-v0.1 tokenizer.model, or mistral_common's "
+            "data/tokenizer.model.v1)"
+        )
+    from mixtral import Tokenizer
+
+    if (n := Tokenizer(path).vocab_size) != args.vocab_size:
+        raise MixtralError(f"{path}: a vocabulary of {n} tokens, but the model has {args.vocab_size}; use the checkpoint's own tokenizer")
+    return path
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Convert Hugging Face Mixtral weights to MLX (8-bit by default).")
-    p.add_argument("--hf-path", required=True, help="Hugging Face folder, or a Hub repo id such as mistralai/Mixtral-8x7B-Instruct-v0.1")
+    p.add_argument("--hf-path", required=True,
+                   help="Hugging Face or mlx-lm (mlx-community) folder, or a Hub repo id such as mistralai/Mixtral-8x7B-Instruct-v0.1")
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: %(default)s)")
-    p.add_argument("--q-bits", type=int, choices=[8, 4], default=8, help="quantization bits (default: %(default)s)")
-    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=64, help="weights per scale (default: %(default)s)")
-    p.add_argument("--no-quantize", action="store_true", help="keep full-precision weights (--dtype)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="dtype of unquantized tensors and scales (default: %(default)s)")
+    p.add_argument("--q-bits", type=int, choices=[8, 4], help="quantization bits (default: 8, or the source's if it is quantized)")
+    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], help="weights per scale (default: 64, or the source's)")
+    p.add_argument("--no-quantize", action="store_true", help="keep full-precision weights")
+    p.add_argument("--dtype", choices=list(DTYPES), help="dtype of full-precision tensors (default: the source's, so bf16 stays bf16)")
+    p.add_argument("--tokenizer", help="tokenizer.model to use (default: the one in --hf-path)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard in GiB (default: %(default)s)")
     p.add_argument("--layout", choices=["auto", "standard", "input-major"], default="auto",
                    help="quantized layout: input-major runs ~5x faster on MLX's CPU backend, standard suits GPUs; "
@@ -281,17 +444,16 @@ def build_parser():
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    if a.max_shard_gb <= 0:
-        sys.exit("error: --max-shard-gb must be positive")
-    try:
+
+    def run():
+        if a.max_shard_gb <= 0:
+            raise MixtralError("--max-shard-gb must be positive")
         convert(
-            a.hf_path, a.mlx_path, None if a.no_quantize else a.q_bits, a.q_group_size, a.dtype, a.max_shard_gb, a.force,
-            a.layout, log=lambda s: print(s, file=sys.stderr, flush=True),
+            a.hf_path, a.mlx_path, None if a.no_quantize else a.q_bits or "auto", a.q_group_size, a.dtype,
+            a.max_shard_gb, a.force, a.layout, a.tokenizer, log=lambda s: print(s, file=sys.stderr, flush=True),
         )
-    except MixtralError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: nothing was written")
+
+    cli(run, interrupted="interrupted: nothing was written")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@
 
 import argparse
 import copy
+import gc
 import glob
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -17,6 +19,8 @@ from typing import Iterable, Iterator, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
+
+import parallel
 
 DEFAULT_MODEL_PATH = "mlx_model"
 
@@ -92,6 +96,11 @@ class ModelArgs:
 # --------------------------------------------------------------------------- model
 
 
+def all_sum(x, group):
+    """Add up the ranks' partial outputs of a layer cut over machines (parallel.shard); alone, x."""
+    return x if group is None else mx.distributed.all_sum(x, group=group)
+
+
 class KVCache:
     """Keys and values of one layer, grown in steps so decoding does not copy the whole cache per token."""
 
@@ -150,7 +159,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.rope = RoPE(args.head_dim, args.rope_theta)
-        self.sdpa = mx.fast.scaled_dot_product_attention  # use_cpu_threads splits it over CPU streams
+        self.sdpa = mx.fast.scaled_dot_product_attention  # parallel.use_cpu_threads cuts it over CPU streams
+        self.group = None  # parallel.shard: the ranks whose partial outputs add up
 
     def __call__(self, x, cache: KVCache):
         B, T, _ = x.shape
@@ -165,7 +175,7 @@ class Attention(nn.Module):
         # S attend to all S old ones and causally among themselves.
         mask = "causal" if T > 1 else None
         out = self.sdpa(q, k, v, scale=self.scale, mask=mask)
-        return self.wo(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return all_sum(self.wo(out.transpose(0, 2, 1, 3).reshape(B, T, -1)), self.group)
 
 
 class SwitchLinear(nn.Module):
@@ -232,6 +242,7 @@ class MOEFeedForward(nn.Module):
         self.top_k = args.moe.num_experts_per_tok
         self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)  # the router
         self.experts = FeedForward(args)
+        self.group = None
 
     def __call__(self, x):
         gates = self.gate(x)  # (B, T, experts)
@@ -241,7 +252,7 @@ class MOEFeedForward(nn.Module):
         # (Hugging Face's order); float32 because near-equal weights decide the mix.
         scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1).astype(mx.float32), axis=-1)
         y = self.experts(x, inds)  # (B, T, k, dim)
-        return (y * scores[..., None].astype(y.dtype)).sum(axis=-2)
+        return all_sum((y * scores[..., None].astype(y.dtype)).sum(axis=-2), self.group)
 
 
 class MOETransformerBlock(nn.Module):
@@ -265,6 +276,7 @@ class Mixtral(nn.Module):
         self.layers = [MOETransformerBlock(args) for _ in range(args.n_layers)]
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.group = None
 
     def make_cache(self) -> List[KVCache]:
         return [KVCache() for _ in self.layers]
@@ -282,7 +294,7 @@ class Mixtral(nn.Module):
         return self.norm.weight.dtype
 
 
-# --------------------------------------------------------------------------- CPU threads
+# --------------------------------------------------------------------------- quantized layouts
 
 
 class InputMajor(nn.Module):
@@ -292,6 +304,8 @@ class InputMajor(nn.Module):
     (out, in) layout needs (measured on x86, for 8-bit mat-vecs and matrix products alike), so
     convert.py writes this layout for CPU machines. Experts are stacked in front as usual.
     """
+
+    input_major = True
 
     def __init__(self, in_dims: int, out_dims: int, num_experts: int = 0, group_size: int = 64, bits: int = 8):
         super().__init__()
@@ -326,84 +340,6 @@ def quantize(model: "Mixtral", group_size: int, bits: int, input_major: bool, ke
         return new
 
     model.update_modules(tree_map(relay, model.leaf_modules(), is_leaf=nn.Module.is_module))
-
-
-class RowParallel(nn.Module):
-    """A projection whose outputs are split over CPU streams, the slices concatenated.
-
-    MLX's CPU backend runs each stream on one thread, so one stream uses one core. Splitting every
-    large projection by outputs (tensor parallelism, inside one machine) puts all cores to work and
-    changes no result: each output is the same dot product as before. GPUs need none of this.
-    """
-
-    min_outputs = 256  # below this, the threads' hand-over costs more than it saves
-
-    def __init__(self, layer: nn.Module, streams):
-        super().__init__()
-        rows = _out_dims(layer)
-        align = layer.group_size if isinstance(layer, InputMajor) else 1  # cut between whole groups
-        cuts = sorted({rows * i // len(streams) // align * align for i in range(len(streams))} | {rows})
-        self.parts = [_out_slice(layer, a, b) for a, b in zip(cuts, cuts[1:])]
-        self.streams = streams[: len(self.parts)]
-
-    def __call__(self, x, *args):
-        outs = []
-        for part, stream in zip(self.parts, self.streams):
-            with mx.stream(stream):
-                outs.append(part(x, *args))
-        return mx.concatenate(outs, axis=-1)
-
-
-class HeadParallel:
-    """Attention with the KV heads (and the query heads that share them) split over CPU streams."""
-
-    def __init__(self, n_kv_heads: int, streams):
-        n = min(len(streams), n_kv_heads)
-        self.cuts = [n_kv_heads * i // n for i in range(n + 1)]
-        self.streams = streams[:n]
-
-    def __call__(self, q, k, v, scale, mask):
-        group = q.shape[1] // k.shape[1]  # query heads per KV head
-        outs = []
-        for a, b, stream in zip(self.cuts, self.cuts[1:], self.streams):
-            with mx.stream(stream):
-                outs.append(mx.fast.scaled_dot_product_attention(
-                    q[:, a * group : b * group], k[:, a:b], v[:, a:b], scale=scale, mask=mask))
-        return mx.concatenate(outs, axis=1)
-
-
-def _out_dims(layer: nn.Module) -> int:
-    return layer.out_dims if isinstance(layer, InputMajor) else layer["weight"].shape[-2]
-
-
-def _out_slice(layer: nn.Module, a: int, b: int) -> nn.Module:
-    """The part of layer that computes outputs a:b (the last axis of InputMajor, rows otherwise)."""
-    part, n = copy.copy(layer), _out_dims(layer)
-    for name in ("weight", "scales", "biases", "bias"):
-        if name in layer:
-            w = layer[name]
-            if isinstance(layer, InputMajor):  # packed along out: slice in proportion
-                w = w[..., a * w.shape[-1] // n : b * w.shape[-1] // n]
-            else:
-                w = w[a:b] if w.ndim == 1 else w[..., a:b, :]
-            part[name] = mx.contiguous(w)
-    if isinstance(layer, InputMajor):
-        part.out_dims = b - a
-    return part
-
-
-def use_cpu_threads(model: "Mixtral", n: int):
-    """Split attention by heads, and each projection with enough outputs, over n CPU streams."""
-    streams = [mx.new_stream(mx.cpu) for _ in range(n)]
-    for layer in model.layers:
-        layer.attention.sdpa = HeadParallel(layer.attention.n_kv_heads, streams)
-    splittable = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear, InputMajor)
-    model.update_modules(
-        tree_map(
-            lambda m: RowParallel(m, streams) if isinstance(m, splittable) and _out_dims(m) >= RowParallel.min_outputs else m,
-            model.leaf_modules(), is_leaf=nn.Module.is_module,
-        )
-    )
 
 
 def on_cpu() -> bool:
@@ -481,18 +417,8 @@ def default_dtype():
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
-def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Optional[int] = None):
-    """Load a converted folder (config.json, weights.*.npz, tokenizer.model) -> (Mixtral, Tokenizer).
-
-    dtype: compute dtype (an mx.Dtype or its name); default float32 on the CPU, float16 on a GPU.
-    cpu_threads: CPU streams to split the projections over; default all cores on the CPU, 1 on a GPU.
-    """
-    path = Path(model_path)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise MixtralError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    dtype = dtype or default_dtype()
+def read_config(path: Path):
+    """-> (ModelArgs, quantization dict or None) from a converted folder's config.json."""
     if not path.is_dir():
         raise MixtralError(f"{path}: no such folder; convert a model first (python convert.py --help)")
     config_file = path / "config.json"
@@ -500,10 +426,41 @@ def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Opt
         config = json.loads(config_file.read_text())
     except FileNotFoundError:
         raise MixtralError(f"{config_file}: missing; is {path} a converted model (python convert.py)?") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MixtralError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise MixtralError(f"{config_file}: not a JSON object")
     quantization = config.pop("quantization", None)
-    args = ModelArgs.from_dict(config, source=str(config_file))
+    if quantization is not None and not (
+        isinstance(quantization, dict) and quantization.get("bits") in (2, 3, 4, 5, 6, 8)
+        and quantization.get("group_size") in (32, 64, 128)
+        and quantization.get("layout", "standard") in ("standard", "input-major")
+    ):
+        raise MixtralError(
+            f"{config_file}: 'quantization' must be {{\"bits\": 8 or 4, \"group_size\": 32, 64 or 128}}, got {quantization!r}; "
+            "convert the model again"
+        )
+    return ModelArgs.from_dict(config, source=str(config_file)), quantization
+
+
+def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Optional[int] = None, group="world"):
+    """Load a converted folder (config.json, weights.*.npz, tokenizer.model) -> (Mixtral, Tokenizer).
+
+    dtype: compute dtype (an mx.Dtype or its name); default float32 on the CPU, float16 on a GPU.
+    cpu_threads: CPU streams to split the projections over; default all cores on the CPU, 1 on a GPU.
+    group: the ranks to cut every layer over (parallel.shard); default those mlx.launch started, if any.
+    """
+    path = Path(model_path)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise MixtralError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or default_dtype()
+    args, quantization = read_config(path)
+    tokenizer = Tokenizer(path / "tokenizer.model")
+    if tokenizer.vocab_size != args.vocab_size:
+        raise MixtralError(f"{path / 'tokenizer.model'}: a vocabulary of {tokenizer.vocab_size} tokens, but the model has "
+                           f"{args.vocab_size}; put the checkpoint's own tokenizer.model there")
 
     shards = sorted(glob.glob(str(path / "weights.*.npz")))
     if not shards:
@@ -533,14 +490,41 @@ def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Opt
     # Floating tensors (norms, router, unquantized weights, quantization scales/biases) compute in dtype.
     cast = lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
     model.load_weights([(k, cast(w)) for k, w in weights.items()], strict=True)
+    group = parallel.world() if group == "world" else group
+    if group is not None:
+        g = quantization["group_size"] if quantization else 1
+        if group.size() not in (fit := parallel.ranks_that_fit(args, g)):
+            raise MixtralError(
+                f"{group.size()} ranks cannot share this model: its {args.n_kv_heads} KV heads and hidden_dim "
+                f"{args.hidden_dim} (in quantization groups of {g}) split evenly over {', '.join(map(str, fit))} ranks; "
+                "launch one of those"
+            )
+        parallel.shard(model, group)
     cpu_threads = default_cpu_threads() if cpu_threads is None else cpu_threads
     if cpu_threads > 1:
-        use_cpu_threads(model, cpu_threads)
+        parallel.use_cpu_threads(model, cpu_threads)
     if not on_cpu():
         keep_resident(model, path)
     if not lazy:
-        mx.eval(model.parameters())
-    return model, Tokenizer(path / "tokenizer.model")
+        try:  # one tensor at a time: a rank reads each whole tensor once and keeps only its slice
+            for _, w in tree_flatten(model.parameters()):
+                mx.eval(w)
+        except Exception as e:  # the zip reader's CRC check or a short read, raised only now (loading is lazy)
+            bad = next((s for s in shards if damaged(s)), shards[0] if len(shards) == 1 else "a shard")
+            raise MixtralError(f"{bad}: damaged ({str(e).strip().splitlines()[-1]}); copy or convert it again "
+                               f"(python mixtral.py --verify --model-path {path} checks every file)") from None
+    return model, tokenizer
+
+
+def damaged(shard: str) -> bool:
+    """Whether an .npz fails its own CRC-32 checks (reads the whole file)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(shard) as z:
+            return z.testzip() is not None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return True
 
 
 def keep_resident(model: Mixtral, path: Path):
@@ -618,7 +602,10 @@ def generate(
 
     def step(tokens):
         logits, _ = model(tokens[None], cache)
-        return sample(logits[:, -1, :], temp, top_p, min_p)[0]
+        y = sample(logits[:, -1, :], temp, top_p, min_p)[0]
+        if model.group is not None:  # every rank takes rank 0's token (in the graph: no wait)
+            y = mx.distributed.all_sum(mx.where(model.group.rank() == 0, y, 0), group=model.group)
+        return y
 
     y = step(mx.array(prefill(model, list(prompt_ids), cache, prefill_step), dtype=mx.uint32))
     mx.async_eval(y)
@@ -637,7 +624,9 @@ def generate(
 def build_parser():
     p = argparse.ArgumentParser(description="One-shot Mixtral generation with MLX.")
     p.add_argument("--model-path", default=DEFAULT_MODEL_PATH, help="converted model folder (default: %(default)s)")
-    p.add_argument("--prompt", required=True, help="the prompt; '-' reads it from stdin")
+    p.add_argument("--prompt", help="the prompt; '-' reads it from stdin")
+    p.add_argument("--verify", action="store_true", help="check every file against manifest.json (sha256) first")
+    p.add_argument("--info", action="store_true", help="describe the converted folder (source, bits, sizes, error, memory) and exit")
     p.add_argument("--max-tokens", "-m", type=int, default=100, help="tokens to generate at most (default: %(default)s)")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 is off (default: %(default)s)")
@@ -646,23 +635,94 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+class Terminated(BaseException):
+    """SIGTERM: mlx.launch ends the other ranks this way when one of them fails."""
+
+
+def cli(body, *args, interrupted="interrupted"):
+    """Run a program's body and exit: 0; 1 with one line `error: ...` for a MixtralError (bad input,
+    a file, a flag) or a rank that is gone; 130 after Ctrl-C, 143 after SIGTERM. Any other exception
+    is a bug of ours and keeps its traceback. Under mlx.launch, only rank 0 speaks; another rank
+    prints only its own errors, marked with its rank.
+
+    Every MLX array is freed before the interpreter shuts down: one still alive then can be released
+    on an MLX thread that needs the GIL of a finalizing interpreter, and the process aborts
+    ("terminate called without an active exception", 1 exit in 5 after loading, on a loaded machine).
+    """
+    signal.signal(signal.SIGTERM, _terminated)
     try:
-        run(args)
+        code, message = _outcome(body, args, interrupted)
+        _ignore_signals()  # the exit is decided: nothing may interrupt it now
+    except Terminated:  # it came while another outcome was being handled (mlx.launch after a lost rank)
+        _ignore_signals()
+        code, message = 143, TERMINATED
+    gc.collect()  # the handler is done: the frames that held the model are gone
+    mx.synchronize()
+    if message:
+        rank = mx.distributed.init().rank()
+        print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.__stderr__, flush=True)
+    sys.exit(code)
+
+
+TERMINATED = "stopped (SIGTERM: another rank failed, or the run was ended)"
+
+
+def _outcome(body, args, interrupted):
+    try:
+        body(*args)
     except MixtralError as e:
-        sys.exit(f"error: {e}")
+        return 1, f"error: {e}"
+    except RuntimeError as e:
+        if not parallel.is_lost_peer(e):
+            raise
+        return 1, f"error: another rank stopped ({e}); the run is over: see that rank's message"
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130, interrupted
+    except Terminated:
+        return 143, TERMINATED
+    return 0, None
+
+
+def _ignore_signals():
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _terminated(*_):
+    raise Terminated
+
+
+def quiet_unless_rank0():
+    """Under mlx.launch, only rank 0 prints; the others follow it and ignore Ctrl-C (rank 0 decides)."""
+    if mx.distributed.init().rank() != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def main(argv=None):
+    quiet_unless_rank0()
+    cli(run, build_parser().parse_args(argv))
 
 
 def run(args):
+    if args.info:
+        return print(describe(args.model_path))
+    if args.verify:
+        verify(args.model_path)
+        print(f"{args.model_path}: every file is intact", file=sys.stderr)
+        if args.prompt is None:
+            return
+    if args.prompt is None:
+        raise MixtralError("--prompt is required (or --info, --verify)")
     if args.max_tokens < 0 or args.temp < 0 or not 0 < args.top_p <= 1:
         raise MixtralError("--max-tokens and --temp must be >= 0 and --top-p in (0, 1]")
-    prompt = read_prompt(args.prompt)
+    if args.prompt == "-" and parallel.world():
+        raise MixtralError("--prompt - cannot work under mlx.launch, which never passes the end of stdin on; "
+                           'pass the text itself: --prompt "$(cat FILE)"')
+    prompt = read_prompt(args.prompt) if mx.distributed.init().rank() == 0 else ""
     tic = time.perf_counter()
     model, tokenizer = load_model(args.model_path, args.dtype)
+    prompt = parallel.text_from_rank0(prompt, model.group)
     print(f"[load] {time.perf_counter() - tic:.1f} s, dtype {model.dtype}", file=sys.stderr)
 
     prompt_ids = tokenizer.encode(prompt)
@@ -690,6 +750,90 @@ def run(args):
         f"[memory] peak {mx.get_peak_memory() / 2**30:.2f} GB",
         file=sys.stderr,
     )
+
+
+def describe(model_path) -> str:
+    """What a converted folder holds, from its config, manifest and file sizes (no weight is read)."""
+    path = Path(model_path)
+    args, quantization = read_config(path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    shards = sorted(path.glob("weights.*.npz"))
+    size = sum(f.stat().st_size for f in shards)
+    q = quantization or {}
+    quant = f"{q['bits']} bits, group {q['group_size']}, {q.get('layout', 'standard')} layout" if q else "none (full precision)"
+    n_params = manifest.get("parameters")
+    errors = manifest.get("quantization_error") or {}
+    if errors:
+        worst = max(errors, key=errors.get)
+        error = f"mean {100 * sum(errors.values()) / len(errors):.2f}%, worst {worst} {100 * errors[worst]:.2f}% (relative RMS, {len(errors)} tensors)"
+    elif manifest.get("repacked_tensors"):
+        error = f"none added: {manifest['repacked_tensors']} quantized tensors repacked as they were"
+    else:
+        error = "none (nothing rounded)" if manifest else "unknown (no manifest.json: converted by an older convert.py)"
+    kv = args.n_layers * 2 * args.n_kv_heads * args.head_dim * mx.zeros((), default_dtype()).itemsize
+    return "\n".join([
+        f"{path}",
+        f"  source        {manifest.get('source', 'unknown')} ({manifest.get('source_format', 'unknown format')})",
+        f"  model         {args.n_layers} layers, {args.dim} wide, {args.moe.num_experts} experts (top {args.moe.num_experts_per_tok}), "
+        f"vocabulary {args.vocab_size}" + (f", {n_params:,} parameters" if n_params else ""),
+        f"  quantization  {quant}",
+        f"  files         {len(shards)} shard(s), {human(size)}",
+        f"  error         {error}",
+        f"  memory        {human(size)} of weights + KV cache {human(kv)} per token in {str(default_dtype()).split('.')[-1]} "
+        f"({human(kv * 32768)} at 32768 tokens)",
+    ])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def verify(model_path, log=lambda s: print(s, file=sys.stderr, end="", flush=True)):
+    """Check every file against manifest.json (size and sha256), or each shard's CRC-32 when there is no
+    manifest; raise MixtralError naming the first bad file. Reads everything: minutes for 50 GB."""
+    import hashlib
+
+    path = Path(model_path)
+    read_config(path)
+    try:
+        files = json.loads((path / "manifest.json").read_text())["files"]
+    except FileNotFoundError:
+        files = None
+    except (ValueError, KeyError, TypeError) as e:
+        raise MixtralError(f"{path / 'manifest.json'}: unreadable ({e}); convert the model again") from None
+    try:
+        _verify_files(path, files, log)
+    finally:
+        log("\n")
+
+
+def _verify_files(path: Path, files, log):
+    if files is None:  # converted before manifests: the zip CRCs are all there is
+        for shard in sorted(path.glob("weights.*.npz")):
+            log(f"\r[verify] {shard.name} (CRC only: no manifest.json)\x1b[K")
+            if damaged(str(shard)):
+                raise MixtralError(f"{shard}: damaged (a CRC-32 check fails); copy or convert it again")
+        return
+    total, done = sum(f["bytes"] for f in files.values()), 0
+    for name, want in files.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != want["bytes"]:
+            size = file.stat().st_size if file.is_file() else "no"
+            raise MixtralError(f"{file}: {size} bytes, the manifest says {want['bytes']}; copy it again")
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+                done += len(chunk)
+                log(f"\r[verify] {name} {100 * done / max(total, 1):.0f}% of {human(total)}\x1b[K")
+        if h.hexdigest() != want["sha256"]:
+            raise MixtralError(f"{file}: its sha256 differs from the manifest's: the file is damaged; copy it again")
 
 
 def read_prompt(prompt: str) -> str:

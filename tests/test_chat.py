@@ -371,7 +371,8 @@ def test_ctrl_c_sent_the_moment_the_prompt_appears_is_never_lost(mlx_q8):
             term = Pty("--model-path", mlx_q8)
             term.prompts(1)
             term.send("\x03")
-            assert term.wait(timeout=10) == 0
+            code = term.wait(timeout=10)
+            assert code == 0, f"exit {code}; screen:\n{term.out[-2000:]}"
     finally:
         for p in load:
             p.kill()

@@ -11,6 +11,7 @@ import pytest
 
 import convert
 import mixtral
+import parallel
 from mixtral import MixtralError, ModelArgs
 from synthetic import write_hf_checkpoint
 
@@ -269,9 +270,9 @@ def test_splitting_projections_over_cpu_streams_changes_no_logit(request, monkey
     path = request.getfixturevalue(fixture)
     ids = mx.array([tokenizer.encode("The same numbers, computed by three threads instead of one.")])
     one, _ = mixtral.load_model(path, cpu_threads=1)
-    monkeypatch.setattr(mixtral.RowParallel, "min_outputs", 1)  # split even the tiny model's projections
+    monkeypatch.setattr(parallel.RowParallel, "min_outputs", 1)  # split even the tiny model's projections
     three, _ = mixtral.load_model(path, cpu_threads=3)  # uneven cuts
-    assert isinstance(three.layers[0].feed_forward.experts.w1, mixtral.RowParallel)
+    assert isinstance(three.layers[0].feed_forward.experts.w1, parallel.RowParallel)
     np.testing.assert_allclose(np.array(three(ids)[0]), np.array(one(ids)[0]), atol=1e-5)
 
 
