@@ -44,6 +44,8 @@ def load(a):
     if a.synthetic:
         dtype = mixtral.DTYPES[a.dtype] if a.dtype else mixtral.default_dtype()
         model = synthetic_model(a, dtype)
+        if group := parallel.world():  # as load_model does: keep this rank's share (the model is random anyway)
+            parallel.shard(model, group)
         threads = mixtral.default_cpu_threads() if a.cpu_threads is None else a.cpu_threads
         if threads > 1:
             parallel.use_cpu_threads(model, threads)
@@ -84,6 +86,29 @@ def decode_breakdown(model, a, n=16):
         t2 = time.perf_counter()
         build, run = build + t1 - t0, run + t2 - t1
     return 1000 * build / n, 1000 * run / n
+
+
+def collective_ms(model, n=20) -> float:
+    """Per token, the time of the 2 x n_layers all_sums alone (one token's activations each, each
+    waiting for the last, as in a decode step); 0 on one machine."""
+    if model.group is None:
+        return 0.0
+    x = mx.zeros((1, 1, model.args.dim), model.dtype)
+    mx.eval(x)
+    tic = time.perf_counter()
+    for _ in range(n):
+        y = x
+        for _ in range(2 * model.args.n_layers):
+            y = mx.distributed.all_sum(y, group=model.group)
+        mx.eval(y)
+    return 1000 * (time.perf_counter() - tic) / n
+
+
+def per_rank(model, figures: dict) -> list:
+    """Each rank's figures, gathered on every rank."""
+    values = mx.array(list(figures.values()), mx.float32)
+    rows = mx.distributed.all_gather(values, group=model.group).reshape(-1, len(figures)).tolist()
+    return [dict(zip(figures, row)) for row in rows]
 
 
 class WordTokenizer:
@@ -162,10 +187,12 @@ def build_parser():
 
 
 def main(argv=None):
+    mixtral.quiet_unless_rank0()  # under mlx.launch, rank 0 reports for all
     mixtral.cli(run, build_parser().parse_args(argv))
 
 
 def run(a):
+    mx.random.seed(0)  # the same prompts on every rank
     model, tokenizer, load_s = load(a)
     runs = [prompt_and_decode(model, a) for _ in range(a.repeat)]
     turns = [chat_turns(model, tokenizer, a) for _ in range(a.repeat)]
@@ -185,6 +212,11 @@ def run(a):
         "peak_memory_gb": mx.get_peak_memory() / 2**30,
     }
     result["ttft_ratio"] = result[f"ttft_turn{a.chat_turns}_s"] / result["ttft_turn1_s"]
+    if model.group is not None:
+        mine = {"weight_gb": sum(w.nbytes for _, w in tree_flatten(model.parameters())) / 2**30,
+                "peak_memory_gb": mx.get_peak_memory() / 2**30, "generation_tps": gen_tps,
+                "collectives_ms_per_token": collective_ms(model)}
+        result["ranks"] = per_rank(model, mine)
     result["decode_overhead"] = result["decode_step_ms"] / run_ms - 1
     if a.mlx_lm_model:
         lm = run_mlx_lm(a)

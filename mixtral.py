@@ -490,6 +490,7 @@ def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Opt
     # Floating tensors (norms, router, unquantized weights, quantization scales/biases) compute in dtype.
     cast = lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
     model.load_weights([(k, cast(w)) for k, w in weights.items()], strict=True)
+    del weights, expected  # from here the model alone holds the tensors: cut ones can be freed once cut
     group = parallel.world() if group == "world" else group
     if group is not None:
         g = quantization["group_size"] if quantization else 1
@@ -509,6 +510,7 @@ def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Opt
         try:  # one tensor at a time: a rank reads each whole tensor once and keeps only its slice
             for _, w in tree_flatten(model.parameters()):
                 mx.eval(w)
+                mx.clear_cache()  # return the whole tensor a slice came from, not keep it for reuse
         except Exception as e:  # the zip reader's CRC check or a short read, raised only now (loading is lazy)
             bad = next((s for s in shards if damaged(s)), shards[0] if len(shards) == 1 else "a shard")
             raise MixtralError(f"{bad}: damaged ({str(e).strip().splitlines()[-1]}); copy or convert it again "

@@ -158,3 +158,18 @@ def test_partial_outputs_of_the_ranks_add_up_to_the_whole_layer(converted, layou
             model.layers[0].attention.group = None  # sum here instead of all_sum
             parts.append(model.layers[0].attention(x, mixtral.KVCache()))
         np.testing.assert_allclose(np.array(sum(parts)), np.array(want_att), atol=1e-4)
+
+
+def test_bench_under_mlx_launch_reports_each_rank(tmp_path):
+    small = ["--synthetic", "--dim", 128, "--hidden-dim", 256, "--n-layers", 2, "--n-heads", 4, "--n-kv-heads", 2,
+             "--head-dim", 64, "--vocab-size", 512, "--prompt-tokens", 16, "--gen-tokens", 8, "--chat-turns", 2,
+             "--turn-tokens", 4, "--reply-tokens", 4]
+    one = subprocess.run([sys.executable, ROOT / "bench.py", *map(str, small), "--json", tmp_path / "one.json"],
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    launch(2, ROOT / "bench.py", *small, "--json", tmp_path / "two.json")
+    one, two = (__import__("json").loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert "ranks" not in one and len(two["ranks"]) == 2
+    for rank in two["ranks"]:
+        assert rank["collectives_ms_per_token"] > 0 and rank["generation_tps"] > 0 and 0 < rank["weight_gb"]
+    assert two["ranks"][0]["weight_gb"] == two["ranks"][1]["weight_gb"]
