@@ -237,25 +237,50 @@ class Chat:
             )
 
     def save(self, path: str, settings: dict):
+        """Write the transcript as UTF-8 JSON, atomically: a failed write leaves any old file whole."""
         data = {"messages": self.conversation(), "settings": settings, "seed": self.seed}
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         try:
-            Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, target)
         except OSError as e:
-            raise MixtralError(f"{path}: cannot write ({e.strerror})") from None
+            tmp.unlink(missing_ok=True)
+            raise MixtralError(f"{path}: cannot write ({e.strerror}); the previous file, if any, is unchanged") from None
 
     def load(self, path: str, text: Optional[str] = None):
-        """Continue a transcript saved by /save (`text`: its contents, when already read)."""
+        """Continue a transcript saved by /save (`text`: its contents, when already read). Exchanges
+        beyond --max-context are dropped, oldest first, as in a live chat."""
         try:
             data = json.loads(read_text(path) if text is None else text)
-            system, turns = split_system(data["messages"])
+            messages = data["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise TypeError("'messages' must be a list of objects")
+            for i, m in enumerate(messages):
+                self._check_tokens(i, m.get("tokens"))
+            system, turns = split_system(messages)
         except (ValueError, KeyError, TypeError, MixtralError) as e:
             raise MixtralError(f"{path}: not a chat transcript ({e})") from None
         if turns and turns[-1]["role"] == "user":
             turns = turns[:-1]  # a question without its answer: the user can ask it again
         self.reset(system)
+        reserve = min(self.max_tokens + 1, self.max_context // 2)
+        dropped = 0
+        while turns and len(encode_messages(self.tokenizer, self.conversation(turns))) + reserve > self.max_context:
+            turns, dropped = turns[2:], dropped + 1
         self.messages = turns
+        if dropped:
+            self.notice = f"(dropped the {dropped} oldest exchange{'s' * (dropped > 1)} of {path} to fit --max-context {self.max_context})"
         if turns:
             self._rebuild()
+
+    def _check_tokens(self, i: int, tokens):
+        """A saved reply's token ids: ints the vocabulary has (others would read garbage embeddings)."""
+        if tokens is None:
+            return
+        n = self.tokenizer.vocab_size
+        if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < n for t in tokens):
+            raise TypeError(f"message {i}: 'tokens' must be a list of token ids from 0 to {n - 1}")
 
 
 def read_text(path: str) -> str:
@@ -362,12 +387,17 @@ class Terminal:
         lines.append(line.rstrip()[:-3])
         return "\n".join(lines).strip("\n")
 
-    @staticmethod
-    def _input(prompt: str) -> Optional[str]:
-        try:
-            return input(prompt)
-        except EOFError:
-            return None
+    def _input(self, prompt: str) -> Optional[str]:
+        while True:
+            try:
+                line = input(prompt)
+            except EOFError:
+                return None
+            try:
+                line.encode("utf-8")
+                return line
+            except UnicodeEncodeError as e:  # stdin decodes with surrogateescape (see main)
+                self.dim(f"error: that line is not UTF-8 text (byte 0x{ord(line[e.start]) & 0xFF:02x}); skipped, type it again")
 
     def close(self):
         if self.interactive and self.readline:
@@ -515,6 +545,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     mixtral.quiet_unless_rank0()
+    sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")  # a bad byte is one line's error, not a crash
     rank0 = mx.distributed.init().rank() == 0
     term = Terminal(interactive=rank0 and args.prompt is None and sys.stdin.isatty(), rank0=rank0)
     mixtral.cli(run_and_close, args, term)
@@ -555,6 +586,9 @@ def run(args, term: Terminal):
         term.dim(f"Chatting with Menny{persona}. /help for commands, Ctrl-D to leave.")
         if chat.messages:
             term.dim(f"(resumed {len(chat.messages) // 2} exchanges from {args.resume})")
+    if chat.notice:
+        term.dim(chat.notice)
+        chat.notice = ""
     while (line := term.read_shared(group)) is not None:
         try:
             if line.startswith("/"):

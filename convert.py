@@ -114,6 +114,10 @@ def safetensors_header(path: Path) -> dict:
         header = None
     if not isinstance(header, dict):
         raise MixtralError(f"{path}: not a safetensors file (bad header)")
+    for k, t in header.items():
+        offsets = t.get("data_offsets") if isinstance(t, dict) else None
+        if k != "__metadata__" and not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise MixtralError(f"{path}: header entry {k!r} has no valid data_offsets; the file is damaged, download it again")
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise MixtralError(f"{path}: truncated ({size} bytes, the header needs {8 + n + end}); download it again")
@@ -325,9 +329,10 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
         raise MixtralError(f"{src}: tensor(s) we cannot map {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
     check_shapes(groups, tensors, expected, quant)
 
+    remove_leftovers(out, log)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
@@ -407,6 +412,27 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
     )
     log(error_summary(errors))
     return out
+
+
+def remove_leftovers(out: Path, log):
+    """Remove what a killed conversion (SIGKILL, the OOM killer) left beside `out`: up to a whole
+    model. The folder names its process; one whose process is gone is a leftover."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.removeprefix(f".{out.name}.tmp-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+            shutil.rmtree(tmp, ignore_errors=True)
+            log(f"removed {tmp.name}, {size / 2**30:.2f} GB left by an interrupted conversion")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def check_tokenizer(path: Path, args: ModelArgs) -> Path:

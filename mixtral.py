@@ -7,6 +7,7 @@ import argparse
 import copy
 import gc
 import glob
+import hashlib
 import json
 import os
 import signal
@@ -672,17 +673,18 @@ TERMINATED = "stopped (SIGTERM: another rank failed, or the run was ended)"
 def _outcome(body, args, interrupted):
     try:
         body(*args)
-    except MixtralError as e:
-        return 1, f"error: {e}"
-    except RuntimeError as e:
-        if not parallel.is_lost_peer(e):
+        return 0, None
+    except (MixtralError, RuntimeError, KeyboardInterrupt, Terminated) as e:
+        if isinstance(e, RuntimeError) and not parallel.is_lost_peer(e):
             raise
-        return 1, f"error: another rank stopped ({e}); the run is over: see that rank's message"
-    except KeyboardInterrupt:
-        return 130, interrupted
-    except Terminated:
-        return 143, TERMINATED
-    return 0, None
+        # What the failure leaves (a zip writer that cannot close on a full disk) is freed with it:
+        # it must not add a traceback-shaped report of what is said here in one line.
+        sys.unraisablehook = lambda unraisable: None
+        if isinstance(e, MixtralError):
+            return 1, f"error: {e}"
+        if isinstance(e, RuntimeError):
+            return 1, f"error: another rank stopped ({e}); the run is over: see that rank's message"
+        return (130, interrupted) if isinstance(e, KeyboardInterrupt) else (143, TERMINATED)
 
 
 def _ignore_signals():
@@ -799,8 +801,6 @@ def human(n: float) -> str:
 def verify(model_path, log=lambda s: print(s, file=sys.stderr, end="", flush=True)):
     """Check every file against manifest.json (size and sha256), or each shard's CRC-32 when there is no
     manifest; raise MixtralError naming the first bad file. Reads everything: minutes for 50 GB."""
-    import hashlib
-
     path = Path(model_path)
     read_config(path)
     try:
@@ -841,6 +841,10 @@ def _verify_files(path: Path, files, log):
 def read_prompt(prompt: str) -> str:
     """The prompt text; '-' reads stdin, which must be UTF-8."""
     if prompt != "-":
+        try:
+            prompt.encode("utf-8")  # argv decodes with surrogateescape
+        except UnicodeEncodeError:
+            raise MixtralError("--prompt: not UTF-8 text; convert it first, e.g. with iconv -t UTF-8") from None
         return prompt
     try:
         return sys.stdin.buffer.read().decode("utf-8")
