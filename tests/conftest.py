@@ -33,10 +33,5 @@ def mlx_q8(tmp_path_factory, hf_tiny):
 
 
 @pytest.fixture(scope="session")
-def mlx_q4(tmp_path_factory, hf_tiny):
-    return _converted(tmp_path_factory, hf_tiny, "q4", q_bits=4)
-
-
-@pytest.fixture(scope="session")
 def tokenizer():
     return mixtral.Tokenizer(TOKENIZER)

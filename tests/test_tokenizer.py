@@ -52,7 +52,7 @@ def test_stream_never_yields_half_a_character(tokenizer):
 
 def test_stream_yields_as_tokens_arrive(tokenizer):
     ids = tokenizer.encode("one two three four")
-    seen = []
+    seen, shown_at = [], []
 
     def feed():
         for i in ids:
@@ -60,5 +60,8 @@ def test_stream_yields_as_tokens_arrive(tokenizer):
             yield i
 
     for piece in tokenizer.decode_stream(feed()):
-        if "two" in piece:
-            assert len(seen) < len(ids)  # printed before the last token was produced
+        shown_at.append((len(seen), piece))
+    # "two" was printed while tokens were still to come, and every piece before the end of the ids.
+    assert any("two" in piece and n < len(ids) for n, piece in shown_at), shown_at
+    assert len(shown_at) >= 3 and shown_at[0][0] < len(ids)
+
