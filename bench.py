@@ -229,6 +229,8 @@ def run(a):
         shown = f"{v:.3f}" if isinstance(v, float) else v
         print(f"{k:<{width}}  {shown}", file=sys.stderr)
     text = json.dumps(result, indent=2)
+    if mx.distributed.init().rank() != 0:
+        return  # rank 0 reports for all
     if a.json:
         with open(a.json, "w") as f:
             f.write(text + "\n")

@@ -228,6 +228,7 @@ class Chat:
                 self.model(mx.array([[tok.eos_id]]), self.cache)  # lazy: computed with the next prefill
                 self.tokens.append(tok.eos_id)
             self.messages.append({"role": "assistant", "content": tok.decode(ids), "tokens": ids})
+            mx.clear_cache()  # between turns, hand back the step buffers MLX keeps (the soak test: flat RSS)
             elapsed = time.perf_counter() - tic
             ttft = self.stats["ttft"] or elapsed
             self.stats.update(

@@ -377,3 +377,21 @@ def test_ctrl_c_sent_the_moment_the_prompt_appears_is_never_lost(mlx_q8):
         for p in load:
             p.kill()
             p.wait()
+
+
+def test_ctrl_c_inside_a_triple_quote_block_drops_it_and_returns_to_the_prompt(tmp_path, mlx_q8):
+    t = tmp_path / "t.json"
+    term = Pty("--model-path", mlx_q8, "--max-tokens", 3)
+    term.prompts(1)
+    term.send('"""\r')
+    term.read_until("... ")
+    term.send("a line I regret\r")
+    term.read_until(lambda s: s.count("... ") >= 2)
+    term.send("\x03")
+    term.read_until("(block dropped)")
+    term.prompts(2)
+    term.send(f"/save {t}\r")
+    term.read_until("(saved")
+    term.send("\x04")
+    assert term.wait() == 0 and "Traceback" not in term.out
+    assert [m for m in json.loads(t.read_text())["messages"] if m["role"] == "user"] == []
