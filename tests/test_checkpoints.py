@@ -204,3 +204,13 @@ def test_a_tensor_holding_nan_is_refused_and_nothing_is_written(tmp_path, hf_tin
     with pytest.raises(mixtral.MixtralError, match="attention.wo: quantization error nan is beyond"):
         convert.convert(src, tmp_path / "out", log=lambda s: None)
     assert not list(tmp_path.glob("*out*"))
+
+
+def test_chat_runs_on_an_mlx_community_folder_converting_it_once(tmp_path, mlx_lm_folder):
+    env = {**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(ROOT / "chat.py"), "--model-path", str(mlx_lm_folder), "--tokenizer", str(TOKENIZER),
+           "--prompt", "hi", "--max-tokens", "3", "--temp", "0"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert first.returncode == 0 and "converting" in first.stderr and first.stdout.strip(), first.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0 and "converting" not in again.stderr and again.stdout == first.stdout
