@@ -4,7 +4,6 @@
 """
 
 import argparse
-import copy
 import gc
 import glob
 import hashlib
@@ -476,8 +475,9 @@ def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Opt
     model = Mixtral(args)
     if quantization:
         # Quantize exactly the layers the converter quantized (it keeps the router in full precision).
+        quantized = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
         quantize(model, quantization["group_size"], quantization["bits"],
-                 quantization.get("layout") == "input-major", keep=lambda p: f"{p}.scales" in weights)
+                 quantization.get("layout") == "input-major", keep=lambda p: p in quantized)
     expected = dict(tree_flatten(model.parameters()))
     if missing := sorted(expected.keys() - weights.keys()):
         raise MixtralError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")

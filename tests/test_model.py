@@ -1,7 +1,6 @@
 """The model's parts against naive references: MoE loop, RoPE formula, cache, quantization, loading."""
 
 import json
-import math
 import shutil
 
 import mlx.core as mx

@@ -9,19 +9,14 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
 import pytest
 
 import chat
-import convert
 import mixtral
 from mixtral import MixtralError
-from synthetic import TOKENIZER
 
 ROOT = Path(__file__).resolve().parent.parent
 
