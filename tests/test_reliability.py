@@ -223,3 +223,20 @@ def test_a_safetensors_entry_without_data_offsets_is_one_line(tmp_path, hf_tiny)
     new = json.dumps(header).encode()
     shard.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n :])
     one_line_error(run("convert.py", "--hf-path", src, "--mlx-path", tmp_path / "out"), "has no valid data_offsets")
+
+
+def test_ctrl_c_during_the_first_run_conversion_exits_130_and_leaves_nothing(tmp_path):
+    from synthetic import write_hf_checkpoint
+
+    hf = write_hf_checkpoint(tmp_path / "hf", seed=2, n_shards=8, hidden_size=512, intermediate_size=1792,
+                             num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    p = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--model-path", str(hf), "--prompt", "hi"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert "converting" in p.stderr.readline()
+    assert p.stderr.readline().startswith("[1/")  # converting layer by layer now
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err
+    cache = tmp_path / "cache" / "mixtral-mlx"
+    assert not any(cache.glob("*/config.json")) and not any(cache.glob(".*tmp*"))
