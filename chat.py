@@ -441,8 +441,8 @@ class CtrlC:
         while True:
             if signal.SIGINT not in os.read(fd, 256):
                 continue
-            # Kick only if the handler has not run since the last SIGINT we saw: a signal into a
-            # process that is already exiting can abort MLX's teardown of its threads.
+            # Kick only while the handler has not run since the last SIGINT we saw (usually it has
+            # by the time we read the byte), and never into a process that is exiting.
             end = time.monotonic() + 1  # the window is microseconds; a long mx.eval runs it on return
             while self.handled == self.accounted and time.monotonic() < end and not self.exiting:
                 signal.pthread_kill(main_thread, signal.SIGUSR1)
