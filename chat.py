@@ -143,9 +143,13 @@ class Chat:
         block = user_block(self.tokenizer, content, self.system if first else "")
         return [self.tokenizer.bos_id] + block if first else block
 
+    @property
+    def _reserve(self) -> int:
+        """Context kept free for a reply."""
+        return min(self.max_tokens + 1, self.max_context // 2)
+
     def _fit(self, content: str) -> List[int]:
         """Drop the oldest whole exchanges until the new message and a reply fit in max_context."""
-        reserve = min(self.max_tokens + 1, self.max_context // 2)
         for drop in range(0, len(self.messages) + 1, 2):
             kept = self.messages[drop:]
             if drop == 0:
@@ -153,7 +157,7 @@ class Chat:
             else:  # what the cache would hold, the persona re-attached to the first kept message
                 used = len(encode_messages(self.tokenizer, self.conversation(kept))) if kept else 0
             block = self._new_block(content, first=not kept)
-            if used + len(block) + reserve <= self.max_context:
+            if used + len(block) + self._reserve <= self.max_context:
                 break
         else:
             raise MixtralError(f"message too long: {len(block)} tokens leave no room for a reply in --max-context {self.max_context}")
@@ -265,9 +269,8 @@ class Chat:
         if turns and turns[-1]["role"] == "user":
             turns = turns[:-1]  # a question without its answer: the user can ask it again
         self.reset(system)
-        reserve = min(self.max_tokens + 1, self.max_context // 2)
         dropped = 0
-        while turns and len(encode_messages(self.tokenizer, self.conversation(turns))) + reserve > self.max_context:
+        while turns and len(encode_messages(self.tokenizer, self.conversation(turns))) + self._reserve > self.max_context:
             turns, dropped = turns[2:], dropped + 1
         self.messages = turns
         if dropped:
@@ -513,8 +516,7 @@ def command(chat: Chat, term: Terminal, line: str, settings: dict, verbose: bool
 
 def default_max_context(model) -> int:
     """Mixtral's 32k positions, capped to what the KV cache can take beside the weights."""
-    a = model.args
-    kv_per_token = a.n_layers * 2 * a.n_kv_heads * a.head_dim * mx.zeros((), model.dtype).itemsize
+    kv_per_token = mixtral.kv_bytes_per_token(model.args, model.dtype)
     info = mx.device_info()
     memory = info.get("max_recommended_working_set_size") or info.get("memory_size") or (
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

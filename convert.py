@@ -7,7 +7,6 @@ output shard and dropped, so peak memory is about one output shard whatever the 
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mixtral import DTYPES, Mixtral, MixtralError, ModelArgs, cli, on_cpu
+from mixtral import DTYPES, Mixtral, MixtralError, ModelArgs, cli, on_cpu, sha256
 
 # Source module -> our module; each holds .weight (and .scales/.biases when the source is quantized).
 # {l} is the layer. Experts come either one module per expert ({e}: Hugging Face, older mlx-community
@@ -271,14 +270,6 @@ def convert_module(name, modules, tensors, quant, q_bits, q_group_size, dtype, i
             f"{q_bits}-bit rounding can give; the source holds non-finite or corrupt values"
         )
     return {f"{name}.{k}": v for k, v in arrays.items()}, err
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def error_summary(errors: dict, worst: int = 3) -> str:

@@ -530,6 +530,11 @@ def damaged(shard: str) -> bool:
         return True
 
 
+def kv_bytes_per_token(args: ModelArgs, dtype) -> int:
+    """The KV cache's bytes per token of context: keys and values of every layer."""
+    return args.n_layers * 2 * args.n_kv_heads * args.head_dim * mx.zeros((), dtype).itemsize
+
+
 GB = 1e9
 MACOS_HEADROOM = 4 * GB  # what macOS and the apps beside us need of the RAM
 
@@ -570,9 +575,7 @@ def keep_resident(model: Mixtral, path: Path, context: int = 4096):
     working_set = info.get("max_recommended_working_set_size")
     ram = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    a = model.args
-    kv = a.n_layers * 2 * a.n_kv_heads * a.head_dim * mx.zeros((), model.dtype).itemsize
-    runs, advice = memory_plan(weights, kv, context, working_set, ram)
+    runs, advice = memory_plan(weights, kv_bytes_per_token(model.args, model.dtype), context, working_set, ram)
     if not runs:
         raise MixtralError(f"{path}: {advice}")
     if advice:
@@ -813,7 +816,7 @@ def describe(model_path) -> str:
         error = f"none added: {manifest['repacked_tensors']} quantized tensors repacked as they were"
     else:
         error = "none (nothing rounded)" if manifest else "unknown (no manifest.json: converted by an older convert.py)"
-    kv = args.n_layers * 2 * args.n_kv_heads * args.head_dim * mx.zeros((), default_dtype()).itemsize
+    kv = kv_bytes_per_token(args, default_dtype())
     return "\n".join([
         f"{path}",
         f"  source        {manifest.get('source', 'unknown')} ({manifest.get('source_format', 'unknown format')})",
@@ -864,14 +867,23 @@ def _verify_files(path: Path, files, log):
         if not file.is_file() or file.stat().st_size != want["bytes"]:
             size = file.stat().st_size if file.is_file() else "no"
             raise MixtralError(f"{file}: {size} bytes, the manifest says {want['bytes']}; copy it again")
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-                done += len(chunk)
-                log(f"\r[verify] {name} {100 * done / max(total, 1):.0f}% of {human(total)}\x1b[K")
-        if h.hexdigest() != want["sha256"]:
+        def progress(n):
+            nonlocal done
+            done += n
+            log(f"\r[verify] {name} {100 * done / max(total, 1):.0f}% of {human(total)}\x1b[K")
+
+        if sha256(file, progress) != want["sha256"]:
             raise MixtralError(f"{file}: its sha256 differs from the manifest's: the file is damaged; copy it again")
+
+
+def sha256(path, progress=lambda n: None) -> str:
+    """The file's sha256, read 16 MB at a time (progress(bytes) after each)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            progress(len(chunk))
+    return h.hexdigest()
 
 
 def read_prompt(prompt: str) -> str:
