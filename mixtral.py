@@ -680,6 +680,8 @@ def build_parser():
 class Terminated(BaseException):
     """SIGTERM: mlx.launch ends the other ranks this way when one of them fails."""
 
+    received = False
+
 
 def cli(body, *args, interrupted="interrupted"):
     """Run a program's body and exit: 0; 1 with one line `error: ...` for a MixtralError (bad input,
@@ -695,8 +697,13 @@ def cli(body, *args, interrupted="interrupted"):
     try:
         code, message = _outcome(body, args, interrupted)
         _ignore_signals()  # the exit is decided: nothing may interrupt it now
-    except Terminated:  # it came while another outcome was being handled (mlx.launch after a lost rank)
+    except BaseException:
+        # Terminated, raised while another outcome was being handled (mlx.launch after a lost rank), or
+        # whatever it became on its way up: raised inside a C extension's import, it surfaces as
+        # "ImportError: initialization failed". After a SIGTERM, every failure is the SIGTERM's.
         _ignore_signals()
+        if not Terminated.received:
+            raise
         code, message = 143, TERMINATED
     gc.collect()  # the handler is done: the frames that held the model are gone
     mx.synchronize()
@@ -732,6 +739,7 @@ def _ignore_signals():
 
 
 def _terminated(*_):
+    Terminated.received = True
     raise Terminated
 
 
