@@ -7,6 +7,11 @@
 Figures are medians over --repeat runs; the JSON goes to stdout (or --json FILE), a table to stderr.
 """
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; cli() takes over after
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import json
 import re

@@ -5,6 +5,11 @@
 The conversation lives in one KV cache for the whole session: each turn feeds only its new tokens.
 """
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; cli() takes over after
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import atexit
 import contextlib
@@ -12,7 +17,6 @@ import hashlib
 import json
 import os
 import random
-import signal
 import sys
 import threading
 import time
@@ -549,12 +553,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     mixtral.quiet_unless_rank0()
     sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")  # a bad byte is one line's error, not a crash
+    mixtral.cli(run_and_close, args)
+
+
+def run_and_close(args):
     rank0 = mx.distributed.init().rank() == 0
     term = Terminal(interactive=rank0 and args.prompt is None and sys.stdin.isatty(), rank0=rank0)
-    mixtral.cli(run_and_close, args, term)
-
-
-def run_and_close(args, term: Terminal):
     try:
         run(args, term)
     finally:

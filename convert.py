@@ -6,6 +6,11 @@ Streams: each output tensor is built from lazily loaded inputs, quantized, writt
 output shard and dropped, so peak memory is about one output shard whatever the model's size.
 """
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; cli() takes over after
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import json
 import math
@@ -20,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mixtral import DTYPES, Mixtral, MixtralError, ModelArgs, cli, on_cpu, sha256
+from mixtral import DTYPES, Mixtral, MixtralError, ModelArgs, cli, on_cpu, sha256, signals_held
 
 # Source module -> our module; each holds .weight (and .scales/.biases when the source is quantized).
 # {l} is the layer. Experts come either one module per expert ({e}: Hugging Face, older mlx-community
@@ -338,7 +343,8 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
             nonlocal shard, shard_bytes
             if shard:
                 shards.append(f"weights.{len(shards):02d}.npz")
-                mx.savez(str(tmp / shards[-1]), **shard)
+                with signals_held():  # a Ctrl-C is delivered once the zip is written, not inside it
+                    mx.savez(str(tmp / shards[-1]), **shard)
                 shard, shard_bytes = {}, 0
                 mx.clear_cache()
 

@@ -3,15 +3,22 @@
     python mixtral.py --model-path mlx_model --prompt "The capital of France is"
 """
 
+import signal
+
+if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; cli() takes over after
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
+import contextlib
 import gc
 import glob
 import hashlib
 import json
 import os
-import signal
 import sys
+import threading
 import time
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional
@@ -450,7 +457,15 @@ def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Opt
     cpu_threads: CPU streams to split the projections over; default all cores on the CPU, 1 on a GPU.
     group: the ranks to cut every layer over (parallel.shard); default those mlx.launch started, if any.
     """
-    path = Path(model_path)
+    with signals_held() as deliver:  # Ctrl-C and SIGTERM land between tensors, never inside a read
+        model, tokenizer, shards = _build(Path(model_path), dtype, cpu_threads, group)
+        if not lazy:
+            _read_weights(model, shards, deliver)
+    return model, tokenizer
+
+
+def _build(path: Path, dtype, cpu_threads, group):
+    """The model with its weights attached lazily (nothing read yet), cut over ranks and CPU streams."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise MixtralError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -507,22 +522,25 @@ def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Opt
         parallel.use_cpu_threads(model, cpu_threads)
     if not on_cpu():
         keep_resident(model, path)
-    if not lazy:
-        try:  # one tensor at a time: a rank reads each whole tensor once and keeps only its slice
-            for _, w in tree_flatten(model.parameters()):
-                mx.eval(w)
-                mx.clear_cache()  # return the whole tensor a slice came from, not keep it for reuse
-        except Exception as e:  # the zip reader's CRC check or a short read, raised only now (loading is lazy)
-            bad = next((s for s in shards if damaged(s)), shards[0] if len(shards) == 1 else "a shard")
-            raise MixtralError(f"{bad}: damaged ({str(e).strip().splitlines()[-1]}); copy or convert it again "
-                               f"(python mixtral.py --verify --model-path {path} checks every file)") from None
-    return model, tokenizer
+    return model, tokenizer, shards
+
+
+def _read_weights(model: Mixtral, shards: List[str], deliver):
+    """Read every weight, one tensor at a time: a rank reads each whole tensor once and keeps only its
+    slice. deliver() raises a Ctrl-C held back during a read."""
+    try:
+        for _, w in tree_flatten(model.parameters()):
+            mx.eval(w)
+            mx.clear_cache()  # return the whole tensor a slice came from, not keep it for reuse
+            deliver()
+    except Exception as e:  # the zip reader's CRC check or a short read, raised only now (loading is lazy)
+        bad = next((s for s in shards if damaged(s)), shards[0] if len(shards) == 1 else "a shard")
+        raise MixtralError(f"{bad}: damaged ({str(e).strip().splitlines()[-1]}); copy or convert it again "
+                           f"(python mixtral.py --verify --model-path {Path(shards[0]).parent} checks every file)") from None
 
 
 def damaged(shard: str) -> bool:
     """Whether an .npz fails its own CRC-32 checks (reads the whole file)."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(shard) as z:
             return z.testzip() is not None
@@ -694,6 +712,8 @@ def cli(body, *args, interrupted="interrupted"):
     ("terminate called without an active exception", 1 exit in 5 after loading, on a loaded machine).
     """
     signal.signal(signal.SIGTERM, _terminated)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # as the import guard left it; chat.py has its own
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code, message = _outcome(body, args, interrupted)
         _ignore_signals()  # the exit is decided: nothing may interrupt it now
@@ -707,10 +727,24 @@ def cli(body, *args, interrupted="interrupted"):
         code, message = 143, TERMINATED
     gc.collect()  # the handler is done: the frames that held the model are gone
     mx.synchronize()
+    _wait_for_npz_readers()
     if message:
         rank = mx.distributed.init().rank()
         print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.__stderr__, flush=True)
     sys.exit(code)
+
+
+def _wait_for_npz_readers(timeout: float = 2.0):
+    """MLX's I/O threads drop a finished .npz read only after the mx.eval that needed it has returned.
+    Dropping it closes a Python file object, GIL taken; a thread that tries to take the GIL while the
+    interpreter finalizes aborts the process ("terminate called without an active exception"; 3 exits
+    in 90 after a Ctrl-C during loading, here). So sleep, the GIL released, until no zip member is
+    open and no thread other than ours is inside Python code (closing one)."""
+    ours = {t.ident for t in threading.enumerate()}
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and (any(isinstance(o, zipfile.ZipExtFile) for o in gc.get_objects())
+                                      or sys._current_frames().keys() - ours):
+        time.sleep(0.002)
 
 
 TERMINATED = "stopped (SIGTERM: another rank failed, or the run was ended)"
@@ -720,8 +754,9 @@ def _outcome(body, args, interrupted):
     try:
         body(*args)
         return 0, None
-    except (MixtralError, RuntimeError, KeyboardInterrupt, Terminated) as e:
-        if isinstance(e, RuntimeError) and not parallel.is_lost_peer(e):
+    except (Exception, KeyboardInterrupt, Terminated) as e:
+        e = _signal_behind(e) or e
+        if not isinstance(e, (MixtralError, KeyboardInterrupt, Terminated)) and not parallel.is_lost_peer(e):
             raise
         # What the failure leaves (a zip writer that cannot close on a full disk) is freed with it:
         # it must not add a traceback-shaped report of what is said here in one line.
@@ -731,6 +766,42 @@ def _outcome(body, args, interrupted):
         if isinstance(e, RuntimeError):
             return 1, f"error: another rank stopped ({e}); the run is over: see that rank's message"
         return (130, interrupted) if isinstance(e, KeyboardInterrupt) else (143, TERMINATED)
+
+
+def _signal_behind(e):
+    """The KeyboardInterrupt or Terminated that a library re-raised as e (raised inside a C extension's
+    import, as sentencepiece's is at load time, a signal's exception becomes ImportError from it)."""
+    while e is not None and not isinstance(e, (KeyboardInterrupt, Terminated)):
+        e = e.__cause__
+    return e
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM back while a model loads. MLX reads .npz through Python's zipfile, called
+    from C++ inside mx.load, mx.eval and mx.savez, and a KeyboardInterrupt raised in there can vanish
+    (a destructor's close() swallows it): 3 Ctrl-Cs in 90 during loading were lost here, and chat.py
+    went on to its prompt. Yields deliver(), which raises what came so far; call it where no MLX call
+    is under way. The rest is delivered on leaving."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield lambda: None
+        return
+    came, owners = [], {}
+
+    def deliver():
+        for sig, owner in owners.items():
+            signal.signal(sig, owner)
+        owners.clear()
+        if came:  # the first is enough: the program ends on it, or its owner (chat.py) acts on it once
+            sig, came[:] = came[0], []
+            signal.raise_signal(sig)  # to its owner's handler, as if it came now
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        owners[sig] = signal.signal(sig, lambda sig, _: came.append(sig))
+    try:
+        yield lambda: came and deliver()
+    finally:
+        deliver()
 
 
 def _ignore_signals():

@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import fcntl
 import json
 import os
 import pty
@@ -9,6 +10,7 @@ import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -288,10 +290,14 @@ def test_a_hugging_face_folder_is_converted_once_then_reused(tmp_path, hf_tiny):
 class Pty:
     """chat.py on a pseudo-terminal, driven as a person would."""
 
-    def __init__(self, *args):
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:
-            os.execv(sys.executable, [sys.executable, str(ROOT / "chat.py"), *map(str, args)])
+    def __init__(self, *args, python=()):
+        self.fd, tty = pty.openpty()
+        # A new session whose controlling terminal is the pty: Ctrl-C typed there signals chat.py.
+        # Popen returns once chat.py's interpreter runs (a forked copy of pytest would get it otherwise).
+        self.proc = subprocess.Popen([sys.executable, *python, str(ROOT / "chat.py"), *map(str, args)],
+                                     stdin=tty, stdout=tty, stderr=tty, start_new_session=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(tty)
         self.out = ""
 
     def read_until(self, done, timeout=120):
@@ -312,16 +318,19 @@ class Pty:
     def wait(self, timeout=30):
         """The exit code; fails (and kills chat.py) if it has not exited within timeout seconds."""
         end = time.time() + timeout
-        while (done := os.waitpid(self.pid, os.WNOHANG))[0] == 0:
+        while self.proc.poll() is None:
             if time.time() > end:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
+                self.proc.kill()
+                self.proc.wait()
                 pytest.fail(f"chat.py still running after {timeout} s; screen:\n{self.out[-2000:]}")
             if select.select([self.fd], [], [], 0.05)[0]:
                 with contextlib.suppress(OSError):  # the other side closes as it exits
                     self.out += os.read(self.fd, 65536).decode(errors="replace")
+        with contextlib.suppress(OSError):
+            while select.select([self.fd], [], [], 0)[0] and (data := os.read(self.fd, 65536)):
+                self.out += data.decode(errors="replace")
         os.close(self.fd)
-        return os.waitstatus_to_exitcode(done[1])
+        return self.proc.returncode
 
 
 def test_terminal_session_two_turns_command_ctrl_c_and_ctrl_d(tmp_path, mlx_q8):
@@ -377,6 +386,23 @@ def test_ctrl_c_sent_the_moment_the_prompt_appears_is_never_lost(mlx_q8):
         for p in load:
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("after, step", [("argparse", 0.005), ("sentencepiece", 0.001)])
+def test_ctrl_c_at_any_moment_of_start_up_exits_without_a_traceback(mlx_q8, after, step):
+    # Start-up is imports, then loading (the tokenizer, then the shards), then the prompt: about 0.1 s
+    # here. Ctrl-C in any of them ends chat.py quietly: killed by SIGINT, 130, or 0 at the prompt. The
+    # clock starts when chat.py imports argparse (its first import), or sentencepiece (loading starts),
+    # as -X importtime shows; before chat.py runs, Python's own start-up answers Ctrl-C its own way.
+    # Loading once lost 3 Ctrl-Cs in 90 (chat.py went on to its prompt) and aborted the exit in 5.
+    for delay in [step * i for i in range(30)]:
+        term = Pty("--model-path", mlx_q8, python=("-X", "importtime"))
+        term.read_until(f"| {after}\r", timeout=30)
+        time.sleep(delay)
+        term.send("\x03")
+        code = term.wait(timeout=30)
+        screen = "".join(line for line in term.out.splitlines(True) if "import time:" not in line)
+        assert code in (-signal.SIGINT, 130, 0) and "Traceback" not in screen, f"{delay:.3f} s: exit {code}\n{screen}"
 
 
 def test_ctrl_c_inside_a_triple_quote_block_drops_it_and_returns_to_the_prompt(tmp_path, mlx_q8):
