@@ -97,7 +97,9 @@ def encode_messages(tokenizer, messages: List[dict]) -> List[int]:
 
 
 class Chat:
-    """Messages and the KV cache that holds exactly their tokens (`tokens` mirrors the cache)."""
+    """Messages, their tokens, and the KV cache that holds a prefix of those tokens: all of them after
+    a reply, fewer after a rebuild (--resume, an overflow) or a stop, until the next prefill feeds the
+    rest in chunks that Ctrl-C can stop between."""
 
     def __init__(self, model, tokenizer, system=DEFAULT_SYSTEM_PROMPT, max_context=MAX_POSITIONS,
                  max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT_TEMP, top_p=DEFAULT_TOP_P, min_p=DEFAULT_MIN_P, seed=None):
@@ -113,7 +115,7 @@ class Chat:
             self.system = system
         self.messages: List[dict] = []
         self.starts: List[int] = []  # where each message's tokens start in `tokens`
-        self.tokens: List[int] = []  # exactly what the cache holds
+        self.tokens: List[int] = []  # the conversation's tokens; the cache holds the first `fed`
         self.cache = self.model.make_cache()
         self.stats, self.notice = {}, ""
 
@@ -122,16 +124,31 @@ class Chat:
         return ([{"role": "system", "content": self.system}] if self.system else []) + (
             self.messages if messages is None else messages)
 
+    @property
+    def fed(self) -> int:
+        return min(c.offset for c in self.cache)
+
     def _trim(self, n: int):
-        """Keep the first n tokens in the cache (which may hold more than `tokens`)."""
+        """Keep the first n tokens, and in the cache at most those (a step broken off half-way may
+        have fed some layers and not others: all keep what all have)."""
+        keep = min(n, self.fed)
         for c in self.cache:
-            c.trim(c.offset - n)
+            c.trim(c.offset - keep)
         del self.tokens[n:]
 
     def _refill(self, tokens: List[int]):
+        """A new conversation of `tokens`, none of them fed yet."""
         self.cache, self.tokens = self.model.make_cache(), list(tokens)
-        if tokens:
-            self.model(mx.array([tokens]), self.cache)  # lazy: evaluated with the next prefill
+
+    def _feed(self, block: List[int], should_stop) -> bool:
+        """Feed what the cache lacks, then all but the last token of block (its logits pick the
+        reply's first token). False if should_stop() came first: the cache keeps what it was fed of
+        `tokens`, and nothing of block."""
+        left = mixtral.prefill(self.model, self.tokens[self.fed:] + block, self.cache, should_stop=should_stop)
+        if len(left) > 1 or should_stop():
+            self._trim(len(self.tokens))
+            return False
+        return True
 
     def _rebuild(self):
         """Refill the cache from the messages (after dropping old turns, or on --resume)."""
@@ -176,12 +193,10 @@ class Chat:
 
         A stop before the first token (during a long prefill) drops the message, as if unsent."""
         block, tic = self._fit(content), time.perf_counter()
-        start = len(self.tokens)
-        if len(mixtral.prefill(self.model, block, self.cache, should_stop=should_stop)) > 1 or should_stop():
-            self._trim(start)
-            self.stats = {"cancelled": True}
+        if not self._feed(block, should_stop):
+            self.stats = {"cancelled": "message dropped"}
             return
-        self.starts.append(start)
+        self.starts.append(len(self.tokens))
         self.messages.append({"role": "user", "content": content})
         yield from self._reply(block, should_stop, tic)
 
@@ -189,12 +204,16 @@ class Chat:
         """Stream a new reply to the last user message."""
         if not self.messages:
             raise MixtralError("nothing to regenerate yet")
-        self.messages.pop()
+        reply, start, tokens = self.messages.pop(), self.starts.pop(), list(self.tokens)
         # Step back one token before the reply: its logits, which pick the first word, were not kept.
-        n = self.starts.pop() - 1
-        last = self.tokens[n]
-        self._trim(n)
-        yield from self._reply([last], should_stop)
+        self._trim(start - 1)
+        if not self._feed([tokens[start - 1]], should_stop):
+            self.messages.append(reply)
+            self.starts.append(start)
+            self.tokens = tokens  # the cache holds a prefix of them
+            self.stats = {"cancelled": "the last reply kept"}
+            return
+        yield from self._reply([tokens[start - 1]], should_stop)
 
     def undo(self):
         if not self.messages:
@@ -228,13 +247,10 @@ class Chat:
         try:
             yield from tok.decode_stream(tokens())
         finally:
-            # However the reply ended, the cache ends exactly after it, closed with EOS.
-            self.tokens += ids + [tok.eos_id] * finished
-            if any(c.offset != len(self.tokens) for c in self.cache):  # a step broken off half-way
-                self._refill(self.tokens)
-            if not finished:
-                self.model(mx.array([[tok.eos_id]]), self.cache)  # lazy: computed with the next prefill
-                self.tokens.append(tok.eos_id)
+            # However the reply ended, it is closed with EOS: fed already when sampled, else with the
+            # next prefill. The cache keeps no more than the conversation (a step broken off half-way).
+            self.tokens += ids + [tok.eos_id]
+            self._trim(len(self.tokens))
             self.messages.append({"role": "assistant", "content": tok.decode(ids), "tokens": ids})
             mx.clear_cache()  # between turns, hand back the step buffers MLX keeps (the soak test: flat RSS)
             elapsed = time.perf_counter() - tic
@@ -475,7 +491,7 @@ def stream_reply(chat: Chat, term: Terminal, replies, verbose: bool):
             print(text, end="", flush=True)
     s = chat.stats
     if s.get("cancelled"):
-        term.dim("(stopped before the reply: message dropped)")
+        term.dim(f"(stopped before the reply: {s['cancelled']})")
         return
     print(flush=True)
     if s.get("stopped"):

@@ -76,12 +76,14 @@ def probe_logits(model, tokens_or_cache, probe):
     return np.array(logits[0, -1])
 
 
-def assert_cache_is_conversation(model, tokenizer, c):
-    """The live cache equals a fresh prefill of encode_messages(the whole conversation)."""
+def assert_cache_is_conversation(model, tokenizer, c, unfed_at_most=1):
+    """The live cache, then the tokens not fed to it yet, equal a fresh prefill of encode_messages(the
+    whole conversation). After a reply only its closing EOS may wait (when the reply was cut short)."""
     ids = chat.encode_messages(tokenizer, c.conversation())
-    assert c.tokens == ids and all(layer.offset == len(ids) for layer in c.cache)
+    assert c.tokens == ids and len({layer.offset for layer in c.cache}) == 1
+    assert len(ids) - unfed_at_most <= c.fed <= len(ids)
     probe = tokenizer.encode("[INST] probe [/INST]", bos=False)
-    np.testing.assert_allclose(probe_logits(model, c.cache, probe), probe_logits(model, ids, probe), atol=1e-3)
+    np.testing.assert_allclose(probe_logits(model, c.cache, ids[c.fed:] + probe), probe_logits(model, ids, probe), atol=1e-3)
 
 
 class CountingModel:
@@ -102,17 +104,17 @@ def test_each_turn_prefills_only_its_new_block_and_the_cache_equals_a_fresh_pref
     counting = CountingModel(model)
     c = new_chat(counting, tokenizer)
     for turn, text in enumerate(["Hi Menny.", "What's up?", "Tell me about the weather.", "Bye."]):
-        before = list(c.tokens)
+        before, fed = list(c.tokens), c.fed
         counting.calls.clear()
         "".join(c.ask(text))
         block = chat.user_block(tokenizer, text, MENNY if turn == 0 else "")
         block = [tokenizer.bos_id] + block if turn == 0 else block
-        assert c.tokens[: len(before)] == before  # history is never re-fed
-        reply = c.messages[-1]["tokens"]
-        # Every token goes through the model exactly once: the new block (prefilled in one call but
-        # for its last token, whose logits pick the first word), each reply token, and the EOS.
-        assert counting.calls[0] == len(block) - 1 and set(counting.calls[1:]) == {1}
-        assert sum(counting.calls) == len(block) + len(reply) + 1
+        assert c.tokens[: len(before)] == before
+        # Every token goes through the model once: what the cache lacked (a cut-off reply's EOS) and
+        # the new block in one call but for its last token (its logits pick the first word), then
+        # each reply token and the EOS, one at a time.
+        assert counting.calls[0] == len(before) - fed + len(block) - 1 and set(counting.calls[1:]) == {1}
+        assert sum(counting.calls) == c.fed - fed
         assert_cache_is_conversation(model, tokenizer, c)
 
 
@@ -180,6 +182,31 @@ def test_stopping_during_the_prefill_drops_the_message_and_restores_the_cache(mo
     assert_cache_is_conversation(model, tokenizer, c)
 
 
+def test_stopping_a_resumed_conversation_before_its_prefill_ends_keeps_it_and_feeds_it_later(tmp_path, model, tokenizer):
+    c = new_chat(model, tokenizer)
+    "".join(c.ask("word " * 700))  # a transcript of two prefill chunks
+    c.save(tmp_path / "t.json", {})
+    d = new_chat(model, tokenizer)
+    d.load(tmp_path / "t.json")
+    checks = []
+    assert "".join(d.ask("next", should_stop=lambda: checks.append(1) or len(checks) > 1)) == ""
+    assert d.stats["cancelled"] == "message dropped" and 0 < d.fed < len(d.tokens) == len(c.tokens)
+    assert_cache_is_conversation(model, tokenizer, d, unfed_at_most=len(d.tokens))
+    "".join(d.ask("next"))
+    assert_cache_is_conversation(model, tokenizer, d)
+
+
+def test_stopping_a_regen_before_its_first_token_keeps_the_last_reply(model, tokenizer):
+    c = new_chat(model, tokenizer)
+    "".join(c.ask("one"))
+    messages, tokens = copy.deepcopy(c.messages), list(c.tokens)
+    assert "".join(c.regen(should_stop=lambda: True)) == ""
+    assert c.stats["cancelled"] == "the last reply kept" and c.messages == messages and c.tokens == tokens
+    assert_cache_is_conversation(model, tokenizer, c, unfed_at_most=len(tokens))
+    "".join(c.regen())
+    assert_cache_is_conversation(model, tokenizer, c)
+
+
 def test_abandoned_stream_still_leaves_a_consistent_cache(model, tokenizer):
     c = new_chat(model, tokenizer, max_tokens=40)
     stream = c.ask("Go on.")
@@ -220,7 +247,9 @@ def test_save_and_resume_restore_the_exact_cache(tmp_path, model, tokenizer):
     c.save(tmp_path / "t.json", {"temp": 0.8})
     d = new_chat(model, tokenizer, system="someone else")
     d.load(tmp_path / "t.json")
-    assert d.system == MENNY and d.tokens == c.tokens
+    assert d.system == MENNY and d.tokens == c.tokens and d.fed == 0  # fed with the next message
+    assert_cache_is_conversation(model, tokenizer, d, unfed_at_most=len(d.tokens))
+    "".join(d.ask("three"))
     assert_cache_is_conversation(model, tokenizer, d)
     assert json.loads((tmp_path / "t.json").read_text())["seed"] == 3
 
@@ -403,6 +432,36 @@ def test_ctrl_c_at_any_moment_of_start_up_exits_without_a_traceback(mlx_q8, afte
         code = term.wait(timeout=30)
         screen = "".join(line for line in term.out.splitlines(True) if "import time:" not in line)
         assert code in (-signal.SIGINT, 130, 0) and "Traceback" not in screen, f"{delay:.3f} s: exit {code}\n{screen}"
+
+
+def test_ctrl_c_during_the_prefill_of_a_resumed_conversation_stops_it_between_chunks(tmp_path, mlx_q8):
+    # A resumed transcript is fed with the next message, 512 tokens at a time: Ctrl-C stops it at the
+    # next chunk, where one whole graph would have run to its end first (the same wait as no Ctrl-C).
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 12000},
+                                          {"role": "assistant", "content": "ok"}]}))
+    args = ("--model-path", mlx_q8, "--resume", t, "--max-context", 32768, "--max-tokens", 2)
+    term = Pty(*args)
+    term.prompts(1)
+    tic = time.time()
+    term.send("hi\r")
+    term.prompts(2)
+    whole = time.time() - tic
+    term.send("\x04")
+    assert term.wait() == 0
+
+    term = Pty(*args)
+    term.prompts(1)
+    term.send("hi\r")
+    time.sleep(whole / 4)
+    tic = time.time()
+    term.send("\x03")
+    term.read_until("(stopped before the reply: message dropped)")
+    stopped = time.time() - tic
+    term.prompts(2)
+    term.send("\x04")
+    assert term.wait() == 0 and "Traceback" not in term.out
+    assert stopped < whole / 3, f"stopped {stopped:.1f} s after Ctrl-C; the whole prefill takes {whole:.1f} s"
 
 
 def test_ctrl_c_inside_a_triple_quote_block_drops_it_and_returns_to_the_prompt(tmp_path, mlx_q8):
