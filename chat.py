@@ -357,7 +357,7 @@ class Terminal:
         self.history_file = Path.home() / ".mixtral_chat_history"
         self.ctrl_c = CtrlC(install=rank0)
         if interactive:
-            with contextlib.suppress(ImportError):
+            with contextlib.suppress(ImportError), mixtral.signals_held():  # a Ctrl-C inside a C import becomes ImportError
                 import readline
 
                 self.readline = readline

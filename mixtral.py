@@ -454,6 +454,7 @@ def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Opt
     """Load a converted folder (config.json, weights.*.npz, tokenizer.model) -> (Mixtral, Tokenizer).
 
     dtype: compute dtype (an mx.Dtype or its name); default float32 on the CPU, float16 on a GPU.
+    lazy: leave the weights unread until first used (a damaged shard then fails there, not here).
     cpu_threads: CPU streams to split the projections over; default all cores on the CPU, 1 on a GPU.
     group: the ranks to cut every layer over (parallel.shard); default those mlx.launch started, if any.
     """
