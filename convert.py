@@ -17,15 +17,17 @@ import math
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mixtral import DTYPES, Mixtral, MixtralError, ModelArgs, cli, on_cpu, sha256, signals_held
+from mixtral import DTYPES, Mixtral, MixtralError, ModelArgs, Terminated, cli, on_cpu, sha256, signals_held
 
 # Source module -> our module; each holds .weight (and .scales/.biases when the source is quantized).
 # {l} is the layer. Experts come either one module per expert ({e}: Hugging Face, older mlx-community
@@ -462,21 +464,94 @@ def build_parser():
                    help="quantized layout: input-major runs ~5x faster on MLX's CPU backend, standard suits GPUs; "
                         "auto picks for this machine (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+    p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # the child of supervise()
     return p
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = build_parser().parse_args(argv)
 
     def run():
         if a.max_shard_gb <= 0:
             raise MixtralError("--max-shard-gb must be positive")
+        if not a.in_process:
+            return supervise(argv, Path(a.mlx_path))
+        end_with_parent()
         convert(
             a.hf_path, a.mlx_path, None if a.no_quantize else a.q_bits or "auto", a.q_group_size, a.dtype,
             a.max_shard_gb, a.force, a.layout, a.tokenizer, log=lambda s: print(s, file=sys.stderr, flush=True),
         )
 
-    cli(run, interrupted="interrupted: nothing was written")
+    cli(run, interrupted="interrupted: nothing was written",
+        out_of_memory=CONVERT_OUT_OF_MEMORY)
+
+
+CONVERT_OUT_OF_MEMORY = ("nothing was written. Free memory or raise the limit, lower --max-shard-gb (the shard being filled "
+                         "stays in memory), and run it again")
+
+
+def supervise(argv, out: Path, grace: float = 10.0):
+    """Convert in a child process, and answer for it. A process cannot report its own end when an
+    allocation fails inside MLX's CPU backend (it does not check: SIGSEGV) or when the OOM killer
+    picks it (SIGKILL). Its parent can, and can remove what it left. Ctrl-C and SIGTERM are passed on;
+    a child that has not ended `grace` seconds later is stuck inside MLX (it can hang when it cannot
+    start a thread) and is killed."""
+    child = subprocess.Popen([sys.executable, __file__, *argv, "--in-process"], stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # a Ctrl-C typed reaches it once: passed on by us
+    came = []
+
+    def pass_on(sig, _):
+        child.send_signal(sig)
+        came.append((sig, time.monotonic()))
+
+    last = [""]  # the child's progress is passed on as it comes; its last line says how it ended
+
+    def pump():
+        for line in child.stderr:
+            print(last[0], end="", file=sys.stderr, flush=True)
+            last[0] = line
+
+    owners = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        while child.poll() is None:
+            if came and time.monotonic() - came[0][1] > grace:
+                child.kill()
+            time.sleep(0.05)
+        reader.join(timeout=5)
+    finally:
+        for sig, owner in owners.items():
+            signal.signal(sig, owner)
+    code, last = child.returncode, last[0]
+    if code < 0 and came:  # killed after a Ctrl-C or SIGTERM that could not reach it
+        remove_leftovers(out, log=lambda s: None)
+        code = 130 if came[0][0] == signal.SIGINT else 143
+    if code == 0 or (code == 1 and not last.startswith("error: ")):  # done, or a bug of ours (its traceback)
+        print(last, end="", file=sys.stderr, flush=True)
+        if code:
+            raise SystemExit(code)
+    elif code in (1, 130, 143):
+        raise MixtralError(last.strip().removeprefix("error: ")) if code == 1 else KeyboardInterrupt if code == 130 else Terminated
+    else:
+        remove_leftovers(out, log=lambda s: None)
+        how = signal.Signals(-code).name if code < 0 else f"status {code}"
+        why = "the system ran out of memory?" if code == -signal.SIGKILL else \
+            "MLX's CPU backend ends so when an allocation fails: out of memory, or ulimit -v?"
+        raise MixtralError(f"{out}: the conversion died ({how}: {why}); {CONVERT_OUT_OF_MEMORY}")
+
+
+def end_with_parent():
+    """The child of supervise() stops, cleaning up as after SIGTERM, when its parent is gone."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -535,6 +535,8 @@ def _read_weights(model: Mixtral, shards: List[str], deliver):
             mx.clear_cache()  # return the whole tensor a slice came from, not keep it for reuse
             deliver()
     except Exception as e:  # the zip reader's CRC check or a short read, raised only now (loading is lazy)
+        if is_out_of_memory(e):
+            raise
         bad = next((s for s in shards if damaged(s)), shards[0] if len(shards) == 1 else "a shard")
         raise MixtralError(f"{bad}: damaged ({str(e).strip().splitlines()[-1]}); copy or convert it again "
                            f"(python mixtral.py --verify --model-path {Path(shards[0]).parent} checks every file)") from None
@@ -702,7 +704,10 @@ class Terminated(BaseException):
     received = False
 
 
-def cli(body, *args, interrupted="interrupted"):
+OUT_OF_MEMORY = "free memory, or need less: a smaller --max-context, 4-bit weights, or several machines (README: Memory)"
+
+
+def cli(body, *args, interrupted="interrupted", out_of_memory=OUT_OF_MEMORY):
     """Run a program's body and exit: 0; 1 with one line `error: ...` for a MixtralError (bad input,
     a file, a flag) or a rank that is gone; 130 after Ctrl-C, 143 after SIGTERM. Any other exception
     is a bug of ours and keeps its traceback. Under mlx.launch, only rank 0 speaks; another rank
@@ -716,7 +721,7 @@ def cli(body, *args, interrupted="interrupted"):
     if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # as the import guard left it; chat.py has its own
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        code, message = _outcome(body, args, interrupted)
+        code, message = _outcome(body, args, interrupted, out_of_memory)
         _ignore_signals()  # the exit is decided: nothing may interrupt it now
     except BaseException:
         # Terminated, raised while another outcome was being handled (mlx.launch after a lost rank), or
@@ -727,7 +732,8 @@ def cli(body, *args, interrupted="interrupted"):
             raise
         code, message = 143, TERMINATED
     gc.collect()  # the handler is done: the frames that held the model are gone
-    mx.synchronize()
+    with contextlib.suppress(RuntimeError):  # MLX out of threads or memory: the outcome stands as it is
+        mx.synchronize()
     _wait_for_npz_readers()
     if message:
         rank = mx.distributed.init().rank()
@@ -751,12 +757,15 @@ def _wait_for_npz_readers(timeout: float = 2.0):
 TERMINATED = "stopped (SIGTERM: another rank failed, or the run was ended)"
 
 
-def _outcome(body, args, interrupted):
+def _outcome(body, args, interrupted, out_of_memory):
     try:
         body(*args)
         return 0, None
     except (Exception, KeyboardInterrupt, Terminated) as e:
         e = _signal_behind(e) or e
+        if is_out_of_memory(e):
+            sys.unraisablehook = lambda unraisable: None
+            return 1, f"error: out of memory ({str(e).strip().splitlines()[-1]}); {out_of_memory}"
         if not isinstance(e, (MixtralError, KeyboardInterrupt, Terminated)) and not parallel.is_lost_peer(e):
             raise
         # What the failure leaves (a zip writer that cannot close on a full disk) is freed with it:
@@ -767,6 +776,13 @@ def _outcome(body, args, interrupted):
         if isinstance(e, RuntimeError):
             return 1, f"error: another rank stopped ({e}); the run is over: see that rank's message"
         return (130, interrupted) if isinstance(e, KeyboardInterrupt) else (143, TERMINATED)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """MemoryError, or MLX's RuntimeError when an allocation (or a thread, under ulimit -v) is refused."""
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and any(
+        w in text for w in ("malloc", "unable to allocate", "resource limit", "resource temporarily unavailable", "out of memory"))
 
 
 def _signal_behind(e):

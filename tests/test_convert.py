@@ -87,7 +87,7 @@ def test_peak_memory_stays_near_one_shard(tmp_path, hf_big):
     (tmp_path / "imports.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import convert")
     baseline = peak_rss_mb([tmp_path / "imports.py"])
     peak = peak_rss_mb([ROOT / "convert.py", "--hf-path", hf_big, "--mlx-path", tmp_path / "out",
-                        "--max-shard-gb", str(largest / 1024)])
+                        "--max-shard-gb", str(largest / 1024), "--in-process"])  # the process that converts
     # The output shard being filled (--max-shard-gb = the largest input shard), the tensor in flight
     # (its inputs, the stacked experts and their float32 copy while quantizing) and allocator slack:
     # four shards' worth, a quarter of this checkpoint; a converter holding the model needs it all.
@@ -114,6 +114,43 @@ def test_interrupted_conversion_leaves_nothing_loadable(tmp_path, hf_big, sig):
         mixtral.load_model(out)
     if sig == signal.SIGINT:  # a clean interrupt also removes its temporary folder
         assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+@pytest.mark.parametrize("sig, says", [(signal.SIGKILL, "SIGKILL: the system ran out of memory?"),
+                                       (signal.SIGSEGV, "SIGSEGV: MLX's CPU backend ends so when an allocation fails")])
+def test_a_conversion_that_dies_is_reported_in_one_line_and_leaves_nothing(tmp_path, hf_big, sig, says):
+    # The OOM killer's SIGKILL, and the SIGSEGV of an allocation MLX's CPU backend does not check,
+    # end the process that converts: the converter runs it as a child and answers for it.
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "convert.py"), "--hf-path", hf_big, "--mlx-path", out,
+                             "--max-shard-gb", "0.02"], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("[4/"):
+            break
+    (tmp,) = tmp_path.glob(".out.tmp-*")  # named after the process writing it
+    os.kill(int(tmp.name.split("-")[1]), sig)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1 and "Traceback" not in err, err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ") and says in last and "nothing was written" in last, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_conversion_stuck_inside_mlx_is_killed_after_ctrl_c_and_leaves_nothing(tmp_path, hf_big):
+    # MLX can hang when it cannot start a thread (under a tight ulimit -v): a signal then never reaches
+    # Python code. A stopped child stands for it; the converter kills it 10 s after passing Ctrl-C on.
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "convert.py"), "--hf-path", hf_big, "--mlx-path", out,
+                             "--max-shard-gb", "0.02"], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("[4/"):
+            break
+    (tmp,) = tmp_path.glob(".out.tmp-*")
+    os.kill(int(tmp.name.split("-")[1]), signal.SIGSTOP)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130 and err.splitlines()[-1] == "interrupted: nothing was written", err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_needs_force_and_force_replaces(tmp_path, hf_tiny):
