@@ -97,21 +97,27 @@ def test_peak_memory_stays_near_one_shard(tmp_path, hf_big):
     mixtral.load_model(tmp_path / "out", lazy=True)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_interrupted_conversion_leaves_nothing_loadable(tmp_path, hf_big, sig):
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "convert.py"), "--hf-path", hf_big, "--mlx-path", out,
-                             "--max-shard-gb", "0.02"], stderr=subprocess.PIPE, text=True)
+def converting(tmp_path, hf_big):
+    """convert.py writing shards into tmp_path/out -> (the converter, the pid of its child that converts)."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "convert.py"), "--hf-path", hf_big, "--mlx-path",
+                             tmp_path / "out", "--max-shard-gb", "0.02"], stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:  # wait until it is writing shards
         if line.startswith("[4/"):
             break
-    assert list(tmp_path.glob(".out.tmp-*/weights.00.npz"))
+    (tmp,) = tmp_path.glob(".out.tmp-*")  # named after the process writing it
+    assert (tmp / "weights.00.npz").exists()
+    return proc, int(tmp.name.split("-")[1])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_conversion_leaves_nothing_loadable(tmp_path, hf_big, sig):
+    proc, _ = converting(tmp_path, hf_big)
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert proc.returncode != 0
-    assert not out.exists()
+    assert not (tmp_path / "out").exists()
     with pytest.raises(mixtral.MixtralError):
-        mixtral.load_model(out)
+        mixtral.load_model(tmp_path / "out")
     if sig == signal.SIGINT:  # a clean interrupt also removes its temporary folder
         assert not list(tmp_path.glob(".out.tmp-*"))
 
@@ -121,14 +127,8 @@ def test_interrupted_conversion_leaves_nothing_loadable(tmp_path, hf_big, sig):
 def test_a_conversion_that_dies_is_reported_in_one_line_and_leaves_nothing(tmp_path, hf_big, sig, says):
     # The OOM killer's SIGKILL, and the SIGSEGV of an allocation MLX's CPU backend does not check,
     # end the process that converts: the converter runs it as a child and answers for it.
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "convert.py"), "--hf-path", hf_big, "--mlx-path", out,
-                             "--max-shard-gb", "0.02"], stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        if line.startswith("[4/"):
-            break
-    (tmp,) = tmp_path.glob(".out.tmp-*")  # named after the process writing it
-    os.kill(int(tmp.name.split("-")[1]), sig)
+    proc, child = converting(tmp_path, hf_big)
+    os.kill(child, sig)
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 1 and "Traceback" not in err, err
     last = err.splitlines()[-1]
@@ -139,14 +139,8 @@ def test_a_conversion_that_dies_is_reported_in_one_line_and_leaves_nothing(tmp_p
 def test_a_conversion_stuck_inside_mlx_is_killed_after_ctrl_c_and_leaves_nothing(tmp_path, hf_big):
     # MLX can hang when it cannot start a thread (under a tight ulimit -v): a signal then never reaches
     # Python code. A stopped child stands for it; the converter kills it 10 s after passing Ctrl-C on.
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "convert.py"), "--hf-path", hf_big, "--mlx-path", out,
-                             "--max-shard-gb", "0.02"], stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:
-        if line.startswith("[4/"):
-            break
-    (tmp,) = tmp_path.glob(".out.tmp-*")
-    os.kill(int(tmp.name.split("-")[1]), signal.SIGSTOP)
+    proc, child = converting(tmp_path, hf_big)
+    os.kill(child, signal.SIGSTOP)
     proc.send_signal(signal.SIGINT)
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 130 and err.splitlines()[-1] == "interrupted: nothing was written", err
