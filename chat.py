@@ -151,7 +151,7 @@ class Chat:
         return True
 
     def _rebuild(self):
-        """Refill the cache from the messages (after dropping old turns, or on --resume)."""
+        """The tokens of the messages (after dropping old turns, or on --resume), for the next prefill to feed."""
         blocks = message_blocks(self.tokenizer, self.conversation()) if self.messages else []
         tokens, self.starts = [self.tokenizer.bos_id] if blocks else [], []
         for block in blocks:

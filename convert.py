@@ -505,12 +505,12 @@ def supervise(argv, out: Path, grace: float = 10.0):
         child.send_signal(sig)
         came.append((sig, time.monotonic()))
 
-    last = [""]  # the child's progress is passed on as it comes; its last line says how it ended
+    held = [""]  # the child's progress is passed on as it comes; its last line says how it ended
 
     def pump():
         for line in child.stderr:
-            print(last[0], end="", file=sys.stderr, flush=True)
-            last[0] = line
+            print(held[0], end="", file=sys.stderr, flush=True)
+            held[0] = line
 
     owners = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -524,7 +524,7 @@ def supervise(argv, out: Path, grace: float = 10.0):
     finally:
         for sig, owner in owners.items():
             signal.signal(sig, owner)
-    code, last = child.returncode, last[0]
+    code, last = child.returncode, held[0]
     if code < 0 and came:  # killed after a Ctrl-C or SIGTERM that could not reach it
         remove_leftovers(out, log=lambda s: None)
         code = 130 if came[0][0] == signal.SIGINT else 143

@@ -744,7 +744,7 @@ def cli(body, *args, interrupted="interrupted", out_of_memory=OUT_OF_MEMORY):
 def _wait_for_npz_readers(timeout: float = 2.0):
     """MLX's I/O threads drop a finished .npz read only after the mx.eval that needed it has returned.
     Dropping it closes a Python file object, GIL taken; a thread that tries to take the GIL while the
-    interpreter finalizes aborts the process ("terminate called without an active exception"; 3 exits
+    interpreter finalizes aborts the process ("terminate called without an active exception"; 5 exits
     in 90 after a Ctrl-C during loading, here). So sleep, the GIL released, until no zip member is
     open and no thread other than ours is inside Python code (closing one)."""
     ours = {t.ident for t in threading.enumerate()}
