@@ -342,7 +342,8 @@ def resolve_model(path: str, log, tokenizer=None) -> Path:
     target = cache_root() / name
     if not (target / "config.json").is_file():
         log(f"converting {path} to MLX in {target} (once) ...")
-        convert.convert(path, target, tokenizer=tokenizer, log=log)
+        convert.supervise(["--hf-path", path, "--mlx-path", str(target)] + (["--tokenizer", tokenizer] if tokenizer else []),
+                          target, log=log)
     return target
 
 

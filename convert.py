@@ -475,12 +475,13 @@ def main(argv=None):
     def run():
         if a.max_shard_gb <= 0:
             raise MixtralError("--max-shard-gb must be positive")
+        log = lambda s: print(s, file=sys.stderr, flush=True)
         if not a.in_process:
-            return supervise(argv, Path(a.mlx_path))
+            return supervise(argv, Path(a.mlx_path), log)
         end_with_parent()
         convert(
             a.hf_path, a.mlx_path, None if a.no_quantize else a.q_bits or "auto", a.q_group_size, a.dtype,
-            a.max_shard_gb, a.force, a.layout, a.tokenizer, log=lambda s: print(s, file=sys.stderr, flush=True),
+            a.max_shard_gb, a.force, a.layout, a.tokenizer, log=log,
         )
 
     cli(run, interrupted="interrupted: nothing was written",
@@ -491,7 +492,7 @@ CONVERT_OUT_OF_MEMORY = ("nothing was written. Free memory or raise the limit, l
                          "stays in memory), and run it again")
 
 
-def supervise(argv, out: Path, grace: float = 10.0):
+def supervise(argv, out: Path, log=print, grace: float = 10.0):
     """Convert in a child process, and answer for it. A process cannot report its own end when an
     allocation fails inside MLX's CPU backend (it does not check: SIGSEGV) or when the OOM killer
     picks it (SIGKILL). Its parent can, and can remove what it left. Ctrl-C and SIGTERM are passed on;
@@ -509,7 +510,8 @@ def supervise(argv, out: Path, grace: float = 10.0):
 
     def pump():
         for line in child.stderr:
-            print(held[0], end="", file=sys.stderr, flush=True)
+            if held[0]:
+                log(held[0].rstrip("\n"))
             held[0] = line
 
     owners = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -529,7 +531,7 @@ def supervise(argv, out: Path, grace: float = 10.0):
         remove_leftovers(out, log=lambda s: None)
         code = 130 if came[0][0] == signal.SIGINT else 143
     if code == 0 or (code == 1 and not last.startswith("error: ")):  # done, or a bug of ours (its traceback)
-        print(last, end="", file=sys.stderr, flush=True)
+        log(last.rstrip("\n"))
         if code:
             raise SystemExit(code)
     elif code in (1, 130, 143):
