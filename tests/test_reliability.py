@@ -216,6 +216,15 @@ def test_a_failing_write_is_one_line_and_leaves_nothing(tmp_path, hf_tiny):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_target_folder_that_cannot_be_written_is_one_line(tmp_path, hf_tiny):
+    # root writes through permissions: /sys stays read-only to it (on Linux; elsewhere it is missing)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    target = Path("/sys/mixtral-out") if os.geteuid() == 0 else locked / "out"
+    one_line_error(run("convert.py", "--hf-path", hf_tiny, "--mlx-path", target), f"{target}: cannot write there")
+    assert not target.exists() and list(locked.iterdir()) == []
+
+
 def test_a_rerun_removes_what_a_killed_conversion_left(tmp_path, hf_tiny):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     leftover = tmp_path / f".out.tmp-{dead}-abcd"
