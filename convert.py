@@ -527,17 +527,19 @@ def supervise(argv, out: Path, log=print, grace: float = 10.0):
         for sig, owner in owners.items():
             signal.signal(sig, owner)
     code, last = child.returncode, held[0]
-    if code < 0 and came:  # killed after a Ctrl-C or SIGTERM that could not reach it
+    if code < 0:  # killed (by us, past the grace; by the OOM killer) or crashed: it removed nothing itself
         remove_leftovers(out, log=lambda s: None)
-        code = 130 if came[0][0] == signal.SIGINT else 143
+        if came:
+            code = 130 if came[0][0] == signal.SIGINT else 143
     if code == 0 or (code == 1 and not last.startswith("error: ")):  # done, or a bug of ours (its traceback)
         log(last.rstrip("\n"))
         if code:
             raise SystemExit(code)
-    elif code in (1, 130, 143):
-        raise MixtralError(last.strip().removeprefix("error: ")) if code == 1 else KeyboardInterrupt if code == 130 else Terminated
+    elif code == 1:
+        raise MixtralError(last.strip().removeprefix("error: "))
+    elif code in (130, 143):
+        raise KeyboardInterrupt if code == 130 else Terminated
     else:
-        remove_leftovers(out, log=lambda s: None)
         how = signal.Signals(-code).name if code < 0 else f"status {code}"
         why = "the system ran out of memory?" if code == -signal.SIGKILL else \
             "MLX's CPU backend ends so when an allocation fails: out of memory, or ulimit -v?"

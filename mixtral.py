@@ -763,14 +763,14 @@ def _outcome(body, args, interrupted, out_of_memory):
         return 0, None
     except (Exception, KeyboardInterrupt, Terminated) as e:
         e = _signal_behind(e) or e
-        if is_out_of_memory(e):
-            sys.unraisablehook = lambda unraisable: None
-            return 1, f"error: out of memory ({str(e).strip().splitlines()[-1]}); {out_of_memory}"
-        if not isinstance(e, (MixtralError, KeyboardInterrupt, Terminated)) and not parallel.is_lost_peer(e):
+        if not isinstance(e, (MixtralError, KeyboardInterrupt, Terminated)) and not parallel.is_lost_peer(e) \
+                and not is_out_of_memory(e):
             raise
         # What the failure leaves (a zip writer that cannot close on a full disk) is freed with it:
         # it must not add a traceback-shaped report of what is said here in one line.
         sys.unraisablehook = lambda unraisable: None
+        if is_out_of_memory(e):
+            return 1, f"error: out of memory ({str(e).strip().splitlines()[-1]}); {out_of_memory}"
         if isinstance(e, MixtralError):
             return 1, f"error: {e}"
         if isinstance(e, RuntimeError):
