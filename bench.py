@@ -24,8 +24,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
 import chat
-import parallel
+import machine
 import mixtral
+import parallel
+import runtime
 
 
 def synthetic_model(a, dtype):
@@ -39,7 +41,7 @@ def synthetic_model(a, dtype):
     mx.random.seed(0)
     model.update(tree_map(lambda p: (mx.random.normal(p.shape) * a.dim**-0.5).astype(dtype), model.parameters()))
     if a.q_bits:
-        mixtral.quantize(model, a.q_group_size, a.q_bits, input_major=mixtral.on_cpu(), keep=lambda p: not p.endswith("feed_forward.gate"))
+        mixtral.quantize(model, a.q_group_size, a.q_bits, input_major=machine.on_cpu(), keep=lambda p: not p.endswith("feed_forward.gate"))
         model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
     return model
 
@@ -51,7 +53,7 @@ def load(a):
         model = synthetic_model(a, dtype)
         if group := parallel.world():  # as load_model does: keep this rank's share (the model is random anyway)
             parallel.shard(model, group)
-        threads = mixtral.default_cpu_threads() if a.cpu_threads is None else a.cpu_threads
+        threads = machine.default_cpu_threads() if a.cpu_threads is None else a.cpu_threads
         if threads > 1:
             parallel.use_cpu_threads(model, threads)
         mx.eval(model.parameters())
@@ -155,7 +157,7 @@ def run_mlx_lm(a):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     m = re.search(r"Averages: prompt_tps=([\d.]+), generation_tps=([\d.]+), peak_memory=([\d.]+)", out.stdout + out.stderr)
     if not m:
-        raise mixtral.MixtralError(f"mlx-lm benchmark failed:\n{out.stderr[-2000:]}")
+        raise runtime.MixtralError(f"mlx-lm benchmark failed:\n{out.stderr[-2000:]}")
     return {"prompt_tps": float(m[1]), "generation_tps": float(m[2]), "peak_memory_gb": float(m[3])}
 
 
@@ -192,8 +194,8 @@ def build_parser():
 
 
 def main(argv=None):
-    mixtral.quiet_unless_rank0()  # under mlx.launch, rank 0 reports for all
-    mixtral.cli(run, build_parser().parse_args(argv))
+    runtime.quiet_unless_rank0()  # under mlx.launch, rank 0 reports for all
+    runtime.cli(run, build_parser().parse_args(argv))
 
 
 def run(a):

@@ -11,14 +11,12 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
-import atexit
 import contextlib
 import hashlib
 import json
 import os
 import random
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -26,9 +24,12 @@ from typing import Iterator, List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+import folder
+import machine
 import mixtral
 import parallel
-from mixtral import MixtralError
+import runtime
+from runtime import CtrlC, MixtralError
 
 DEFAULT_SYSTEM_PROMPT = "Your name is Menny, a cynical teenager AI assistant."
 DEFAULT_TEMP, DEFAULT_TOP_P, DEFAULT_MIN_P = 0.7, 0.9, 0.0
@@ -331,8 +332,8 @@ def resolve_model(path: str, log, tokenizer=None) -> Path:
     if not (is_hf_folder or is_repo_id):
         raise MixtralError(
             f"no converted model at {path}. These two commands get Menny running:\n"
-            f"  python convert.py --hf-path {HUB_MODEL} --mlx-path {mixtral.DEFAULT_MODEL_PATH}\n"
-            f"  python chat.py --model-path {mixtral.DEFAULT_MODEL_PATH}"
+            f"  python convert.py --hf-path {HUB_MODEL} --mlx-path {folder.DEFAULT_MODEL_PATH}\n"
+            f"  python chat.py --model-path {folder.DEFAULT_MODEL_PATH}"
         )
     import convert
 
@@ -358,7 +359,7 @@ class Terminal:
         self.history_file = Path.home() / ".mixtral_chat_history"
         self.ctrl_c = CtrlC(install=rank0)
         if interactive:
-            with contextlib.suppress(ImportError), mixtral.signals_held():  # a Ctrl-C inside a C import becomes ImportError
+            with contextlib.suppress(ImportError), runtime.signals_held():  # a Ctrl-C inside a C import becomes ImportError
                 import readline
 
                 self.readline = readline
@@ -430,59 +431,6 @@ class Terminal:
                 self.readline.write_history_file(self.history_file)
 
 
-class CtrlC:
-    """The program's one SIGINT handler: KeyboardInterrupt, or, while a reply streams, a stop request.
-
-    Python runs a handler only when the main thread next runs Python code. CPython's readline prints
-    the prompt and then blocks in select(), looking for signals only when select() is interrupted: a
-    Ctrl-C that lands between the two sets Python's flag, interrupts nothing and waits for the next
-    key. A harness that answers the prompt at once hits that window (measured here under load: 1 in 10
-    for a bare `input()`, 1 in 3 with a few idle threads as MLX has). So a watchdog thread learns of
-    each SIGINT through the wakeup fd and interrupts the main thread with a no-op SIGUSR1 until the
-    handler has run.
-    """
-
-    def __init__(self, install: bool = True):
-        self.handled, self.pressed = 0, None  # pressed: a list while a reply streams
-        self.accounted, self.exiting = 0, False  # handler runs the watchdog has seen; no kicks at exit
-        if not install:  # a rank other than 0: Ctrl-C is rank 0's to act on
-            return
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGUSR1, lambda *_: None)  # only interrupts a blocking call
-        r, w = os.pipe()
-        os.set_blocking(w, False)
-        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, args=(r, threading.main_thread().ident), daemon=True).start()
-        atexit.register(setattr, self, "exiting", True)
-
-    def _handle(self, *_):
-        self.handled += 1
-        if self.pressed is None:
-            raise KeyboardInterrupt
-        self.pressed.append(True)
-
-    def _watch(self, fd, main_thread):
-        while True:
-            if signal.SIGINT not in os.read(fd, 256):
-                continue
-            # Kick only while the handler has not run since the last SIGINT we saw (usually it has
-            # by the time we read the byte), and never into a process that is exiting.
-            end = time.monotonic() + 1  # the window is microseconds; a long mx.eval runs it on return
-            while self.handled == self.accounted and time.monotonic() < end and not self.exiting:
-                signal.pthread_kill(main_thread, signal.SIGUSR1)
-                time.sleep(0.02)
-            self.accounted = self.handled
-
-    @contextlib.contextmanager
-    def stops(self):
-        """While a reply streams, Ctrl-C asks it to stop (checked between tokens and prefill chunks)."""
-        self.pressed = []
-        try:
-            yield lambda: bool(self.pressed)
-        finally:
-            self.pressed = None
-
-
 def stream_reply(chat: Chat, term: Terminal, replies, verbose: bool):
     group = chat.model.group
     with term.ctrl_c.stops() as pressed:
@@ -537,7 +485,7 @@ def command(chat: Chat, term: Terminal, line: str, settings: dict, verbose: bool
 
 def default_max_context(model) -> int:
     """Mixtral's 32k positions, capped to what the KV cache can take beside the weights."""
-    kv_per_token = mixtral.kv_bytes_per_token(model.args, model.dtype)
+    kv_per_token = machine.kv_bytes_per_token(model.args, model.dtype)
     info = mx.device_info()
     memory = info.get("max_recommended_working_set_size") or info.get("memory_size") or (
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -548,7 +496,7 @@ def default_max_context(model) -> int:
 
 def build_parser():
     p = argparse.ArgumentParser(description="Chat with Menny, a cynical teenager, on Mixtral-8x7B-Instruct.")
-    p.add_argument("--model-path", default=mixtral.DEFAULT_MODEL_PATH,
+    p.add_argument("--model-path", default=folder.DEFAULT_MODEL_PATH,
                    help="converted folder, or a Hugging Face folder / Hub id to convert once (default: %(default)s)")
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="the persona; '' for none (default: Menny)")
     p.add_argument("--prompt", help="one message: print Menny's reply and exit")
@@ -568,9 +516,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    mixtral.quiet_unless_rank0()
+    runtime.quiet_unless_rank0()
     sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")  # a bad byte is one line's error, not a crash
-    mixtral.cli(run_and_close, args)
+    runtime.cli(run_and_close, args)
 
 
 def run_and_close(args):
@@ -589,7 +537,7 @@ def run(args, term: Terminal):
         raise MixtralError("--max-context must be at least 16 tokens")
     model_path = resolve_model(args.model_path, term.dim, args.tokenizer)
     if args.verify:
-        mixtral.verify(model_path)
+        folder.verify(model_path)
     model, tokenizer = mixtral.load_model(model_path, args.dtype)
     group = model.group
     # Every rank must make the same decisions: the context size and the transcript are rank 0's.

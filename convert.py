@@ -27,7 +27,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mixtral import DTYPES, Mixtral, MixtralError, ModelArgs, Terminated, cli, on_cpu, sha256, signals_held
+from folder import sha256
+from machine import on_cpu
+from mixtral import DTYPES, Mixtral, ModelArgs
+from runtime import MixtralError, Terminated, cli, signals_held
 
 # Source module -> our module; each holds .weight (and .scales/.biases when the source is quantized).
 # {l} is the layer. Experts come either one module per expert ({e}: Hugging Face, older mlx-community

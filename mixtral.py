@@ -9,16 +9,9 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
-import contextlib
-import gc
 import glob
-import hashlib
-import json
-import os
 import sys
-import threading
 import time
-import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional
@@ -27,14 +20,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
+import folder
+import machine
 import parallel
-
-DEFAULT_MODEL_PATH = "mlx_model"
-
-
-class MixtralError(Exception):
-    """Bad input from the user (a file, a flag, a config value): the CLIs print it as one line."""
-
+from folder import DEFAULT_MODEL_PATH
+from machine import default_cpu_threads, on_cpu
+from runtime import MixtralError, cli, is_out_of_memory, quiet_unless_rank0, signals_held
 
 # --------------------------------------------------------------------------- config
 
@@ -349,19 +340,6 @@ def quantize(model: "Mixtral", group_size: int, bits: int, input_major: bool, ke
     model.update_modules(tree_map(relay, model.leaf_modules(), is_leaf=nn.Module.is_module))
 
 
-def on_cpu() -> bool:
-    """Whether MLX computes on the CPU (Linux, or a machine without a GPU)."""
-    return mx.default_device().type == mx.DeviceType.cpu
-
-
-def default_cpu_threads() -> int:
-    """One stream per core (up to 8) on the CPU; 1 on a GPU, whose kernels use the whole device."""
-    if not on_cpu():
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cores, 8)
-
-
 # --------------------------------------------------------------------------- tokenizer
 
 
@@ -426,28 +404,8 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 def read_config(path: Path):
     """-> (ModelArgs, quantization dict or None) from a converted folder's config.json."""
-    if not path.is_dir():
-        raise MixtralError(f"{path}: no such folder; convert a model first (python convert.py --help)")
-    config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise MixtralError(f"{config_file}: missing; is {path} a converted model (python convert.py)?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MixtralError(f"{config_file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise MixtralError(f"{config_file}: not a JSON object")
-    quantization = config.pop("quantization", None)
-    if quantization is not None and not (
-        isinstance(quantization, dict) and quantization.get("bits") in (2, 3, 4, 5, 6, 8)
-        and quantization.get("group_size") in (32, 64, 128)
-        and quantization.get("layout", "standard") in ("standard", "input-major")
-    ):
-        raise MixtralError(
-            f"{config_file}: 'quantization' must be {{\"bits\": 8 or 4, \"group_size\": 32, 64 or 128}}, got {quantization!r}; "
-            "convert the model again"
-        )
-    return ModelArgs.from_dict(config, source=str(config_file)), quantization
+    config, quantization = folder.read_config(path)
+    return ModelArgs.from_dict(config, source=str(path / "config.json")), quantization
 
 
 def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Optional[int] = None, group="world"):
@@ -522,7 +480,7 @@ def _build(path: Path, dtype, cpu_threads, group):
     if cpu_threads > 1:
         parallel.use_cpu_threads(model, cpu_threads)
     if not on_cpu():
-        keep_resident(model, path)
+        machine.keep_resident(model, path)
     return model, tokenizer, shards
 
 
@@ -537,72 +495,9 @@ def _read_weights(model: Mixtral, shards: List[str], deliver):
     except Exception as e:  # the zip reader's CRC check or a short read, raised only now (loading is lazy)
         if is_out_of_memory(e):
             raise
-        bad = next((s for s in shards if damaged(s)), shards[0] if len(shards) == 1 else "a shard")
+        bad = next((s for s in shards if folder.damaged(s)), shards[0] if len(shards) == 1 else "a shard")
         raise MixtralError(f"{bad}: damaged ({str(e).strip().splitlines()[-1]}); copy or convert it again "
                            f"(python mixtral.py --verify --model-path {Path(shards[0]).parent} checks every file)") from None
-
-
-def damaged(shard: str) -> bool:
-    """Whether an .npz fails its own CRC-32 checks (reads the whole file)."""
-    try:
-        with zipfile.ZipFile(shard) as z:
-            return z.testzip() is not None
-    except (zipfile.BadZipFile, OSError, EOFError):
-        return True
-
-
-def kv_bytes_per_token(args: ModelArgs, dtype) -> int:
-    """The KV cache's bytes per token of context: keys and values of every layer."""
-    return args.n_layers * 2 * args.n_kv_heads * args.head_dim * mx.zeros((), dtype).itemsize
-
-
-GB = 1e9
-MACOS_HEADROOM = 4 * GB  # what macOS and the apps beside us need of the RAM
-
-
-def memory_plan(weights: int, kv_per_token: int, context: int, working_set: Optional[int], ram: int):
-    """Decide whether a model fits: (runs, advice or None). Pure: sizes in bytes.
-
-    Refuse only what cannot fit in RAM at all. On a Mac the GPU may wire at most `working_set`
-    (Metal's max_recommended_working_set_size: about 2/3 of RAM on small Macs, 3/4 on large ones),
-    a limit `sysctl iogpu.wired_limit_mb` raises: past it, run, and say how to make it fit.
-    """
-    need = weights + kv_per_token * context + GB  # and a GB for activations
-    if weights > ram - MACOS_HEADROOM:
-        return False, (
-            f"the weights take {weights / GB:.1f} GB but this machine has {ram / GB:.0f} GB of memory; convert with "
-            "--q-bits 4 (about 26 GB for Mixtral 8x7B), or run it over several machines (README: Run on several Macs)"
-        )
-    if not working_set or need <= working_set:
-        return True, None
-    ways = []
-    if need <= ram - MACOS_HEADROOM:
-        mb = min(int(-(-need // 2**20)), int((ram - MACOS_HEADROOM) // 2**20))
-        ways.append(f"let the GPU use more memory: sudo sysctl iogpu.wired_limit_mb={mb} (until the next restart)")
-    if weights + kv_per_token * 1024 + GB <= working_set:
-        ways.append(f"a smaller --max-context (about {int((working_set - weights - GB) // kv_per_token)} tokens fit)")
-    ways += ["--q-bits 4", "several machines (README: Run on several Macs)"]
-    return True, (
-        f"the weights ({weights / GB:.1f} GB) and a {context}-token KV cache need {need / GB:.1f} GB, more than the "
-        f"{working_set / GB:.1f} GB this Mac lets the GPU keep; macOS may page them out and slow every token. To fix: "
-        + "; or ".join(ways)
-    )
-
-
-def keep_resident(model: Mixtral, path: Path, context: int = 4096):
-    """On a Mac: check the memory plan, then wire the weights so macOS does not page them out between
-    tokens (as mlx-lm does)."""
-    info = mx.device_info()
-    working_set = info.get("max_recommended_working_set_size")
-    ram = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    runs, advice = memory_plan(weights, kv_bytes_per_token(model.args, model.dtype), context, working_set, ram)
-    if not runs:
-        raise MixtralError(f"{path}: {advice}")
-    if advice:
-        print(f"warning: {advice}", file=sys.stderr)
-    if working_set:
-        mx.set_wired_limit(working_set)
 
 
 # --------------------------------------------------------------------------- generation
@@ -698,146 +593,6 @@ def build_parser():
     return p
 
 
-class Terminated(BaseException):
-    """SIGTERM: mlx.launch ends the other ranks this way when one of them fails."""
-
-    received = False
-
-
-OUT_OF_MEMORY = "free memory, or need less: a smaller --max-context, 4-bit weights, or several machines (README: Memory)"
-
-
-def cli(body, *args, interrupted="interrupted", out_of_memory=OUT_OF_MEMORY):
-    """Run a program's body and exit: 0; 1 with one line `error: ...` for a MixtralError (bad input,
-    a file, a flag) or a rank that is gone; 130 after Ctrl-C, 143 after SIGTERM. Any other exception
-    is a bug of ours and keeps its traceback. Under mlx.launch, only rank 0 speaks; another rank
-    prints only its own errors, marked with its rank.
-
-    Every MLX array is freed before the interpreter shuts down: one still alive then can be released
-    on an MLX thread that needs the GIL of a finalizing interpreter, and the process aborts
-    ("terminate called without an active exception", 1 exit in 5 after loading, on a loaded machine).
-    """
-    signal.signal(signal.SIGTERM, _terminated)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # as the import guard left it; chat.py has its own
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        code, message = _outcome(body, args, interrupted, out_of_memory)
-        _ignore_signals()  # the exit is decided: nothing may interrupt it now
-    except BaseException:
-        # Terminated, raised while another outcome was being handled (mlx.launch after a lost rank), or
-        # whatever it became on its way up: raised inside a C extension's import, it surfaces as
-        # "ImportError: initialization failed". After a SIGTERM, every failure is the SIGTERM's.
-        _ignore_signals()
-        if not Terminated.received:
-            raise
-        code, message = 143, TERMINATED
-    gc.collect()  # the handler is done: the frames that held the model are gone
-    with contextlib.suppress(RuntimeError):  # MLX out of threads or memory: the outcome stands as it is
-        mx.synchronize()
-    _wait_for_npz_readers()
-    if message:
-        rank = mx.distributed.init().rank()
-        print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.__stderr__, flush=True)
-    sys.exit(code)
-
-
-def _wait_for_npz_readers(timeout: float = 2.0):
-    """MLX's I/O threads drop a finished .npz read only after the mx.eval that needed it has returned.
-    Dropping it closes a Python file object, GIL taken; a thread that tries to take the GIL while the
-    interpreter finalizes aborts the process ("terminate called without an active exception"; 5 exits
-    in 90 after a Ctrl-C during loading, here). So sleep, the GIL released, until no zip member is
-    open and no thread other than ours is inside Python code (closing one)."""
-    ours = {t.ident for t in threading.enumerate()}
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and (any(isinstance(o, zipfile.ZipExtFile) for o in gc.get_objects())
-                                      or sys._current_frames().keys() - ours):
-        time.sleep(0.002)
-
-
-TERMINATED = "stopped (SIGTERM: another rank failed, or the run was ended)"
-
-
-def _outcome(body, args, interrupted, out_of_memory):
-    try:
-        body(*args)
-        return 0, None
-    except (Exception, KeyboardInterrupt, Terminated) as e:
-        e = _signal_behind(e) or e
-        if not isinstance(e, (MixtralError, KeyboardInterrupt, Terminated)) and not parallel.is_lost_peer(e) \
-                and not is_out_of_memory(e):
-            raise
-        # What the failure leaves (a zip writer that cannot close on a full disk) is freed with it:
-        # it must not add a traceback-shaped report of what is said here in one line.
-        sys.unraisablehook = lambda unraisable: None
-        if is_out_of_memory(e):
-            return 1, f"error: out of memory ({str(e).strip().splitlines()[-1]}); {out_of_memory}"
-        if isinstance(e, MixtralError):
-            return 1, f"error: {e}"
-        if isinstance(e, RuntimeError):
-            return 1, f"error: another rank stopped ({e}); the run is over: see that rank's message"
-        return (130, interrupted) if isinstance(e, KeyboardInterrupt) else (143, TERMINATED)
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """MemoryError, or MLX's RuntimeError when an allocation (or a thread, under ulimit -v) is refused."""
-    text = str(e).lower()
-    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and any(
-        w in text for w in ("malloc", "unable to allocate", "resource limit", "resource temporarily unavailable", "out of memory"))
-
-
-def _signal_behind(e):
-    """The KeyboardInterrupt or Terminated that a library re-raised as e (raised inside a C extension's
-    import, as sentencepiece's is at load time, a signal's exception becomes ImportError from it)."""
-    while e is not None and not isinstance(e, (KeyboardInterrupt, Terminated)):
-        e = e.__cause__
-    return e
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Hold Ctrl-C and SIGTERM back while a model loads. MLX reads .npz through Python's zipfile, called
-    from C++ inside mx.load, mx.eval and mx.savez, and a KeyboardInterrupt raised in there can vanish
-    (a destructor's close() swallows it): 3 Ctrl-Cs in 90 during loading were lost here, and chat.py
-    went on to its prompt. Yields deliver(), which raises what came so far; call it where no MLX call
-    is under way. The rest is delivered on leaving."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        yield lambda: None
-        return
-    came, owners = [], {}
-
-    def deliver():
-        for sig, owner in owners.items():
-            signal.signal(sig, owner)
-        owners.clear()
-        if came:  # the first is enough: the program ends on it, or its owner (chat.py) acts on it once
-            sig, came[:] = came[0], []
-            signal.raise_signal(sig)  # to its owner's handler, as if it came now
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        owners[sig] = signal.signal(sig, lambda sig, _: came.append(sig))
-    try:
-        yield lambda: came and deliver()
-    finally:
-        deliver()
-
-
-def _ignore_signals():
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def _terminated(*_):
-    Terminated.received = True
-    raise Terminated
-
-
-def quiet_unless_rank0():
-    """Under mlx.launch, only rank 0 prints; the others follow it and ignore Ctrl-C (rank 0 decides)."""
-    if mx.distributed.init().rank() != 0:
-        sys.stdout = sys.stderr = open(os.devnull, "w")
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def main(argv=None):
     quiet_unless_rank0()
     cli(run, build_parser().parse_args(argv))
@@ -845,9 +600,10 @@ def main(argv=None):
 
 def run(args):
     if args.info:
-        return print(describe(args.model_path))
+        path = Path(args.model_path)
+        return print(folder.describe(path, *read_config(path), machine.kv_bytes_per_token(read_config(path)[0], default_dtype()), str(default_dtype()).split('.')[-1]))
     if args.verify:
-        verify(args.model_path)
+        folder.verify(args.model_path)
         print(f"{args.model_path}: every file is intact", file=sys.stderr)
         if args.prompt is None:
             return
@@ -889,97 +645,6 @@ def run(args):
         f"[memory] peak {mx.get_peak_memory() / 2**30:.2f} GB",
         file=sys.stderr,
     )
-
-
-def describe(model_path) -> str:
-    """What a converted folder holds, from its config, manifest and file sizes (no weight is read)."""
-    path = Path(model_path)
-    args, quantization = read_config(path)
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
-        manifest = {}
-    shards = sorted(path.glob("weights.*.npz"))
-    size = sum(f.stat().st_size for f in shards)
-    q = quantization or {}
-    quant = f"{q['bits']} bits, group {q['group_size']}, {q.get('layout', 'standard')} layout" if q else "none (full precision)"
-    n_params = manifest.get("parameters")
-    errors = manifest.get("quantization_error") or {}
-    if errors:
-        worst = max(errors, key=errors.get)
-        error = f"mean {100 * sum(errors.values()) / len(errors):.2f}%, worst {worst} {100 * errors[worst]:.2f}% (relative RMS, {len(errors)} tensors)"
-    elif manifest.get("repacked_tensors"):
-        error = f"none added: {manifest['repacked_tensors']} quantized tensors repacked as they were"
-    else:
-        error = "none (nothing rounded)" if manifest else "unknown (no manifest.json: converted by an older convert.py)"
-    kv = kv_bytes_per_token(args, default_dtype())
-    return "\n".join([
-        f"{path}",
-        f"  source        {manifest.get('source', 'unknown')} ({manifest.get('source_format', 'unknown format')})",
-        f"  model         {args.n_layers} layers, {args.dim} wide, {args.moe.num_experts} experts (top {args.moe.num_experts_per_tok}), "
-        f"vocabulary {args.vocab_size}" + (f", {n_params:,} parameters" if n_params else ""),
-        f"  quantization  {quant}",
-        f"  files         {len(shards)} shard(s), {human(size)}",
-        f"  error         {error}",
-        f"  memory        {human(size)} of weights + KV cache {human(kv)} per token in {str(default_dtype()).split('.')[-1]} "
-        f"({human(kv * 32768)} at 32768 tokens)",
-    ])
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-
-
-def verify(model_path, log=lambda s: print(s, file=sys.stderr, end="", flush=True)):
-    """Check every file against manifest.json (size and sha256), or each shard's CRC-32 when there is no
-    manifest; raise MixtralError naming the first bad file. Reads everything: minutes for 50 GB."""
-    path = Path(model_path)
-    read_config(path)
-    try:
-        files = json.loads((path / "manifest.json").read_text())["files"]
-    except FileNotFoundError:
-        files = None
-    except (ValueError, KeyError, TypeError) as e:
-        raise MixtralError(f"{path / 'manifest.json'}: unreadable ({e}); convert the model again") from None
-    try:
-        _verify_files(path, files, log)
-    finally:
-        log("\n")
-
-
-def _verify_files(path: Path, files, log):
-    if files is None:  # converted before manifests: the zip CRCs are all there is
-        for shard in sorted(path.glob("weights.*.npz")):
-            log(f"\r[verify] {shard.name} (CRC only: no manifest.json)\x1b[K")
-            if damaged(str(shard)):
-                raise MixtralError(f"{shard}: damaged (a CRC-32 check fails); copy or convert it again")
-        return
-    total, done = sum(f["bytes"] for f in files.values()), 0
-    for name, want in files.items():
-        file = path / name
-        if not file.is_file() or file.stat().st_size != want["bytes"]:
-            size = file.stat().st_size if file.is_file() else "no"
-            raise MixtralError(f"{file}: {size} bytes, the manifest says {want['bytes']}; copy it again")
-        def progress(n):
-            nonlocal done
-            done += n
-            log(f"\r[verify] {name} {100 * done / max(total, 1):.0f}% of {human(total)}\x1b[K")
-
-        if sha256(file, progress) != want["sha256"]:
-            raise MixtralError(f"{file}: its sha256 differs from the manifest's: the file is damaged; copy it again")
-
-
-def sha256(path, progress=lambda n: None) -> str:
-    """The file's sha256, read 16 MB at a time (progress(bytes) after each)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-            progress(len(chunk))
-    return h.hexdigest()
 
 
 def read_prompt(prompt: str) -> str:

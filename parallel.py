@@ -176,8 +176,3 @@ def text_from_rank0(text, group):
     mine = mx.array(list(data), mx.uint8) if group.rank() == 0 else mx.zeros((n,), mx.uint8)
     received = mx.distributed.all_sum(mine, group=group) if n else mine
     return bytes(received.tolist()).decode("utf-8", "surrogateescape")
-
-
-def is_lost_peer(e: Exception) -> bool:
-    """A collective that failed because another rank is gone (the ring backend says so in seconds)."""
-    return isinstance(e, RuntimeError) and str(e).startswith(("[ring]", "[mpi]", "[jaccl]", "[nccl]"))

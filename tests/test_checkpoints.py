@@ -16,6 +16,7 @@ import transformers
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 import convert
+import folder
 import mixtral
 from synthetic import TOKENIZER, write_hf_checkpoint
 
@@ -190,7 +191,7 @@ def test_every_conversion_reports_each_quantized_tensor_within_the_rounding_boun
     assert all(0.05 < e < convert.error_bound(4, 64) for e in errors.values())
     assert lines[-1].startswith("quantization error (relative RMS) mean") and "worst" in lines[-1]
     for name, entry in manifest["files"].items():
-        assert (out / name).stat().st_size == entry["bytes"] and mixtral.sha256(out / name) == entry["sha256"]
+        assert (out / name).stat().st_size == entry["bytes"] and folder.sha256(out / name) == entry["sha256"]
 
 
 def test_a_tensor_holding_nan_is_refused_and_nothing_is_written(tmp_path, hf_tiny):

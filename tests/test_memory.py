@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mixtral import memory_plan
+from machine import memory_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 GB, GiB = 1e9, 2**30

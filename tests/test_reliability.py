@@ -16,6 +16,7 @@ import pytest
 
 import chat
 import mixtral
+import runtime
 from mixtral import MixtralError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,19 +188,19 @@ def test_ctrl_c_during_one_shot_generation_exits_130_without_a_traceback(mlx_q8)
     assert p.returncode == 130 and b"interrupted" in err and b"Traceback" not in err, err
 
 
-@pytest.mark.parametrize("sig, code, line", [("SIGTERM", 143, mixtral.TERMINATED), ("SIGINT", 130, "interrupted")])
+@pytest.mark.parametrize("sig, code, line", [("SIGTERM", 143, runtime.TERMINATED), ("SIGINT", 130, "interrupted")])
 def test_a_signal_that_a_library_turns_into_another_exception_still_exits_quietly(sig, code, line):
     # mlx.launch SIGTERMs the other ranks when one fails. Landing inside a C extension's import
     # (sentencepiece's, in CI), the signal surfaced as "ImportError: initialization failed" raised from
     # it, and rank 0 printed a traceback. Ctrl-C there does the same. This body does what that import
     # did, at a chosen moment.
-    body = ("import os, signal, time, mixtral\n"
+    body = ("import os, signal, time, runtime\n"
             "def body():\n"
             "    try:\n"
             f"        os.kill(os.getpid(), signal.{sig}); time.sleep(10)\n"
             "    except BaseException as e:\n"
             "        raise ImportError('initialization failed') from e\n"
-            "mixtral.cli(body)\n")
+            "runtime.cli(body)\n")
     r = subprocess.run([sys.executable, "-c", body], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == code and r.stderr == line + "\n", r.stderr
 

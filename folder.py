@@ -1,0 +1,145 @@
+"""What a converted folder holds, and the tools that read it without the model.
+
+    config.json      ModelArgs plus an optional "quantization" block
+    weights.NN.npz   the tensors, in shards (SHARDS)
+    tokenizer.model  sentencepiece
+    manifest.json    the source, the error report, and each file's size and sha256 (MANIFEST)
+
+convert.py writes it; mixtral.load_model, `mixtral.py --verify` and `--info` read it.
+"""
+
+import hashlib
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+from runtime import MixtralError
+
+DEFAULT_MODEL_PATH = "mlx_model"
+
+
+def read_config(path: Path):
+    """-> (config dict, quantization dict or None) from a converted folder's config.json."""
+    if not path.is_dir():
+        raise MixtralError(f"{path}: no such folder; convert a model first (python convert.py --help)")
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise MixtralError(f"{config_file}: missing; is {path} a converted model (python convert.py)?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MixtralError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise MixtralError(f"{config_file}: not a JSON object")
+    quantization = config.pop("quantization", None)
+    if quantization is not None and not (
+        isinstance(quantization, dict) and quantization.get("bits") in (2, 3, 4, 5, 6, 8)
+        and quantization.get("group_size") in (32, 64, 128)
+        and quantization.get("layout", "standard") in ("standard", "input-major")
+    ):
+        raise MixtralError(
+            f"{config_file}: 'quantization' must be {{\"bits\": 8 or 4, \"group_size\": 32, 64 or 128}}, got {quantization!r}; "
+            "convert the model again"
+        )
+    return config, quantization
+
+
+def damaged(shard: str) -> bool:
+    """Whether an .npz fails its own CRC-32 checks (reads the whole file)."""
+    try:
+        with zipfile.ZipFile(shard) as z:
+            return z.testzip() is not None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return True
+
+
+def describe(model_path, args, quantization, kv_per_token: int, kv_dtype: str) -> str:
+    """What a converted folder holds, from its config (args, quantization: mixtral.read_config), manifest
+    and file sizes (no weight is read); kv_per_token bytes of cache per token in kv_dtype."""
+    path = Path(model_path)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    shards = sorted(path.glob("weights.*.npz"))
+    size = sum(f.stat().st_size for f in shards)
+    q = quantization or {}
+    quant = f"{q['bits']} bits, group {q['group_size']}, {q.get('layout', 'standard')} layout" if q else "none (full precision)"
+    n_params = manifest.get("parameters")
+    errors = manifest.get("quantization_error") or {}
+    if errors:
+        worst = max(errors, key=errors.get)
+        error = f"mean {100 * sum(errors.values()) / len(errors):.2f}%, worst {worst} {100 * errors[worst]:.2f}% (relative RMS, {len(errors)} tensors)"
+    elif manifest.get("repacked_tensors"):
+        error = f"none added: {manifest['repacked_tensors']} quantized tensors repacked as they were"
+    else:
+        error = "none (nothing rounded)" if manifest else "unknown (no manifest.json: converted by an older convert.py)"
+    kv = kv_per_token
+    return "\n".join([
+        f"{path}",
+        f"  source        {manifest.get('source', 'unknown')} ({manifest.get('source_format', 'unknown format')})",
+        f"  model         {args.n_layers} layers, {args.dim} wide, {args.moe.num_experts} experts (top {args.moe.num_experts_per_tok}), "
+        f"vocabulary {args.vocab_size}" + (f", {n_params:,} parameters" if n_params else ""),
+        f"  quantization  {quant}",
+        f"  files         {len(shards)} shard(s), {human(size)}",
+        f"  error         {error}",
+        f"  memory        {human(size)} of weights + KV cache {human(kv)} per token in {kv_dtype} "
+        f"({human(kv * 32768)} at 32768 tokens)",
+    ])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def verify(model_path, log=lambda s: print(s, file=sys.stderr, end="", flush=True)):
+    """Check every file against manifest.json (size and sha256), or each shard's CRC-32 when there is no
+    manifest; raise MixtralError naming the first bad file. Reads everything: minutes for 50 GB."""
+    path = Path(model_path)
+    read_config(path)
+    try:
+        files = json.loads((path / "manifest.json").read_text())["files"]
+    except FileNotFoundError:
+        files = None
+    except (ValueError, KeyError, TypeError) as e:
+        raise MixtralError(f"{path / 'manifest.json'}: unreadable ({e}); convert the model again") from None
+    try:
+        _verify_files(path, files, log)
+    finally:
+        log("\n")
+
+
+def _verify_files(path: Path, files, log):
+    if files is None:  # converted before manifests: the zip CRCs are all there is
+        for shard in sorted(path.glob("weights.*.npz")):
+            log(f"\r[verify] {shard.name} (CRC only: no manifest.json)\x1b[K")
+            if damaged(str(shard)):
+                raise MixtralError(f"{shard}: damaged (a CRC-32 check fails); copy or convert it again")
+        return
+    total, done = sum(f["bytes"] for f in files.values()), 0
+    for name, want in files.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != want["bytes"]:
+            size = file.stat().st_size if file.is_file() else "no"
+            raise MixtralError(f"{file}: {size} bytes, the manifest says {want['bytes']}; copy it again")
+        def progress(n):
+            nonlocal done
+            done += n
+            log(f"\r[verify] {name} {100 * done / max(total, 1):.0f}% of {human(total)}\x1b[K")
+
+        if sha256(file, progress) != want["sha256"]:
+            raise MixtralError(f"{file}: its sha256 differs from the manifest's: the file is damaged; copy it again")
+
+
+def sha256(path, progress=lambda n: None) -> str:
+    """The file's sha256, read 16 MB at a time (progress(bytes) after each)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            progress(len(chunk))
+    return h.hexdigest()
