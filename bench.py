@@ -9,7 +9,7 @@ Figures are medians over --repeat runs; the JSON goes to stdout (or --json FILE)
 
 import signal
 
-if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; cli() takes over after
+if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; run_program() takes over after
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
@@ -28,61 +28,62 @@ import machine
 import mixtral
 import parallel
 import runtime
+from machine import GB
 
 
-def synthetic_model(a, dtype):
+def synthetic_model(opts, dtype):
     """A Mixtral of the given size with random weights, quantized as convert.py would."""
     args = mixtral.ModelArgs.from_dict({
-        "dim": a.dim, "n_layers": a.n_layers, "head_dim": a.head_dim, "hidden_dim": a.hidden_dim,
-        "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads, "norm_eps": 1e-5, "vocab_size": a.vocab_size,
-        "moe": {"num_experts": a.n_experts, "num_experts_per_tok": a.top_k},
+        "dim": opts.dim, "n_layers": opts.n_layers, "head_dim": opts.head_dim, "hidden_dim": opts.hidden_dim,
+        "n_heads": opts.n_heads, "n_kv_heads": opts.n_kv_heads, "norm_eps": 1e-5, "vocab_size": opts.vocab_size,
+        "moe": {"num_experts": opts.n_experts, "num_experts_per_tok": opts.top_k},
     })
     model = mixtral.Mixtral(args)
     mx.random.seed(0)
-    model.update(tree_map(lambda p: (mx.random.normal(p.shape) * a.dim**-0.5).astype(dtype), model.parameters()))
-    if a.q_bits:
-        mixtral.quantize(model, a.q_group_size, a.q_bits, input_major=machine.on_cpu(), keep=lambda p: not p.endswith("feed_forward.gate"))
+    model.update(tree_map(lambda p: (mx.random.normal(p.shape) * opts.dim**-0.5).astype(dtype), model.parameters()))
+    if opts.q_bits:
+        mixtral.quantize_model(model, opts.q_group_size, opts.q_bits, input_major=machine.on_cpu(), keep=lambda p: not p.endswith("feed_forward.gate"))
         model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
     return model
 
 
-def load(a):
+def load(opts):
     tic = time.perf_counter()
-    if a.synthetic:
-        dtype = mixtral.DTYPES[a.dtype] if a.dtype else mixtral.default_dtype()
-        model = synthetic_model(a, dtype)
+    if opts.synthetic:
+        dtype = mixtral.DTYPES[opts.dtype] if opts.dtype else mixtral.default_dtype()
+        model = synthetic_model(opts, dtype)
         if group := parallel.world():  # as load_model does: keep this rank's share (the model is random anyway)
             parallel.shard(model, group)
-        threads = machine.default_cpu_threads() if a.cpu_threads is None else a.cpu_threads
+        threads = machine.default_cpu_threads() if opts.cpu_threads is None else opts.cpu_threads
         if threads > 1:
             parallel.use_cpu_threads(model, threads)
         mx.eval(model.parameters())
-        tokenizer = mixtral.Tokenizer(a.tokenizer) if a.tokenizer else None
+        tokenizer = mixtral.Tokenizer(opts.tokenizer) if opts.tokenizer else None
     else:
-        model, tokenizer = mixtral.load_model(a.model_path, a.dtype, cpu_threads=a.cpu_threads)
+        model, tokenizer = mixtral.load_model(opts.model_path, opts.dtype, cpu_threads=opts.cpu_threads)
     return model, tokenizer, time.perf_counter() - tic
 
 
-def prompt_and_decode(model, a):
+def prompt_and_decode(model, opts):
     """-> (prefill tokens/s, decode tokens/s) for a fresh random prompt."""
-    prompt = mx.random.randint(3, model.args.vocab_size, (a.prompt_tokens,)).tolist()
+    prompt = mx.random.randint(3, model.args.vocab_size, (opts.prompt_tokens,)).tolist()
     tic = time.perf_counter()
     tokens = mixtral.generate(model, prompt)
     next(tokens)
     first = time.perf_counter()
-    for _ in range(a.gen_tokens - 1):
+    for _ in range(opts.gen_tokens - 1):
         next(tokens)
     end = time.perf_counter()
-    return a.prompt_tokens / (first - tic), (a.gen_tokens - 1) / (end - first)
+    return opts.prompt_tokens / (first - tic), (opts.gen_tokens - 1) / (end - first)
 
 
-def decode_breakdown(model, a, n=16):
+def decode_breakdown(model, opts, n=16):
     """Per decode step: time to build the graph in Python, and time to evaluate a built graph alone
     (all the kernels, no Python), after a prompt as long as the one prompt_and_decode uses. The
     pipelined step should cost about the latter."""
     cache = model.make_cache()
     y = mx.array([[1]], dtype=mx.uint32)
-    mixtral.prefill(model, mx.random.randint(3, model.args.vocab_size, (a.prompt_tokens + 1,)).tolist(), cache)
+    mixtral.prefill(model, mx.random.randint(3, model.args.vocab_size, (opts.prompt_tokens + 1,)).tolist(), cache)
     build = run = 0.0
     for _ in range(n):
         t0 = time.perf_counter()
@@ -138,22 +139,22 @@ class WordTokenizer:
             yield f" {i}"
 
 
-def chat_turns(model, tokenizer, a):
+def chat_turns(model, tokenizer, opts):
     """Time to first token of each chat turn, same message length every turn."""
-    c = chat.Chat(model, tokenizer or WordTokenizer(model.args.vocab_size), max_tokens=a.reply_tokens, temp=0.0, seed=0,
+    c = chat.Chat(model, tokenizer or WordTokenizer(model.args.vocab_size), max_tokens=opts.reply_tokens, temp=0.0, seed=0,
                   max_context=chat.MAX_POSITIONS)
     ttfts = []
-    for turn in range(a.chat_turns):
-        message = " ".join(["word"] * a.turn_tokens) + f" {turn}"
+    for turn in range(opts.chat_turns):
+        message = " ".join(["word"] * opts.turn_tokens) + f" {turn}"
         for _ in c.ask(message):
             pass
         ttfts.append(c.stats["ttft"])
     return ttfts
 
 
-def run_mlx_lm(a):
-    cmd = [a.mlx_lm_python, "-m", "mlx_lm", "benchmark", "--model", a.mlx_lm_model, "-p", str(a.prompt_tokens),
-           "-g", str(a.gen_tokens), "-n", str(a.repeat)]
+def run_mlx_lm(opts):
+    cmd = [opts.mlx_lm_python, "-m", "mlx_lm", "benchmark", "--model", opts.mlx_lm_model, "-p", str(opts.prompt_tokens),
+           "-g", str(opts.gen_tokens), "-n", str(opts.repeat)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     m = re.search(r"Averages: prompt_tps=([\d.]+), generation_tps=([\d.]+), peak_memory=([\d.]+)", out.stdout + out.stderr)
     if not m:
@@ -195,38 +196,38 @@ def build_parser():
 
 def main(argv=None):
     runtime.quiet_unless_rank0()  # under mlx.launch, rank 0 reports for all
-    runtime.cli(run, build_parser().parse_args(argv))
+    runtime.run_program(run, build_parser().parse_args(argv))
 
 
-def run(a):
+def run(opts):
     mx.random.seed(0)  # the same prompts on every rank
-    model, tokenizer, load_s = load(a)
-    runs = [prompt_and_decode(model, a) for _ in range(a.repeat)]
-    turns = [chat_turns(model, tokenizer, a) for _ in range(a.repeat)]
-    build_ms, run_ms = decode_breakdown(model, a)
+    model, tokenizer, load_s = load(opts)
+    runs = [prompt_and_decode(model, opts) for _ in range(opts.repeat)]
+    turns = [chat_turns(model, tokenizer, opts) for _ in range(opts.repeat)]
+    build_ms, run_ms = decode_breakdown(model, opts)
     gen_tps = statistics.median(r[1] for r in runs)
     result = {
         "device": str(mx.default_device()), "device_name": mx.device_info().get("device_name", ""),
         "compute_dtype": str(model.dtype).removeprefix("mlx.core."),
-        "cpu_threads": next((len(m.streams) for m in model.modules() if isinstance(m, parallel.RowParallel)), 1),
-        "model": a.model_path or f"synthetic {a.dim}x{a.hidden_dim}, {a.n_layers} layers, {a.n_experts} experts, {a.q_bits or 'no'}-bit",
+        "cpu_threads": next((len(m.streams) for m in model.modules() if isinstance(m, parallel.SplitOutputs)), 1),
+        "model": opts.model_path or f"synthetic {opts.dim}x{opts.hidden_dim}, {opts.n_layers} layers, {opts.n_experts} experts, {opts.q_bits or 'no'}-bit",
         "load_s": load_s,
-        "prompt_tokens": a.prompt_tokens, "prompt_tps": statistics.median(r[0] for r in runs),
-        "gen_tokens": a.gen_tokens, "generation_tps": gen_tps,
+        "prompt_tokens": opts.prompt_tokens, "prompt_tps": statistics.median(r[0] for r in runs),
+        "gen_tokens": opts.gen_tokens, "generation_tps": gen_tps,
         "ttft_turn1_s": statistics.median(t[0] for t in turns),
-        f"ttft_turn{a.chat_turns}_s": statistics.median(t[-1] for t in turns),
+        f"ttft_turn{opts.chat_turns}_s": statistics.median(t[-1] for t in turns),
         "decode_step_ms": 1000 / gen_tps, "decode_kernels_ms": run_ms, "decode_python_ms": build_ms,
-        "peak_memory_gb": mx.get_peak_memory() / 2**30,
+        "peak_memory_gb": mx.get_peak_memory() / GB,
     }
-    result["ttft_ratio"] = result[f"ttft_turn{a.chat_turns}_s"] / result["ttft_turn1_s"]
+    result["ttft_ratio"] = result[f"ttft_turn{opts.chat_turns}_s"] / result["ttft_turn1_s"]
     if model.group is not None:
-        mine = {"weight_gb": sum(w.nbytes for _, w in tree_flatten(model.parameters())) / 2**30,
-                "peak_memory_gb": mx.get_peak_memory() / 2**30, "generation_tps": gen_tps,
+        mine = {"weight_gb": sum(w.nbytes for _, w in tree_flatten(model.parameters())) / GB,
+                "peak_memory_gb": mx.get_peak_memory() / GB, "generation_tps": gen_tps,
                 "collectives_ms_per_token": collective_ms(model)}
         result["ranks"] = per_rank(model, mine)
     result["decode_overhead"] = result["decode_step_ms"] / run_ms - 1
-    if a.mlx_lm_model:
-        lm = run_mlx_lm(a)
+    if opts.mlx_lm_model:
+        lm = run_mlx_lm(opts)
         result["mlx_lm"] = lm
         result["prompt_speedup"] = result["prompt_tps"] / lm["prompt_tps"]
         result["decode_speedup"] = gen_tps / lm["generation_tps"]
@@ -238,8 +239,8 @@ def run(a):
     text = json.dumps(result, indent=2)
     if mx.distributed.init().rank() != 0:
         return  # rank 0 reports for all
-    if a.json:
-        with open(a.json, "w") as f:
+    if opts.json:
+        with open(opts.json, "w") as f:
             f.write(text + "\n")
     else:
         print(text)

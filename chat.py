@@ -7,7 +7,7 @@ The conversation lives in one KV cache for the whole session: each turn feeds on
 
 import signal
 
-if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; cli() takes over after
+if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; run_program() takes over after
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
@@ -278,7 +278,7 @@ class Chat:
         """Continue a transcript saved by /save (`text`: its contents, when already read). Exchanges
         beyond --max-context are dropped, oldest first, as in a live chat."""
         try:
-            data = json.loads(read_text(path) if text is None else text)
+            data = json.loads(read_transcript(path) if text is None else text)
             messages = data["messages"]
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 raise TypeError("'messages' must be a list of objects")
@@ -308,7 +308,7 @@ class Chat:
             raise TypeError(f"message {i}: 'tokens' must be a list of token ids from 0 to {n - 1}")
 
 
-def read_text(path: str) -> str:
+def read_transcript(path: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -406,7 +406,7 @@ class Terminal:
                 if not self.interactive:
                     raise
                 print()
-                self.dim("(block dropped)")
+                self.remark("(block dropped)")
                 return ""  # back to the prompt
             if line is None:
                 return None
@@ -423,7 +423,7 @@ class Terminal:
                 line.encode("utf-8")
                 return line
             except UnicodeEncodeError as e:  # stdin decodes with surrogateescape (see main)
-                self.dim(f"error: that line is not UTF-8 text (byte 0x{ord(line[e.start]) & 0xFF:02x}); skipped, type it again")
+                self.remark(f"error: that line is not UTF-8 text (byte 0x{ord(line[e.start]) & 0xFF:02x}); skipped, type it again")
 
     def close(self):
         if self.interactive and self.readline:
@@ -440,15 +440,15 @@ def stream_reply(chat: Chat, term: Terminal, replies, verbose: bool):
             print(text, end="", flush=True)
     s = chat.stats
     if s.get("cancelled"):
-        term.dim(f"(stopped before the reply: {s['cancelled']})")
+        term.remark(f"(stopped before the reply: {s['cancelled']})")
         return
     print(flush=True)
     if s.get("stopped"):
-        term.dim("(stopped)")
+        term.remark("(stopped)")
     elif s.get("cut_off"):
-        term.dim(f"(cut off at --max-tokens {chat.max_tokens})")
+        term.remark(f"(cut off at --max-tokens {chat.max_tokens})")
     if verbose:
-        term.dim(
+        term.remark(
             f"[prompt {s['prompt_tokens']} tokens, {s['prompt_tps']:.1f} tokens/s, first token {s['ttft']:.2f} s | "
             f"reply {s['reply_tokens']} tokens, {s['gen_tps']:.1f} tokens/s | context {s['context']}/{chat.max_context}]"
         )
@@ -460,16 +460,16 @@ def command(chat: Chat, term: Terminal, line: str, settings: dict, verbose: bool
     if name in ("/quit", "/exit", "/bye"):
         return False
     if name == "/help":
-        term.dim(HELP)
+        term.remark(HELP)
     elif name == "/reset":
         chat.reset()
-        term.dim("(conversation forgotten)")
+        term.remark("(conversation forgotten)")
     elif name == "/system":
         chat.reset(arg)
-        term.dim(f"(new persona: {arg})" if arg else "(no persona)")
+        term.remark(f"(new persona: {arg})" if arg else "(no persona)")
     elif name == "/undo":
         chat.undo()
-        term.dim("(last exchange dropped)")
+        term.remark("(last exchange dropped)")
     elif name == "/regen":
         stream_reply(chat, term, lambda stopped: chat.regen(stopped), verbose)
     elif name == "/save":
@@ -477,7 +477,7 @@ def command(chat: Chat, term: Terminal, line: str, settings: dict, verbose: bool
             raise MixtralError("/save needs a file name")
         if term.rank0:  # the file is rank 0's, on rank 0's machine
             chat.save(arg, settings)
-        term.dim(f"(saved to {arg})")
+        term.remark(f"(saved to {arg})")
     else:
         raise MixtralError(f"unknown command {name}; /help lists them")
     return True
@@ -518,7 +518,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     runtime.quiet_unless_rank0()
     sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")  # a bad byte is one line's error, not a crash
-    runtime.cli(run_and_close, args)
+    runtime.run_program(run_and_close, args)
 
 
 def run_and_close(args):
@@ -544,7 +544,7 @@ def run(args, term: Terminal):
     max_context = parallel.from_rank0(args.max_context or default_max_context(model), group)
     chat = Chat(model, tokenizer, args.system_prompt, max_context, args.max_tokens, args.temp, args.top_p, args.min_p, args.seed)
     if args.resume:
-        chat.load(args.resume, parallel.text_from_rank0(read_text(args.resume) if term.rank0 else "", group))
+        chat.load(args.resume, parallel.text_from_rank0(read_transcript(args.resume) if term.rank0 else "", group))
     settings = {k: getattr(args, k) for k in ("model_path", "max_tokens", "temp", "top_p", "min_p", "dtype")}
     settings["max_context"] = max_context
 
@@ -552,14 +552,14 @@ def run(args, term: Terminal):
         stream_reply(chat, term, lambda stopped: chat.ask(args.prompt, stopped), args.verbose)
         return
     if group is not None and term.rank0 and not term.interactive:
-        term.dim("(under mlx.launch, end piped input with /quit: the launcher never passes the end of input on)")
+        term.remark("(under mlx.launch, end piped input with /quit: the launcher never passes the end of input on)")
     if term.interactive:
         persona = f" ({chat.system})" if chat.system else ""
-        term.dim(f"Chatting with Menny{persona}. /help for commands, Ctrl-D to leave.")
+        term.remark(f"Chatting with Menny{persona}. /help for commands, Ctrl-D to leave.")
         if chat.messages:
-            term.dim(f"(resumed {len(chat.messages) // 2} exchanges from {args.resume})")
+            term.remark(f"(resumed {len(chat.messages) // 2} exchanges from {args.resume})")
     if chat.notice:
-        term.dim(chat.notice)
+        term.remark(chat.notice)
         chat.notice = ""
     while (line := term.read_shared(group)) is not None:
         try:
@@ -569,10 +569,10 @@ def run(args, term: Terminal):
                 continue
             stream_reply(chat, term, lambda stopped: chat.ask(line, stopped), args.verbose)
             if chat.notice:
-                term.dim(chat.notice)
+                term.remark(chat.notice)
                 chat.notice = ""
         except MixtralError as e:
-            term.dim(f"error: {e}")
+            term.remark(f"error: {e}")
 
 
 if __name__ == "__main__":

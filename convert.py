@@ -8,7 +8,7 @@ output shard and dropped, so peak memory is about one output shard whatever the 
 
 import signal
 
-if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; cli() takes over after
+if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; run_program() takes over after
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
@@ -28,9 +28,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from folder import sha256
-from machine import on_cpu
+from machine import GB, on_cpu
 from mixtral import DTYPES, Mixtral, ModelArgs
-from runtime import MixtralError, Terminated, cli, signals_held
+from runtime import MixtralError, Terminated, run_program, signals_held
 
 # Source module -> our module; each holds .weight (and .scales/.biases when the source is quantized).
 # {l} is the layer. Experts come either one module per expert ({e}: Hugging Face, older mlx-community
@@ -216,7 +216,7 @@ def check_shapes(groups, tensors, expected, quant):
                     raise MixtralError(f"tensor {m}.weight: shape {got} contradicts config.json (expected {want})")
 
 
-def quantize(w, group_size: int, bits: int, chunk: int = 2**22):
+def quantize_tensor(w, group_size: int, bits: int, chunk: int = 2**22):
     """Quantize in float32; store the scales and biases in the 2-byte float that rebuilds w best.
 
     -> ({"weight", "scales", "biases"}, relative RMS error). Quantizing bf16 weights in bf16 gives
@@ -272,8 +272,8 @@ def convert_module(name, modules, tensors, quant, q_bits, q_group_size, dtype, i
     if w.shape[-1] % q_group_size:
         raise MixtralError(f"tensor {name}: last dimension {w.shape[-1]} is not a multiple of --q-group-size {q_group_size}")
     if relayout:
-        w = w.swapaxes(-1, -2)  # (..., in, out): see mixtral.InputMajor
-    arrays, err = quantize(w, q_group_size, q_bits)
+        w = w.swapaxes(-1, -2)  # (..., in, out): see mixtral.InputMajorLinear
+    arrays, err = quantize_tensor(w, q_group_size, q_bits)
     if not err <= 1.5 * error_bound(q_bits, q_group_size):  # nan fails too
         raise MixtralError(
             f"tensor {name}: quantization error {err:.3g} is beyond the {error_bound(q_bits, q_group_size):.3g} that "
@@ -342,7 +342,7 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
     try:
         t0 = time.perf_counter()
         shard, shard_bytes, shards, total_bytes, n_params, errors, repacked = {}, 0, [], 0, 0, {}, 0
-        max_bytes = max_shard_gb * 2**30
+        max_bytes = max_shard_gb * GB
 
         def flush():
             nonlocal shard, shard_bytes
@@ -374,7 +374,7 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
             total_bytes += out_bytes
             worst = max((errors.get(n, 0) for n, _ in rows), default=0)
             log(
-                f"[{g + 1}/{len(groups)}] {group}: {out_bytes / 2**20:.1f} MB"
+                f"[{g + 1}/{len(groups)}] {group}: {out_bytes / 1e6:.1f} MB"
                 + (f", worst error {100 * worst:.2f}%" if worst else "")
                 + f" in {time.perf_counter() - tic:.1f} s ({time.perf_counter() - t0:.0f} s elapsed)"
             )
@@ -408,7 +408,7 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(
-        f"converted {n_params:,} parameters to {out}: {total_bytes / 2**30:.2f} GB in {len(shards)} shard(s), "
+        f"converted {n_params:,} parameters to {out}: {total_bytes / GB:.2f} GB in {len(shards)} shard(s), "
         f"{8 * total_bytes / n_params:.2f} bits/weight, {time.perf_counter() - t0:.1f} s"
         + (f"; {repacked} quantized tensors repacked without loss" if repacked else "")
     )
@@ -424,7 +424,7 @@ def remove_leftovers(out: Path, log):
         if pid.isdigit() and not _alive(int(pid)):
             size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
             shutil.rmtree(tmp, ignore_errors=True)
-            log(f"removed {tmp.name}, {size / 2**30:.2f} GB left by an interrupted conversion")
+            log(f"removed {tmp.name}, {size / GB:.2f} GB left by an interrupted conversion")
 
 
 def _alive(pid: int) -> bool:
@@ -462,7 +462,7 @@ def build_parser():
     p.add_argument("--no-quantize", action="store_true", help="keep full-precision weights")
     p.add_argument("--dtype", choices=list(DTYPES), help="dtype of full-precision tensors (default: the source's, so bf16 stays bf16)")
     p.add_argument("--tokenizer", help="tokenizer.model to use (default: the one in --hf-path)")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard in GiB (default: %(default)s)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard in GB (default: %(default)s)")
     p.add_argument("--layout", choices=["auto", "standard", "input-major"], default="auto",
                    help="quantized layout: input-major runs ~5x faster on MLX's CPU backend, standard suits GPUs; "
                         "auto picks for this machine (default: %(default)s)")
@@ -473,21 +473,21 @@ def build_parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    a = build_parser().parse_args(argv)
+    opts = build_parser().parse_args(argv)
 
     def run():
-        if a.max_shard_gb <= 0:
+        if opts.max_shard_gb <= 0:
             raise MixtralError("--max-shard-gb must be positive")
         log = lambda s: print(s, file=sys.stderr, flush=True)
-        if not a.in_process:
-            return supervise(argv, Path(a.mlx_path), log)
+        if not opts.in_process:
+            return supervise(argv, Path(opts.mlx_path), log)
         end_with_parent()
         convert(
-            a.hf_path, a.mlx_path, None if a.no_quantize else a.q_bits or "auto", a.q_group_size, a.dtype,
-            a.max_shard_gb, a.force, a.layout, a.tokenizer, log=log,
+            opts.hf_path, opts.mlx_path, None if opts.no_quantize else opts.q_bits or "auto", opts.q_group_size, opts.dtype,
+            opts.max_shard_gb, opts.force, opts.layout, opts.tokenizer, log=log,
         )
 
-    cli(run, interrupted="interrupted: nothing was written",
+    run_program(run, interrupted="interrupted: nothing was written",
         out_of_memory=CONVERT_OUT_OF_MEMORY)
 
 

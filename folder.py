@@ -82,14 +82,14 @@ def describe(model_path, args, quantization, kv_per_token: int, kv_dtype: str) -
         f"  model         {args.n_layers} layers, {args.dim} wide, {args.moe.num_experts} experts (top {args.moe.num_experts_per_tok}), "
         f"vocabulary {args.vocab_size}" + (f", {n_params:,} parameters" if n_params else ""),
         f"  quantization  {quant}",
-        f"  files         {len(shards)} shard(s), {human(size)}",
+        f"  files         {len(shards)} shard(s), {format_bytes(size)}",
         f"  error         {error}",
-        f"  memory        {human(size)} of weights + KV cache {human(kv)} per token in {kv_dtype} "
-        f"({human(kv * 32768)} at 32768 tokens)",
+        f"  memory        {format_bytes(size)} of weights + KV cache {format_bytes(kv)} per token in {kv_dtype} "
+        f"({format_bytes(kv * 32768)} at 32768 tokens)",
     ])
 
 
-def human(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -129,7 +129,7 @@ def _verify_files(path: Path, files, log):
         def progress(n):
             nonlocal done
             done += n
-            log(f"\r[verify] {name} {100 * done / max(total, 1):.0f}% of {human(total)}\x1b[K")
+            log(f"\r[verify] {name} {100 * done / max(total, 1):.0f}% of {format_bytes(total)}\x1b[K")
 
         if sha256(file, progress) != want["sha256"]:
             raise MixtralError(f"{file}: its sha256 differs from the manifest's: the file is damaged; copy it again")

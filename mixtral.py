@@ -5,7 +5,7 @@
 
 import signal
 
-if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; cli() takes over after
+if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; run_program() takes over after
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
@@ -25,7 +25,7 @@ import machine
 import parallel
 from folder import DEFAULT_MODEL_PATH
 from machine import default_cpu_threads, on_cpu
-from runtime import MixtralError, cli, is_out_of_memory, quiet_unless_rank0, signals_held
+from runtime import MixtralError, is_out_of_memory, quiet_unless_rank0, run_program, signals_held
 
 # --------------------------------------------------------------------------- config
 
@@ -100,9 +100,9 @@ def all_sum(x, group):
 
 
 class KVCache:
-    """Keys and values of one layer, grown in steps so decoding does not copy the whole cache per token."""
+    """Keys and values of one layer, grown `grow_by` positions at a time so decoding does not copy the whole cache per token."""
 
-    step = 256
+    grow_by = 256
 
     def __init__(self):
         self.keys = self.values = None
@@ -111,7 +111,7 @@ class KVCache:
     def update_and_fetch(self, keys, values):
         B, H, T, D = keys.shape  # (B, n_kv_heads, T, head_dim)
         if self.keys is None or self.offset + T > self.keys.shape[2]:
-            n = -(-(self.offset + T) // self.step) * self.step  # capacity: a multiple of step
+            n = -(-(self.offset + T) // self.grow_by) * self.grow_by  # capacity: a multiple of grow_by
             self.keys, self.values = (self._grow(a, new, n) for a, new in ((self.keys, keys), (self.values, values)))
         self.keys[:, :, self.offset : self.offset + T] = keys
         self.values[:, :, self.offset : self.offset + T] = values
@@ -295,7 +295,7 @@ class Mixtral(nn.Module):
 # --------------------------------------------------------------------------- quantized layouts
 
 
-class InputMajor(nn.Module):
+class InputMajorLinear(nn.Module):
     """A quantized projection stored as (..., in, out) and quantized along `out`, computing x @ W.
 
     MLX's CPU kernel for x @ W runs about 5x faster than the one for x @ W.T that the usual
@@ -322,22 +322,22 @@ class InputMajor(nn.Module):
                              sorted_indices=sorted_indices, **args)
 
 
-def quantize(model: "Mixtral", group_size: int, bits: int, input_major: bool, keep=lambda path: True):
+def quantize_model(model: "Mixtral", group_size: int, bits: int, input_major: bool, keep=lambda path: True):
     """Quantize the projections for which keep(path) holds, as convert.py writes them: input-major
     when asked and the outputs fill whole groups, the usual (out, in) layout otherwise."""
     nn.quantize(model, group_size, bits, class_predicate=lambda p, m: hasattr(m, "to_quantized") and keep(p))
     if not input_major:
         return
 
-    def relay(m):
+    def to_input_major(m):
         if not isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear)) or m["weight"].shape[-2] % group_size:
             return m
         w = mx.dequantize(m["weight"], m["scales"], m["biases"], group_size, bits)  # lazy
-        new = InputMajor(w.shape[-1], w.shape[-2], w.shape[0] if w.ndim == 3 else 0, group_size, bits)
+        new = InputMajorLinear(w.shape[-1], w.shape[-2], w.shape[0] if w.ndim == 3 else 0, group_size, bits)
         new.weight, new.scales, new.biases = mx.quantize(w.swapaxes(-1, -2), group_size, bits)
         return new
 
-    model.update_modules(tree_map(relay, model.leaf_modules(), is_leaf=nn.Module.is_module))
+    model.update_modules(tree_map(to_input_major, model.leaf_modules(), is_leaf=nn.Module.is_module))
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -450,7 +450,7 @@ def _build(path: Path, dtype, cpu_threads, group):
     if quantization:
         # Quantize exactly the layers the converter quantized (it keeps the router in full precision).
         quantized = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
-        quantize(model, quantization["group_size"], quantization["bits"],
+        quantize_model(model, quantization["group_size"], quantization["bits"],
                  quantization.get("layout") == "input-major", keep=lambda p: p in quantized)
     expected = dict(tree_flatten(model.parameters()))
     if missing := sorted(expected.keys() - weights.keys()):
@@ -523,16 +523,16 @@ def sample(logits, temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0):
     return mx.random.categorical(logprobs)
 
 
-def prefill(model: Mixtral, tokens: List[int], cache: List[KVCache], step: int = 512,
+def prefill(model: Mixtral, tokens: List[int], cache: List[KVCache], chunk: int = 512,
             should_stop=lambda: False) -> List[int]:
-    """Feed all but the last token through the cache, `step` at a time; return what is left (more
+    """Feed all but the last token through the cache, `chunk` at a time; return what is left (more
     than one token when should_stop() turned true between two chunks).
 
     Only the cache is evaluated: MLX then skips what nothing needs for those positions (the output
     projection and the last layer's experts), and memory stays bounded for long prompts.
     """
     while len(tokens) > 1 and not should_stop():
-        n = min(step, len(tokens) - 1)
+        n = min(chunk, len(tokens) - 1)
         model(mx.array([tokens[:n]], dtype=mx.uint32), cache)
         mx.eval([c.state for c in cache])
         tokens = tokens[n:]
@@ -547,7 +547,7 @@ def generate(
     top_p: float = 1.0,
     min_p: float = 0.0,
     seed: Optional[int] = None,
-    prefill_step: int = 512,
+    prefill_chunk: int = 512,
 ) -> Iterator[int]:
     """Yield token ids after prompt_ids without end (the caller stops on EOS or a budget).
 
@@ -558,19 +558,19 @@ def generate(
         mx.random.seed(seed)
     cache = model.make_cache() if cache is None else cache
 
-    def step(tokens):
+    def next_token(tokens):
         logits, _ = model(tokens[None], cache)
         y = sample(logits[:, -1, :], temp, top_p, min_p)[0]
         if model.group is not None:  # every rank takes rank 0's token (in the graph: no wait)
             y = mx.distributed.all_sum(mx.where(model.group.rank() == 0, y, 0), group=model.group)
         return y
 
-    y = step(mx.array(prefill(model, list(prompt_ids), cache, prefill_step), dtype=mx.uint32))
+    y = next_token(mx.array(prefill(model, list(prompt_ids), cache, prefill_chunk), dtype=mx.uint32))
     mx.async_eval(y)
     while True:
         # Build step n+1 on the lazy token of step n before waiting for it: the graph construction
         # overlaps the computation.
-        next_y = step(y[None])
+        next_y = next_token(y[None])
         mx.async_eval(next_y)
         yield y.item()
         y = next_y
@@ -595,7 +595,7 @@ def build_parser():
 
 def main(argv=None):
     quiet_unless_rank0()
-    cli(run, build_parser().parse_args(argv))
+    run_program(run, build_parser().parse_args(argv))
 
 
 def run(args):
@@ -638,11 +638,11 @@ def run(args):
             print(text, end="", flush=True)
     print()
     toc = time.perf_counter()
-    prefill = (t_first or toc) - tic
+    prefill_s = (t_first or toc) - tic
     print(
-        f"[prompt] {len(prompt_ids)} tokens, {len(prompt_ids) / prefill:.2f} tokens/s\n"
+        f"[prompt] {len(prompt_ids)} tokens, {len(prompt_ids) / prefill_s:.2f} tokens/s\n"
         f"[generation] {len(ids)} tokens, {max(len(ids) - 1, 0) / max(toc - (t_first or toc), 1e-9):.2f} tokens/s\n"
-        f"[memory] peak {mx.get_peak_memory() / 2**30:.2f} GB",
+        f"[memory] peak {mx.get_peak_memory() / machine.GB:.2f} GB",
         file=sys.stderr,
     )
 

@@ -14,7 +14,7 @@ The same cut serves twice:
   (the output is 0.3% of Mixtral's weights: cutting it by vocabulary would add a gather per token).
 
 A projection is stored (..., out, in), packed along `in` when quantized ("standard"), or
-(..., in, out), packed and grouped along `out` (mixtral.InputMajor). A cut along a packed axis falls
+(..., in, out), packed and grouped along `out` (mixtral.InputMajorLinear). A cut along a packed axis falls
 between whole quantization groups, and its slice of the packed words, scales and biases is in
 proportion.
 """
@@ -61,7 +61,7 @@ def alignment(layer: nn.Module, along: str) -> int:
 # --------------------------------------------------------------------------- CPU streams
 
 
-class RowParallel(nn.Module):
+class SplitOutputs(nn.Module):
     """A projection whose outputs are cut over CPU streams, the slices concatenated."""
 
     min_outputs = 256  # below this, the threads' hand-over costs more than it saves
@@ -104,8 +104,8 @@ def use_cpu_threads(model, n: int):
     streams = [mx.new_stream(mx.cpu) for _ in range(n)]
 
     def split(parent, name):
-        if out_dims(parent[name]) >= RowParallel.min_outputs:
-            setattr(parent, name, RowParallel(parent[name], streams))
+        if out_dims(parent[name]) >= SplitOutputs.min_outputs:
+            setattr(parent, name, SplitOutputs(parent[name], streams))
 
     for layer in model.layers:
         layer.attention.sdpa = HeadParallel(layer.attention.n_kv_heads, streams)

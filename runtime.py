@@ -1,7 +1,7 @@
 """How our programs run and end: one error type, one exit path, and the signal story.
 
 Every program (mixtral.py, chat.py, convert.py, bench.py, server.py) runs its body through
-`cli`, and ends there: 0; 1 with one line `error: what, where, what to do` for bad input
+`run_program`, and ends there: 0; 1 with one line `error: what, where, what to do` for bad input
 (MixtralError), an allocation refused, or a rank that is gone; 130 after Ctrl-C; 143 after SIGTERM.
 Anything else is a bug of ours and keeps its traceback.
 
@@ -10,7 +10,7 @@ Ctrl-C (SIGINT) and SIGTERM, phase by phase:
 1. Imports. Each program's first lines set SIGINT to its default action before importing MLX, so a
    Ctrl-C while the libraries load ends the process quietly (no KeyboardInterrupt traceback from
    inside some import).
-2. Start. `cli` turns SIGTERM into `Terminated` (mlx.launch ends the other ranks so when
+2. Start. `run_program` turns SIGTERM into `Terminated` (mlx.launch ends the other ranks so when
    one fails) and SIGINT into KeyboardInterrupt. A rank other than 0 ignores Ctrl-C: rank 0 decides
    for all (`quiet_unless_rank0`).
 3. Loading. MLX reads .npz through Python's zipfile, called from C++, and an exception raised in
@@ -55,7 +55,7 @@ class Terminated(BaseException):
 OUT_OF_MEMORY = "free memory, or need less: a smaller --max-context, 4-bit weights, or several machines (README: Memory)"
 
 
-def cli(body, *args, interrupted="interrupted", out_of_memory=OUT_OF_MEMORY):
+def run_program(body, *args, interrupted="interrupted", out_of_memory=OUT_OF_MEMORY):
     """Run a program's body and exit: 0; 1 with one line `error: ...` for a MixtralError (bad input,
     a file, a flag) or a rank that is gone; 130 after Ctrl-C, 143 after SIGTERM. Any other exception
     is a bug of ours and keeps its traceback. Under mlx.launch, only rank 0 speaks; another rank

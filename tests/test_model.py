@@ -182,7 +182,7 @@ def test_layout_is_recorded_and_loaded(dense_routing):
     std = json.loads((dense_routing["q8-standard"] / "config.json").read_text())["quantization"]
     assert im == {"group_size": 64, "bits": 8, "layout": "input-major"} and "layout" not in std
     model, _ = mixtral.load_model(dense_routing["q8-input-major"], cpu_threads=1)
-    assert isinstance(model.layers[0].feed_forward.experts.w1, mixtral.InputMajor)
+    assert isinstance(model.layers[0].feed_forward.experts.w1, mixtral.InputMajorLinear)
     assert isinstance(model.layers[0].attention.wk, nn.QuantizedLinear)  # 32 outputs: not whole groups
 
 
@@ -190,8 +190,8 @@ def test_router_stays_unquantized_and_experts_use_gather_qmm(mlx_q8):
     model, _ = mixtral.load_model(mlx_q8, cpu_threads=1)
     moe = model.layers[0].feed_forward
     assert isinstance(moe.gate, nn.Linear) and not isinstance(moe.gate, nn.QuantizedLinear)
-    assert isinstance(moe.experts.w1, (mixtral.QuantizedSwitchLinear, mixtral.InputMajor)) and moe.experts.w1.bits == 8
-    assert isinstance(model.output, (nn.QuantizedLinear, mixtral.InputMajor))
+    assert isinstance(moe.experts.w1, (mixtral.QuantizedSwitchLinear, mixtral.InputMajorLinear)) and moe.experts.w1.bits == 8
+    assert isinstance(model.output, (nn.QuantizedLinear, mixtral.InputMajorLinear))
 
 
 def test_default_compute_dtype_is_float32_on_cpu_and_overridable(mlx_q8):
@@ -294,9 +294,9 @@ def layouts(tmp_path_factory, hf_tiny):
 def test_splitting_projections_and_heads_over_cpu_streams_changes_no_logit(monkeypatch, layouts, kind, tokenizer):
     ids = mx.array([tokenizer.encode("The same numbers, computed by three threads instead of one.")])
     one, _ = mixtral.load_model(layouts[kind], cpu_threads=1)
-    monkeypatch.setattr(parallel.RowParallel, "min_outputs", 1)  # split even the tiny model's projections
+    monkeypatch.setattr(parallel.SplitOutputs, "min_outputs", 1)  # split even the tiny model's projections
     three, _ = mixtral.load_model(layouts[kind], cpu_threads=3)  # uneven cuts
-    assert isinstance(three.layers[0].feed_forward.experts.w1, parallel.RowParallel)
+    assert isinstance(three.layers[0].feed_forward.experts.w1, parallel.SplitOutputs)
     assert len(three.layers[0].attention.sdpa.streams) == 2  # the 2 KV heads, one stream each
     np.testing.assert_allclose(np.array(three(ids)[0]), np.array(one(ids)[0]), atol=1e-5)
 
@@ -326,5 +326,5 @@ def test_chunked_prefill_generates_the_same_tokens(fp_model, tokenizer):
 
     ids = tokenizer.encode("A prompt long enough to be cut into several prefill chunks of seven tokens each.")
     whole = list(islice(mixtral.generate(fp_model, ids), 8))
-    chunked = list(islice(mixtral.generate(fp_model, ids, prefill_step=7), 8))
+    chunked = list(islice(mixtral.generate(fp_model, ids, prefill_chunk=7), 8))
     assert chunked == whole

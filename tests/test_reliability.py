@@ -200,7 +200,7 @@ def test_a_signal_that_a_library_turns_into_another_exception_still_exits_quietl
             f"        os.kill(os.getpid(), signal.{sig}); time.sleep(10)\n"
             "    except BaseException as e:\n"
             "        raise ImportError('initialization failed') from e\n"
-            "runtime.cli(body)\n")
+            "runtime.run_program(body)\n")
     r = subprocess.run([sys.executable, "-c", body], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == code and r.stderr == line + "\n", r.stderr
 
