@@ -21,7 +21,7 @@ import sys
 import time
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 import chat
 import machine
@@ -50,13 +50,10 @@ def synthetic_model(opts, dtype):
 def load(opts):
     tic = time.perf_counter()
     if opts.synthetic:
-        dtype = mixtral.DTYPES[opts.dtype] if opts.dtype else mixtral.default_dtype()
+        dtype = mixtral.compute_dtype(opts.dtype)
         model = synthetic_model(opts, dtype)
-        if group := parallel.world():  # as load_model does: keep this rank's share (the model is random anyway)
-            parallel.shard(model, group)
-        threads = machine.default_cpu_threads() if opts.cpu_threads is None else opts.cpu_threads
-        if threads > 1:
-            parallel.use_cpu_threads(model, threads)
+        # As load_model places a model: this rank's share (the model is random anyway), CPU streams.
+        mixtral.place(model, "world", opts.cpu_threads, opts.q_group_size if opts.q_bits else 1)
         mx.eval(model.parameters())
         tokenizer = mixtral.Tokenizer(opts.tokenizer) if opts.tokenizer else None
     else:
@@ -142,13 +139,13 @@ class WordTokenizer:
 def chat_turns(model, tokenizer, opts):
     """Time to first token of each chat turn, same message length every turn."""
     c = chat.Chat(model, tokenizer or WordTokenizer(model.args.vocab_size), max_tokens=opts.reply_tokens, temp=0.0, seed=0,
-                  max_context=chat.MAX_POSITIONS)
+                  max_context=machine.MAX_POSITIONS)
     ttfts = []
     for turn in range(opts.chat_turns):
-        message = " ".join(["word"] * opts.turn_tokens) + f" {turn}"
-        for _ in c.ask(message):
+        reply = c.ask(" ".join(["word"] * opts.turn_tokens) + f" {turn}")
+        for _ in reply:
             pass
-        ttfts.append(c.stats["ttft"])
+        ttfts.append(reply.ttft)
     return ttfts
 
 
@@ -208,7 +205,7 @@ def run(opts):
     gen_tps = statistics.median(r[1] for r in runs)
     result = {
         "device": str(mx.default_device()), "device_name": mx.device_info().get("device_name", ""),
-        "compute_dtype": str(model.dtype).removeprefix("mlx.core."),
+        "compute_dtype": mixtral.dtype_name(model.dtype),
         "cpu_threads": next((len(m.streams) for m in model.modules() if isinstance(m, parallel.SplitOutputs)), 1),
         "model": opts.model_path or f"synthetic {opts.dim}x{opts.hidden_dim}, {opts.n_layers} layers, {opts.n_experts} experts, {opts.q_bits or 'no'}-bit",
         "load_s": load_s,
@@ -221,7 +218,7 @@ def run(opts):
     }
     result["ttft_ratio"] = result[f"ttft_turn{opts.chat_turns}_s"] / result["ttft_turn1_s"]
     if model.group is not None:
-        mine = {"weight_gb": sum(w.nbytes for _, w in tree_flatten(model.parameters())) / GB,
+        mine = {"weight_gb": machine.weight_bytes(model) / GB,
                 "peak_memory_gb": mx.get_peak_memory() / GB, "generation_tps": gen_tps,
                 "collectives_ms_per_token": collective_ms(model)}
         result["ranks"] = per_rank(model, mine)

@@ -18,23 +18,23 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 import folder
 import machine
 import mixtral
 import parallel
 import runtime
+from machine import MAX_POSITIONS
 from runtime import CtrlC, MixtralError
 
 DEFAULT_SYSTEM_PROMPT = "Your name is Menny, a cynical teenager AI assistant."
 DEFAULT_TEMP, DEFAULT_TOP_P, DEFAULT_MIN_P = 0.7, 0.9, 0.0
 DEFAULT_MAX_TOKENS = 1024
-MAX_POSITIONS = 32768  # Mixtral's context length
 HUB_MODEL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 
 HELP = """commands:
@@ -97,14 +97,32 @@ def encode_messages(tokenizer, messages: List[dict]) -> List[int]:
 # --------------------------------------------------------------------------- the conversation
 
 
+@dataclass
+class Turn:
+    """One message of the conversation and where its tokens start in Chat.tokens."""
+
+    role: str  # "user" or "assistant"
+    content: str
+    start: int
+    ids: Optional[List[int]] = None  # a reply's generated ids: re-encoding its text need not give them
+
+    def message(self) -> dict:
+        return {"role": self.role, "content": self.content, **({"tokens": self.ids} if self.ids is not None else {})}
+
+
 class Chat:
-    """Messages, their tokens, and the KV cache that holds a prefix of those tokens: all of them after
-    a reply, fewer after a rebuild (--resume, an overflow) or a stop, until the next prefill feeds the
-    rest in chunks that Ctrl-C can stop between."""
+    """The conversation: its turns, their tokens, and the KV cache that holds a prefix of those tokens:
+    all of them after a reply, fewer after a rebuild (--resume, an overflow) or a stop, until the next
+    prefill feeds the rest in chunks that a stop request can come between.
+
+    It serves a terminal and an HTTP handler alike: ask() and regen() return a mixtral.Reply to iterate
+    for text, which then says why it ended and how fast; notices (old turns dropped to fit) go to
+    on_notice."""
 
     def __init__(self, model, tokenizer, system=DEFAULT_SYSTEM_PROMPT, max_context=MAX_POSITIONS,
-                 max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT_TEMP, top_p=DEFAULT_TOP_P, min_p=DEFAULT_MIN_P, seed=None):
-        self.model, self.tokenizer = model, tokenizer
+                 max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT_TEMP, top_p=DEFAULT_TOP_P, min_p=DEFAULT_MIN_P, seed=None,
+                 on_notice=lambda text: None):
+        self.model, self.tokenizer, self.on_notice = model, tokenizer, on_notice
         self.system, self.max_context, self.max_tokens = system, max_context, max_tokens
         self.temp, self.top_p, self.min_p = temp, top_p, min_p
         self.seed = random.randrange(2**31) if seed is None else seed
@@ -114,11 +132,13 @@ class Chat:
     def reset(self, system: Optional[str] = None):
         if system is not None:
             self.system = system
-        self.messages: List[dict] = []
-        self.starts: List[int] = []  # where each message's tokens start in `tokens`
+        self.turns: List[Turn] = []
         self.tokens: List[int] = []  # the conversation's tokens; the cache holds the first `fed`
         self.cache = self.model.make_cache()
-        self.stats, self.notice = {}, ""
+
+    @property
+    def messages(self) -> List[dict]:
+        return [t.message() for t in self.turns]
 
     def conversation(self, messages: Optional[List[dict]] = None) -> List[dict]:
         """The persona (if any) followed by `messages` (default: the whole conversation)."""
@@ -137,10 +157,6 @@ class Chat:
             c.trim(c.offset - keep)
         del self.tokens[n:]
 
-    def _refill(self, tokens: List[int]):
-        """A new conversation of `tokens`, none of them fed yet."""
-        self.cache, self.tokens = self.model.make_cache(), list(tokens)
-
     def _feed(self, block: List[int], should_stop) -> bool:
         """Feed what the cache lacks, then all but the last token of block (its logits pick the
         reply's first token). False if should_stop() came first: the cache keeps what it was fed of
@@ -151,14 +167,15 @@ class Chat:
             return False
         return True
 
-    def _rebuild(self):
-        """The tokens of the messages (after dropping old turns, or on --resume), for the next prefill to feed."""
-        blocks = message_blocks(self.tokenizer, self.conversation()) if self.messages else []
-        tokens, self.starts = [self.tokenizer.bos_id] if blocks else [], []
-        for block in blocks:
-            self.starts.append(len(tokens))
-            tokens += block
-        self._refill(tokens)
+    def _rebuild(self, messages: List[dict]):
+        """A conversation of these user/assistant messages, none of it fed yet (after dropping old
+        turns, or on --resume): the next prefill feeds it."""
+        blocks = message_blocks(self.tokenizer, self.conversation(messages)) if messages else []
+        self.tokens, self.turns = [self.tokenizer.bos_id] if blocks else [], []
+        for m, block in zip(messages, blocks):
+            self.turns.append(Turn(m["role"], m["content"], len(self.tokens), m.get("tokens")))
+            self.tokens += block
+        self.cache = self.model.make_cache()
 
     def _new_block(self, content: str, first: bool) -> List[int]:
         """Tokens to feed for a new user message; the first one brings BOS and the persona."""
@@ -172,8 +189,9 @@ class Chat:
 
     def _fit(self, content: str) -> List[int]:
         """Drop the oldest whole exchanges until the new message and a reply fit in max_context."""
-        for drop in range(0, len(self.messages) + 1, 2):
-            kept = self.messages[drop:]
+        messages = self.messages
+        for drop in range(0, len(messages) + 1, 2):
+            kept = messages[drop:]
             if drop == 0:
                 used = len(self.tokens)
             else:  # what the cache would hold, the persona re-attached to the first kept message
@@ -184,83 +202,72 @@ class Chat:
         else:
             raise MixtralError(f"message too long: {len(block)} tokens leave no room for a reply in --max-context {self.max_context}")
         if drop:
-            self.messages = kept
-            self._rebuild()
-            self.notice = f"(dropped the {drop // 2} oldest exchange{'s' * (drop > 2)} to fit --max-context {self.max_context})"
+            self._rebuild(kept)
+            self.on_notice(f"(dropped the {drop // 2} oldest exchange{'s' * (drop > 2)} to fit --max-context {self.max_context})")
         return block
 
-    def ask(self, content: str, should_stop=lambda: False) -> Iterator[str]:
-        """Stream Menny's reply to a new user message; only the new tokens are prefilled.
+    def ask(self, content: str, should_stop=lambda: False) -> mixtral.Reply:
+        """Menny's reply to a new user message, streamed as it is iterated; only the tokens the cache
+        lacks are prefilled. A stop before the first token (during a long prefill) drops the message,
+        as if unsent."""
+        reply = mixtral.Reply()
+        reply.pieces = self._ask(content, should_stop, reply)
+        return reply
 
-        A stop before the first token (during a long prefill) drops the message, as if unsent."""
-        block, tic = self._fit(content), time.perf_counter()
+    def _ask(self, content, should_stop, reply):
+        start = time.perf_counter()
+        block = self._fit(content)
+        reply.prompt_tokens = len(self.tokens) - self.fed + len(block)
         if not self._feed(block, should_stop):
-            self.stats = {"cancelled": "message dropped"}
+            reply.cancelled = "message dropped"
             return
-        self.starts.append(len(self.tokens))
-        self.messages.append({"role": "user", "content": content})
-        yield from self._reply(block, should_stop, tic)
+        self.turns.append(Turn("user", content, len(self.tokens)))
+        yield from self._reply(block, should_stop, reply, start)
 
-    def regen(self, should_stop=lambda: False) -> Iterator[str]:
-        """Stream a new reply to the last user message."""
-        if not self.messages:
+    def regen(self, should_stop=lambda: False) -> mixtral.Reply:
+        """A new reply to the last user message, streamed as it is iterated."""
+        if not self.turns:
             raise MixtralError("nothing to regenerate yet")
-        reply, start, tokens = self.messages.pop(), self.starts.pop(), list(self.tokens)
+        reply = mixtral.Reply()
+        reply.pieces = self._regen(should_stop, reply)
+        return reply
+
+    def _regen(self, should_stop, reply):
+        start = time.perf_counter()
+        last, tokens = self.turns.pop(), list(self.tokens)
         # Step back one token before the reply: its logits, which pick the first word, were not kept.
-        self._trim(start - 1)
-        if not self._feed([tokens[start - 1]], should_stop):
-            self.messages.append(reply)
-            self.starts.append(start)
+        self._trim(last.start - 1)
+        reply.prompt_tokens = len(self.tokens) - self.fed + 1
+        if not self._feed([tokens[last.start - 1]], should_stop):
+            self.turns.append(last)
             self.tokens = tokens  # the cache holds a prefix of them
-            self.stats = {"cancelled": "the last reply kept"}
+            reply.cancelled = "the last reply kept"
             return
-        yield from self._reply([tokens[start - 1]], should_stop)
+        yield from self._reply([tokens[last.start - 1]], should_stop, reply, start)
 
     def undo(self):
-        if not self.messages:
+        if not self.turns:
             raise MixtralError("nothing to undo")
-        start = self.starts[-2]
-        del self.messages[-2:], self.starts[-2:]
-        self._trim(start if self.messages else 0)  # an empty conversation starts again with BOS
+        start = self.turns[-2].start
+        del self.turns[-2:]
+        self._trim(start if self.turns else 0)  # an empty conversation starts again with BOS
 
-    def _reply(self, prompt: List[int], should_stop, tic=None) -> Iterator[str]:
-        tok, tic = self.tokenizer, tic or time.perf_counter()
+    def _reply(self, prompt: List[int], should_stop, reply: mixtral.Reply, start: float):
         self.tokens += prompt
-        self.starts.append(len(self.tokens))
+        turn = Turn("assistant", "", len(self.tokens), reply.ids)
         budget = min(self.max_tokens, self.max_context - len(self.tokens) - 1)
-        ids, finished = [], False
-        self.stats = {"prompt_tokens": len(prompt), "ttft": None}
-
-        def tokens():
-            nonlocal finished
-            # ask() has prefilled all but the last token of the block.
-            for y in mixtral.generate(self.model, prompt[-1:], self.cache, temp=self.temp, top_p=self.top_p, min_p=self.min_p):
-                # generate() has fed y through the cache before yielding it.
-                self.stats["ttft"] = self.stats["ttft"] or time.perf_counter() - tic
-                finished = y == tok.eos_id
-                if finished:
-                    return
-                ids.append(y)
-                yield y
-                if len(ids) >= budget or should_stop():
-                    return
-
         try:
-            yield from tok.decode_stream(tokens())
+            # _feed has prefilled all but the last token of the block.
+            yield from mixtral.complete(self.model, self.tokenizer, prompt[-1:], reply, budget, self.cache, should_stop,
+                                        start, temp=self.temp, top_p=self.top_p, min_p=self.min_p)
         finally:
             # However the reply ended, it is closed with EOS: fed already when sampled, else with the
             # next prefill. The cache keeps no more than the conversation (a step broken off half-way).
-            self.tokens += ids + [tok.eos_id]
+            self.tokens += reply.ids + [self.tokenizer.eos_id]
             self._trim(len(self.tokens))
-            self.messages.append({"role": "assistant", "content": tok.decode(ids), "tokens": ids})
+            turn.content = self.tokenizer.decode(reply.ids)
+            self.turns.append(turn)
             mx.clear_cache()  # between turns, hand back the step buffers MLX keeps (the soak test: flat RSS)
-            elapsed = time.perf_counter() - tic
-            ttft = self.stats["ttft"] or elapsed
-            self.stats.update(
-                reply_tokens=len(ids), elapsed=elapsed, stopped=not finished and len(ids) < budget,
-                cut_off=not finished and len(ids) >= budget, context=len(self.tokens),
-                prompt_tps=len(prompt) / ttft, gen_tps=max(len(ids) - 1, 0) / max(elapsed - ttft, 1e-9),
-            )
 
     def save(self, path: str, settings: dict):
         """Write the transcript as UTF-8 JSON, atomically: a failed write leaves any old file whole."""
@@ -293,11 +300,9 @@ class Chat:
         dropped = 0
         while turns and len(encode_messages(self.tokenizer, self.conversation(turns))) + self._reserve > self.max_context:
             turns, dropped = turns[2:], dropped + 1
-        self.messages = turns
         if dropped:
-            self.notice = f"(dropped the {dropped} oldest exchange{'s' * (dropped > 1)} of {path} to fit --max-context {self.max_context})"
-        if turns:
-            self._rebuild()
+            self.on_notice(f"(dropped the {dropped} oldest exchange{'s' * (dropped > 1)} of {path} to fit --max-context {self.max_context})")
+        self._rebuild(turns)
 
     def _check_tokens(self, i: int, tokens):
         """A saved reply's token ids: ints the vocabulary has (others would read garbage embeddings)."""
@@ -325,10 +330,10 @@ def cache_root() -> Path:
 def resolve_model(path: str, log, tokenizer=None) -> Path:
     """A converted folder as it is; a Hugging Face folder or Hub id converted once into a cache."""
     p = Path(path)
-    if (p / "config.json").is_file() and any(p.glob("weights.*.npz")):
+    if (p / "config.json").is_file() and folder.shards(p):
         return p
     is_hf_folder = (p / "config.json").is_file() and any(p.glob("*.safetensors"))
-    is_repo_id = not p.exists() and path.count("/") == 1 and not path.startswith((".", "/"))
+    is_repo_id = folder.is_hub_id(path)
     if not (is_hf_folder or is_repo_id):
         raise MixtralError(
             f"no converted model at {path}. These two commands get Menny running:\n"
@@ -357,7 +362,6 @@ class Terminal:
     def __init__(self, interactive: bool, rank0: bool = True):
         self.interactive, self.readline, self.rank0 = interactive, None, rank0
         self.history_file = Path.home() / ".mixtral_chat_history"
-        self.ctrl_c = CtrlC(install=rank0)
         if interactive:
             with contextlib.suppress(ImportError), runtime.signals_held():  # a Ctrl-C inside a C import becomes ImportError
                 import readline
@@ -366,7 +370,7 @@ class Terminal:
                 with contextlib.suppress(OSError):
                     readline.read_history_file(self.history_file)
 
-    def dim(self, text: str):
+    def remark(self, text: str):
         """Remarks go to the terminal dimmed; when piped, to stderr so stdout holds only replies."""
         if self.interactive:
             print(f"\033[2m{text}\033[0m", flush=True)
@@ -431,30 +435,31 @@ class Terminal:
                 self.readline.write_history_file(self.history_file)
 
 
-def stream_reply(chat: Chat, term: Terminal, replies, verbose: bool):
+def stream_reply(chat: Chat, term: Terminal, ctrl_c: CtrlC, reply_to, verbose: bool):
+    """Print the reply that reply_to(should_stop) makes as it comes; Ctrl-C stops it."""
     group = chat.model.group
-    with term.ctrl_c.stops() as pressed:
+    with ctrl_c.stops() as pressed:
         # Under mlx.launch every rank must stop at the same token: rank 0's Ctrl-C decides.
         stopped = pressed if group is None else lambda: bool(parallel.from_rank0(int(pressed()), group))
-        for text in replies(stopped):
+        reply = reply_to(stopped)
+        for text in reply:
             print(text, end="", flush=True)
-    s = chat.stats
-    if s.get("cancelled"):
-        term.remark(f"(stopped before the reply: {s['cancelled']})")
+    if reply.cancelled:
+        term.remark(f"(stopped before the reply: {reply.cancelled})")
         return
     print(flush=True)
-    if s.get("stopped"):
+    if reply.finish_reason == "interrupted":
         term.remark("(stopped)")
-    elif s.get("cut_off"):
+    elif reply.finish_reason == "length":
         term.remark(f"(cut off at --max-tokens {chat.max_tokens})")
     if verbose:
         term.remark(
-            f"[prompt {s['prompt_tokens']} tokens, {s['prompt_tps']:.1f} tokens/s, first token {s['ttft']:.2f} s | "
-            f"reply {s['reply_tokens']} tokens, {s['gen_tps']:.1f} tokens/s | context {s['context']}/{chat.max_context}]"
+            f"[prompt {reply.prompt_tokens} tokens, {reply.prompt_tps:.1f} tokens/s, first token {reply.ttft:.2f} s | "
+            f"reply {len(reply.ids)} tokens, {reply.gen_tps:.1f} tokens/s | context {len(chat.tokens)}/{chat.max_context}]"
         )
 
 
-def command(chat: Chat, term: Terminal, line: str, settings: dict, verbose: bool) -> bool:
+def command(chat: Chat, term: Terminal, ctrl_c: CtrlC, line: str, settings: dict, verbose: bool) -> bool:
     """Run a /command; False to quit."""
     name, _, arg = line.strip().partition(" ")
     if name in ("/quit", "/exit", "/bye"):
@@ -471,7 +476,7 @@ def command(chat: Chat, term: Terminal, line: str, settings: dict, verbose: bool
         chat.undo()
         term.remark("(last exchange dropped)")
     elif name == "/regen":
-        stream_reply(chat, term, lambda stopped: chat.regen(stopped), verbose)
+        stream_reply(chat, term, ctrl_c, chat.regen, verbose)
     elif name == "/save":
         if not arg:
             raise MixtralError("/save needs a file name")
@@ -481,17 +486,6 @@ def command(chat: Chat, term: Terminal, line: str, settings: dict, verbose: bool
     else:
         raise MixtralError(f"unknown command {name}; /help lists them")
     return True
-
-
-def default_max_context(model) -> int:
-    """Mixtral's 32k positions, capped to what the KV cache can take beside the weights."""
-    kv_per_token = machine.kv_bytes_per_token(model.args, model.dtype)
-    info = mx.device_info()
-    memory = info.get("max_recommended_working_set_size") or info.get("memory_size") or (
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    )
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    return max(1024, min(MAX_POSITIONS, int((0.9 * memory - weights) // kv_per_token)))
 
 
 def build_parser():
@@ -518,59 +512,59 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     runtime.quiet_unless_rank0()
     sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")  # a bad byte is one line's error, not a crash
-    runtime.run_program(run_and_close, args)
+    runtime.run_program(run, args)
 
 
-def run_and_close(args):
+def run(args):
+    """The program: the terminal, Ctrl-C's handler (rank 0 owns both), the model, then the loop."""
     rank0 = mx.distributed.init().rank() == 0
+    ctrl_c = CtrlC()
+    if rank0:
+        ctrl_c.install()
     term = Terminal(interactive=rank0 and args.prompt is None and sys.stdin.isatty(), rank0=rank0)
     try:
-        run(args, term)
+        converse(args, term, ctrl_c)
     finally:
         term.close()
 
 
-def run(args, term: Terminal):
+def converse(args, term: Terminal, ctrl_c: CtrlC):
     if args.max_tokens < 1 or args.temp < 0 or not 0 < args.top_p <= 1 or not 0 <= args.min_p < 1:
         raise MixtralError("need --max-tokens >= 1, --temp >= 0, 0 < --top-p <= 1, 0 <= --min-p < 1")
     if args.max_context is not None and args.max_context < 16:
         raise MixtralError("--max-context must be at least 16 tokens")
-    model_path = resolve_model(args.model_path, term.dim, args.tokenizer)
+    model_path = resolve_model(args.model_path, term.remark, args.tokenizer)
     if args.verify:
         folder.verify(model_path)
     model, tokenizer = mixtral.load_model(model_path, args.dtype)
     group = model.group
     # Every rank must make the same decisions: the context size and the transcript are rank 0's.
-    max_context = parallel.from_rank0(args.max_context or default_max_context(model), group)
-    chat = Chat(model, tokenizer, args.system_prompt, max_context, args.max_tokens, args.temp, args.top_p, args.min_p, args.seed)
+    max_context = parallel.from_rank0(args.max_context or machine.default_context(model), group)
+    machine.check_memory(model, max_context, "--max-context", model_path)
+    chat = Chat(model, tokenizer, args.system_prompt, max_context, args.max_tokens, args.temp, args.top_p, args.min_p,
+                args.seed, on_notice=term.remark)
     if args.resume:
         chat.load(args.resume, parallel.text_from_rank0(read_transcript(args.resume) if term.rank0 else "", group))
     settings = {k: getattr(args, k) for k in ("model_path", "max_tokens", "temp", "top_p", "min_p", "dtype")}
     settings["max_context"] = max_context
 
     if args.prompt is not None:
-        stream_reply(chat, term, lambda stopped: chat.ask(args.prompt, stopped), args.verbose)
+        stream_reply(chat, term, ctrl_c, lambda stopped: chat.ask(args.prompt, stopped), args.verbose)
         return
     if group is not None and term.rank0 and not term.interactive:
         term.remark("(under mlx.launch, end piped input with /quit: the launcher never passes the end of input on)")
     if term.interactive:
         persona = f" ({chat.system})" if chat.system else ""
         term.remark(f"Chatting with Menny{persona}. /help for commands, Ctrl-D to leave.")
-        if chat.messages:
-            term.remark(f"(resumed {len(chat.messages) // 2} exchanges from {args.resume})")
-    if chat.notice:
-        term.remark(chat.notice)
-        chat.notice = ""
+        if chat.turns:
+            term.remark(f"(resumed {len(chat.turns) // 2} exchanges from {args.resume})")
     while (line := term.read_shared(group)) is not None:
         try:
             if line.startswith("/"):
-                if not command(chat, term, line, settings, args.verbose):
+                if not command(chat, term, ctrl_c, line, settings, args.verbose):
                     break
                 continue
-            stream_reply(chat, term, lambda stopped: chat.ask(line, stopped), args.verbose)
-            if chat.notice:
-                term.remark(chat.notice)
-                chat.notice = ""
+            stream_reply(chat, term, ctrl_c, lambda stopped: chat.ask(line, stopped), args.verbose)
         except MixtralError as e:
             term.remark(f"error: {e}")
 

@@ -12,6 +12,7 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,9 +28,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+import folder
 from folder import sha256
 from machine import GB, on_cpu
-from mixtral import DTYPES, Mixtral, ModelArgs
+from mixtral import DTYPES, Mixtral, ModelArgs, Tokenizer, check_vocabulary
 from runtime import MixtralError, Terminated, run_program, signals_held
 
 # Source module -> our module; each holds .weight (and .scales/.biases when the source is quantized).
@@ -60,7 +62,6 @@ NAME_MAP = {
 # a quantized one (mlx-lm quantizes it) is dequantized.
 NOT_QUANTIZED = ("feed_forward.gate",)
 
-MANIFEST = "manifest.json"  # what was converted, the error report, and each file's size and sha256
 HUB_FILES = ["config.json", "tokenizer.model", "model.safetensors.index.json", "*.safetensors"]
 
 
@@ -298,10 +299,9 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
     q_bits: 8, 4, None (no quantization) or "auto" (the source's bits if it is quantized, else 8).
     q_group_size: default the source's, else 64. dtype: of full-precision tensors, default the source's.
     """
-    out = Path(mlx_path)
-    src = Path(hf_path)
+    out, src = Path(mlx_path), Path(hf_path)
     if not src.exists():
-        if str(hf_path).count("/") != 1 or str(hf_path).startswith((".", "/")):
+        if not folder.is_hub_id(str(hf_path)):
             raise MixtralError(f"{hf_path}: no such folder (and not a Hub repo id like mistralai/Mixtral-8x7B-v0.1)")
         src = fetch_from_hub(str(hf_path))
     if out.exists() and not force:
@@ -324,61 +324,24 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
     groups = plan(args, tensors.keys())
     needed = {f"{m}.weight" for _, rows in groups for _, ms in rows for m in ms}
     allowed = needed | {f"{m[:-len('.weight')]}.{k}" for m in needed for k in ("scales", "biases")}
-    if missing := sorted(needed - tensors.keys()):
-        raise MixtralError(f"{src}: missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    if extra := sorted(tensors.keys() - allowed):
-        raise MixtralError(f"{src}: tensor(s) we cannot map {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
+    folder.check_tensor_names(src, needed, tensors.keys(), allowed)
     check_shapes(groups, tensors, expected, quant)
 
-    remove_leftovers(out, log)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    except OSError as e:
-        raise MixtralError(f"{out}: cannot write there ({e.strerror})") from None
-    try:
-        t0 = time.perf_counter()
-        shard, shard_bytes, shards, total_bytes, n_params, errors, repacked = {}, 0, [], 0, 0, {}, 0
-        max_bytes = max_shard_gb * GB
-
-        def flush():
-            nonlocal shard, shard_bytes
-            if shard:
-                shards.append(f"weights.{len(shards):02d}.npz")
-                with signals_held():  # a Ctrl-C is delivered once the zip is written, not inside it
-                    mx.savez(str(tmp / shards[-1]), **shard)
-                shard, shard_bytes = {}, 0
-                mx.clear_cache()
-
+    report = Report(log)
+    with staging(out, log) as tmp:
+        writer = ShardWriter(tmp, max_shard_gb * GB)
         for g, (group, rows) in enumerate(groups):
             tic, out_bytes = time.perf_counter(), 0
             for name, modules in rows:
-                n_params += math.prod(expected[f"{name}.weight"])
                 arrays, err = convert_module(name, modules, tensors, quant, q_bits, q_group_size,
                                              DTYPES.get(dtype), input_major)
                 mx.eval(arrays)
-                if err is not None:
-                    errors[name] = err
-                repacked += err is None and f"{name}.scales" in arrays
-                nbytes = sum(a.nbytes for a in arrays.values())
-                if shard_bytes and shard_bytes + nbytes > max_bytes:
-                    flush()
-                shard.update(arrays)
-                shard_bytes += nbytes
-                out_bytes += nbytes
+                report.add(name, math.prod(expected[f"{name}.weight"]), err, repacked=err is None and f"{name}.scales" in arrays)
+                out_bytes += writer.add(arrays)
                 del arrays
                 mx.clear_cache()  # hand freed inputs back to the OS rather than keep them for reuse
-            total_bytes += out_bytes
-            worst = max((errors.get(n, 0) for n, _ in rows), default=0)
-            log(
-                f"[{g + 1}/{len(groups)}] {group}: {out_bytes / 1e6:.1f} MB"
-                + (f", worst error {100 * worst:.2f}%" if worst else "")
-                + f" in {time.perf_counter() - tic:.1f} s ({time.perf_counter() - t0:.0f} s elapsed)"
-            )
-        flush()
+            report.group(g, len(groups), group, [n for n, _ in rows], out_bytes, tic)
+        writer.close()
         config = args.to_dict()
         if q_bits:
             config["quantization"] = {"group_size": q_group_size, "bits": q_bits}
@@ -389,11 +352,94 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
         manifest = {
             "source": str(hf_path), "source_format": "mlx-lm" if quant else "hugging face",
             "bits": q_bits, "group_size": q_group_size if q_bits else None, "layout": layout if q_bits else None,
-            "parameters": n_params, "repacked_tensors": repacked, "quantization_error": errors,
+            "parameters": report.n_params, "repacked_tensors": report.repacked, "quantization_error": report.errors,
             "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
-                      for f in shards + ["config.json", "tokenizer.model"]},
+                      for f in writer.names + ["config.json", "tokenizer.model"]},
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / folder.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    report.done(out, writer)
+    return out
+
+
+class ShardWriter:
+    """Tensors into weights.NN.npz files of at most max_bytes each (a tensor larger than that gets a
+    shard of its own); only the shard being filled is in memory."""
+
+    def __init__(self, folder_path: Path, max_bytes: float):
+        self.path, self.max_bytes = folder_path, max_bytes
+        self.names, self.total_bytes = [], 0
+        self.shard, self.shard_bytes = {}, 0
+
+    def add(self, arrays: dict) -> int:
+        """Add evaluated arrays; -> their bytes."""
+        nbytes = sum(a.nbytes for a in arrays.values())
+        if self.shard_bytes and self.shard_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self.shard.update(arrays)
+        self.shard_bytes += nbytes
+        self.total_bytes += nbytes
+        return nbytes
+
+    def close(self):
+        self._flush()
+
+    def _flush(self):
+        if self.shard:
+            self.names.append(folder.shard_name(len(self.names)))
+            with signals_held():  # a Ctrl-C is delivered once the zip is written, not inside it
+                mx.savez(str(self.path / self.names[-1]), **self.shard)
+            self.shard, self.shard_bytes = {}, 0
+            mx.clear_cache()
+
+
+class Report:
+    """What the conversion did, tensor by tensor: parameters, rounding error, lossless repacks; a line
+    per group as it goes, a summary at the end."""
+
+    def __init__(self, log):
+        self.log, self.start = log, time.perf_counter()
+        self.n_params, self.errors, self.repacked = 0, {}, 0
+
+    def add(self, name: str, n_params: int, err, repacked: bool):
+        self.n_params += n_params
+        if err is not None:
+            self.errors[name] = err
+        self.repacked += repacked
+
+    def group(self, g: int, n: int, title: str, names, out_bytes: int, tic: float):
+        worst = max((self.errors.get(name, 0) for name in names), default=0)
+        self.log(
+            f"[{g + 1}/{n}] {title}: {out_bytes / 1e6:.1f} MB"
+            + (f", worst error {100 * worst:.2f}%" if worst else "")
+            + f" in {time.perf_counter() - tic:.1f} s ({time.perf_counter() - self.start:.0f} s elapsed)"
+        )
+
+    def done(self, out: Path, writer: ShardWriter):
+        total = writer.total_bytes
+        self.log(
+            f"converted {self.n_params:,} parameters to {out}: {total / GB:.2f} GB in {len(writer.names)} shard(s), "
+            f"{8 * total / self.n_params:.2f} bits/weight, {time.perf_counter() - self.start:.1f} s"
+            + (f"; {self.repacked} quantized tensors repacked without loss" if self.repacked else "")
+        )
+        self.log(error_summary(self.errors))
+
+
+@contextlib.contextmanager
+def staging(out: Path, log):
+    """A hidden folder beside `out` to write into, renamed to `out` on success (an --force'd old one
+    swapped out, then removed) and removed on failure: `out` is never half-written. Its name holds our
+    pid, so a later run can tell a killed conversion's leftovers (remove_leftovers)."""
+    remove_leftovers(out, log)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    except OSError as e:
+        raise MixtralError(f"{out}: cannot write there ({e.strerror})") from None
+    try:
+        yield tmp
         if out.exists():  # --force: swap in the new folder, then remove the old one
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -407,13 +453,6 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(
-        f"converted {n_params:,} parameters to {out}: {total_bytes / GB:.2f} GB in {len(shards)} shard(s), "
-        f"{8 * total_bytes / n_params:.2f} bits/weight, {time.perf_counter() - t0:.1f} s"
-        + (f"; {repacked} quantized tensors repacked without loss" if repacked else "")
-    )
-    log(error_summary(errors))
-    return out
 
 
 def remove_leftovers(out: Path, log):
@@ -445,10 +484,7 @@ def check_tokenizer(path: Path, args: ModelArgs) -> Path:
             "(huggingface-cli download mistralai/Mixtral-8x7B-Instruct-v0.1 tokenizer.model, or mistral_common's "
             "data/tokenizer.model.v1)"
         )
-    from mixtral import Tokenizer
-
-    if (n := Tokenizer(path).vocab_size) != args.vocab_size:
-        raise MixtralError(f"{path}: a vocabulary of {n} tokens, but the model has {args.vocab_size}; use the checkpoint's own tokenizer")
+    check_vocabulary(Tokenizer(path), args, path, "use the checkpoint's own tokenizer")
     return path
 
 
@@ -456,7 +492,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="Convert Hugging Face Mixtral weights to MLX (8-bit by default).")
     p.add_argument("--hf-path", required=True,
                    help="Hugging Face or mlx-lm (mlx-community) folder, or a Hub repo id such as mistralai/Mixtral-8x7B-Instruct-v0.1")
-    p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: %(default)s)")
+    p.add_argument("--mlx-path", default=folder.DEFAULT_MODEL_PATH, help="output folder (default: %(default)s)")
     p.add_argument("--q-bits", type=int, choices=[8, 4], help="quantization bits (default: 8, or the source's if it is quantized)")
     p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], help="weights per scale (default: 64, or the source's)")
     p.add_argument("--no-quantize", action="store_true", help="keep full-precision weights")

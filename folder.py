@@ -13,10 +13,36 @@ import json
 import sys
 import zipfile
 from pathlib import Path
+from typing import List
 
+from machine import MAX_POSITIONS
 from runtime import MixtralError
 
 DEFAULT_MODEL_PATH = "mlx_model"
+SHARDS = "weights.*.npz"
+MANIFEST = "manifest.json"
+
+
+def shard_name(i: int) -> str:
+    return f"weights.{i:02d}.npz"
+
+
+def shards(path: Path) -> List[Path]:
+    return sorted(Path(path).glob(SHARDS))
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a --model-path or --hf-path that is no folder here names a Hugging Face Hub repo (ORG/NAME)."""
+    return not Path(name).exists() and str(name).count("/") == 1 and not str(name).startswith((".", "/"))
+
+
+def check_tensor_names(where, expected, found, allowed=None):
+    """Every expected tensor present and none beyond `allowed` (default: the expected ones)."""
+    listed = lambda names: ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    if missing := sorted(set(expected) - set(found)):
+        raise MixtralError(f"{where}: missing tensor(s) {listed(missing)}")
+    if extra := sorted(set(found) - set(expected if allowed is None else allowed)):
+        raise MixtralError(f"{where}: unexpected tensor(s) {listed(extra)}")
 
 
 def read_config(path: Path):
@@ -59,11 +85,11 @@ def describe(model_path, args, quantization, kv_per_token: int, kv_dtype: str) -
     and file sizes (no weight is read); kv_per_token bytes of cache per token in kv_dtype."""
     path = Path(model_path)
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
         manifest = {}
-    shards = sorted(path.glob("weights.*.npz"))
-    size = sum(f.stat().st_size for f in shards)
+    files = shards(path)
+    size = sum(f.stat().st_size for f in files)
     q = quantization or {}
     quant = f"{q['bits']} bits, group {q['group_size']}, {q.get('layout', 'standard')} layout" if q else "none (full precision)"
     n_params = manifest.get("parameters")
@@ -82,10 +108,10 @@ def describe(model_path, args, quantization, kv_per_token: int, kv_dtype: str) -
         f"  model         {args.n_layers} layers, {args.dim} wide, {args.moe.num_experts} experts (top {args.moe.num_experts_per_tok}), "
         f"vocabulary {args.vocab_size}" + (f", {n_params:,} parameters" if n_params else ""),
         f"  quantization  {quant}",
-        f"  files         {len(shards)} shard(s), {format_bytes(size)}",
+        f"  files         {len(files)} shard(s), {format_bytes(size)}",
         f"  error         {error}",
         f"  memory        {format_bytes(size)} of weights + KV cache {format_bytes(kv)} per token in {kv_dtype} "
-        f"({format_bytes(kv * 32768)} at 32768 tokens)",
+        f"({format_bytes(kv * MAX_POSITIONS)} at {MAX_POSITIONS} tokens)",
     ])
 
 
@@ -102,11 +128,11 @@ def verify(model_path, log=lambda s: print(s, file=sys.stderr, end="", flush=Tru
     path = Path(model_path)
     read_config(path)
     try:
-        files = json.loads((path / "manifest.json").read_text())["files"]
+        files = json.loads((path / MANIFEST).read_text())["files"]
     except FileNotFoundError:
         files = None
     except (ValueError, KeyError, TypeError) as e:
-        raise MixtralError(f"{path / 'manifest.json'}: unreadable ({e}); convert the model again") from None
+        raise MixtralError(f"{path / MANIFEST}: unreadable ({e}); convert the model again") from None
     try:
         _verify_files(path, files, log)
     finally:
@@ -115,7 +141,7 @@ def verify(model_path, log=lambda s: print(s, file=sys.stderr, end="", flush=Tru
 
 def _verify_files(path: Path, files, log):
     if files is None:  # converted before manifests: the zip CRCs are all there is
-        for shard in sorted(path.glob("weights.*.npz")):
+        for shard in shards(path):
             log(f"\r[verify] {shard.name} (CRC only: no manifest.json)\x1b[K")
             if damaged(str(shard)):
                 raise MixtralError(f"{shard}: damaged (a CRC-32 check fails); copy or convert it again")

@@ -1,9 +1,9 @@
 """The machine we run on: CPU or GPU, its cores, its memory, and whether a model fits in it."""
 
+import functools
 import os
 import sys
-from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -29,18 +29,42 @@ def kv_bytes_per_token(args, dtype) -> int:
     return args.n_layers * 2 * args.n_kv_heads * args.head_dim * mx.zeros((), dtype).itemsize
 
 
-GB = 1e9
+GB = 1e9  # every size we print in GB is 10^9 bytes
 MACOS_HEADROOM = 4 * GB  # what macOS and the apps beside us need of the RAM
+ACTIVATIONS = GB  # a prefill chunk's activations, roughly
+MAX_POSITIONS = 32768  # Mixtral's context length
 
 
-def memory_plan(weights: int, kv_per_token: int, context: int, working_set: Optional[int], ram: int):
-    """Decide whether a model fits: (runs, advice or None). Pure: sizes in bytes.
+@functools.cache
+def memory() -> Tuple[int, Optional[int]]:
+    """(RAM, the GPU's working set or None) in bytes, read once. On a Mac the GPU may wire at most the
+    working set (Metal's max_recommended_working_set_size: about 2/3 of RAM on small Macs, 3/4 on large
+    ones), a limit `sysctl iogpu.wired_limit_mb` raises."""
+    info = mx.device_info()
+    ram = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram, info.get("max_recommended_working_set_size")
 
-    Refuse only what cannot fit in RAM at all. On a Mac the GPU may wire at most `working_set`
-    (Metal's max_recommended_working_set_size: about 2/3 of RAM on small Macs, 3/4 on large ones),
-    a limit `sysctl iogpu.wired_limit_mb` raises: past it, run, and say how to make it fit.
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's tensors on this rank (lazy ones too: nothing is read)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def largest_context(weights: int, kv_per_token: int, working_set: Optional[int], ram: int) -> int:
+    """The most tokens of KV cache that fit beside the weights: in the GPU's working set on a Mac, in
+    the RAM less what the system needs elsewhere."""
+    budget = working_set or ram - MACOS_HEADROOM
+    return max(0, int((budget - weights - ACTIVATIONS) // kv_per_token))
+
+
+def memory_plan(weights: int, kv_per_token: int, context: int, working_set: Optional[int], ram: int,
+                context_flag: Optional[str] = "--max-context"):
+    """Decide whether a model and `context` tokens of cache fit: (runs, advice or None). Pure: bytes.
+
+    Refuse only what cannot fit in RAM at all. Past the GPU's working set, run, and say how to make it
+    fit; the advice names `context_flag`, the program's way to need less context (None: it has none).
     """
-    need = weights + kv_per_token * context + GB  # and a GB for activations
+    need = weights + kv_per_token * context + ACTIVATIONS
     if weights > ram - MACOS_HEADROOM:
         return False, (
             f"the weights take {weights / GB:.1f} GB but this machine has {ram / GB:.0f} GB of memory; convert with "
@@ -50,11 +74,12 @@ def memory_plan(weights: int, kv_per_token: int, context: int, working_set: Opti
         return True, None
     ways = []
     if need <= ram - MACOS_HEADROOM:
-        mb = min(int(-(-need // 2**20)), int((ram - MACOS_HEADROOM) // 2**20))
+        mb = min(int(-(-need // 2**20)), int((ram - MACOS_HEADROOM) // 2**20))  # sysctl counts MiB
         ways.append(f"let the GPU use more memory: sudo sysctl iogpu.wired_limit_mb={mb} (until the next restart)")
-    if weights + kv_per_token * 1024 + GB <= working_set:
-        ways.append(f"a smaller --max-context (about {int((working_set - weights - GB) // kv_per_token)} tokens fit)")
-    ways += ["--q-bits 4", "several machines (README: Run on several Macs)"]
+    fits = largest_context(weights, kv_per_token, working_set, ram)
+    if context_flag and fits >= 1024:
+        ways.append(f"a smaller {context_flag} (about {fits} tokens fit)")
+    ways += ["4-bit weights (convert.py --q-bits 4)", "several machines (README: Run on several Macs)"]
     return True, (
         f"the weights ({weights / GB:.1f} GB) and a {context}-token KV cache need {need / GB:.1f} GB, more than the "
         f"{working_set / GB:.1f} GB this Mac lets the GPU keep; macOS may page them out and slow every token. To fix: "
@@ -62,17 +87,31 @@ def memory_plan(weights: int, kv_per_token: int, context: int, working_set: Opti
     )
 
 
-def keep_resident(model, path: Path, context: int = 4096):
-    """On a Mac: check the memory plan, then wire the weights so macOS does not page them out between
-    tokens (as mlx-lm does)."""
-    info = mx.device_info()
-    working_set = info.get("max_recommended_working_set_size")
-    ram = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    runs, advice = memory_plan(weights, kv_bytes_per_token(model.args, model.dtype), context, working_set, ram)
+def check_memory(model, context: int, context_flag: Optional[str], where) -> None:
+    """Refuse (MixtralError) a model that cannot fit; warn, on stderr, when `context` tokens will not
+    stay resident, naming the program's own flags."""
+    ram, working_set = memory()
+    kv = kv_bytes_per_token(model.args, model.dtype)
+    runs, advice = memory_plan(weight_bytes(model), kv, context, working_set, ram, context_flag)
     if not runs:
-        raise MixtralError(f"{path}: {advice}")
+        raise MixtralError(f"{where}: {advice}")
     if advice:
         print(f"warning: {advice}", file=sys.stderr)
+
+
+def default_context(model) -> int:
+    """Mixtral's 32k positions, capped to what the KV cache can take beside the weights (1024 at least)."""
+    ram, working_set = memory()
+    fits = largest_context(weight_bytes(model), kv_bytes_per_token(model.args, model.dtype), working_set, ram)
+    return max(1024, min(MAX_POSITIONS, fits))
+
+
+def keep_resident(model, where) -> None:
+    """Before any weight is read: refuse a model larger than the RAM. On a Mac, wire the weights so
+    macOS does not page them out between tokens (as mlx-lm does)."""
+    ram, working_set = memory()
+    runs, advice = memory_plan(weight_bytes(model), 0, 0, None, ram)
+    if not runs:
+        raise MixtralError(f"{where}: {advice}")
     if working_set:
         mx.set_wired_limit(working_set)

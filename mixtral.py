@@ -9,10 +9,9 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
-import glob
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional
 
@@ -402,6 +401,10 @@ def default_dtype():
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
 def read_config(path: Path):
     """-> (ModelArgs, quantization dict or None) from a converted folder's config.json."""
     config, quantization = folder.read_config(path)
@@ -416,47 +419,64 @@ def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Opt
     cpu_threads: CPU streams to split the projections over; default all cores on the CPU, 1 on a GPU.
     group: the ranks to cut every layer over (parallel.shard); default those mlx.launch started, if any.
     """
+    path, dtype = Path(model_path), compute_dtype(dtype)
     with signals_held() as deliver:  # Ctrl-C and SIGTERM land between tensors, never inside a read
-        model, tokenizer, shards = _build(Path(model_path), dtype, cpu_threads, group)
+        args, quantization = read_config(path)
+        tokenizer = Tokenizer(path / "tokenizer.model")
+        check_vocabulary(tokenizer, args, path / "tokenizer.model", "put the checkpoint's own tokenizer.model there")
+        weights, shards = lazy_shards(path)
+        model = skeleton(args, quantization, weights)
+        attach(model, weights, dtype, path)
+        del weights  # from here the model alone holds the tensors: cut ones can be freed once cut
+        place(model, group, cpu_threads, quantization["group_size"] if quantization else 1)
         if not lazy:
-            _read_weights(model, shards, deliver)
+            read_weights(model, shards, deliver)
     return model, tokenizer
 
 
-def _build(path: Path, dtype, cpu_threads, group):
-    """The model with its weights attached lazily (nothing read yet), cut over ranks and CPU streams."""
+def compute_dtype(dtype):
+    """An mx.Dtype from a name, an mx.Dtype, or None (the machine's default)."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise MixtralError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    dtype = dtype or default_dtype()
-    args, quantization = read_config(path)
-    tokenizer = Tokenizer(path / "tokenizer.model")
-    if tokenizer.vocab_size != args.vocab_size:
-        raise MixtralError(f"{path / 'tokenizer.model'}: a vocabulary of {tokenizer.vocab_size} tokens, but the model has "
-                           f"{args.vocab_size}; put the checkpoint's own tokenizer.model there")
+        return DTYPES[dtype]
+    return dtype or default_dtype()
 
-    shards = sorted(glob.glob(str(path / "weights.*.npz")))
+
+def check_vocabulary(tokenizer: "Tokenizer", args: ModelArgs, where, fix: str):
+    if tokenizer.vocab_size != args.vocab_size:
+        raise MixtralError(f"{where}: a vocabulary of {tokenizer.vocab_size} tokens, but the model has {args.vocab_size}; {fix}")
+
+
+def lazy_shards(path: Path):
+    """-> ({name: lazy array}, shard files): nothing is read until evaluated."""
+    shards = folder.shards(path)
     if not shards:
-        raise MixtralError(f"{path}: no weights.*.npz shards; convert a model first (python convert.py)")
+        raise MixtralError(f"{path}: no {folder.SHARDS} shards; convert a model first (python convert.py)")
     weights = {}
     for shard in shards:
         try:
-            weights.update(mx.load(shard))  # lazy: nothing is read until evaluated
+            weights.update(mx.load(str(shard)))
         except Exception as e:
             raise MixtralError(f"{shard}: cannot read ({e})") from None
+    return weights, shards
 
+
+def skeleton(args: ModelArgs, quantization, weights) -> Mixtral:
+    """The model's modules with placeholder weights, quantized exactly where the converter quantized (it
+    keeps the router in full precision), in the folder's layout."""
     model = Mixtral(args)
     if quantization:
-        # Quantize exactly the layers the converter quantized (it keeps the router in full precision).
         quantized = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
         quantize_model(model, quantization["group_size"], quantization["bits"],
-                 quantization.get("layout") == "input-major", keep=lambda p: p in quantized)
+                       quantization.get("layout") == "input-major", keep=lambda p: p in quantized)
+    return model
+
+
+def attach(model: Mixtral, weights: dict, dtype, path: Path):
+    """Put the folder's (lazy) tensors in place of the placeholders: every name, every shape, or an error."""
     expected = dict(tree_flatten(model.parameters()))
-    if missing := sorted(expected.keys() - weights.keys()):
-        raise MixtralError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    if extra := sorted(weights.keys() - expected.keys()):
-        raise MixtralError(f"{path}: unexpected tensor(s) {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    folder.check_tensor_names(path, expected.keys(), weights.keys())
     for name, param in expected.items():
         if weights[name].shape != param.shape:
             raise MixtralError(
@@ -465,26 +485,28 @@ def _build(path: Path, dtype, cpu_threads, group):
     # Floating tensors (norms, router, unquantized weights, quantization scales/biases) compute in dtype.
     cast = lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
     model.load_weights([(k, cast(w)) for k, w in weights.items()], strict=True)
-    del weights, expected  # from here the model alone holds the tensors: cut ones can be freed once cut
+
+
+def place(model: Mixtral, group="world", cpu_threads: Optional[int] = None, group_size: int = 1):
+    """Cut the model over ranks (this rank keeps its share) and CPU streams; on a GPU, keep it resident."""
     group = parallel.world() if group == "world" else group
     if group is not None:
-        g = quantization["group_size"] if quantization else 1
-        if group.size() not in (fit := parallel.ranks_that_fit(args, g)):
+        args = model.args
+        if group.size() not in (fit := parallel.ranks_that_fit(args, group_size)):
             raise MixtralError(
                 f"{group.size()} ranks cannot share this model: its {args.n_kv_heads} KV heads and hidden_dim "
-                f"{args.hidden_dim} (in quantization groups of {g}) split evenly over {', '.join(map(str, fit))} ranks; "
-                "launch one of those"
+                f"{args.hidden_dim} (in quantization groups of {group_size}) split evenly over "
+                f"{', '.join(map(str, fit))} ranks; launch one of those"
             )
         parallel.shard(model, group)
     cpu_threads = default_cpu_threads() if cpu_threads is None else cpu_threads
     if cpu_threads > 1:
         parallel.use_cpu_threads(model, cpu_threads)
     if not on_cpu():
-        machine.keep_resident(model, path)
-    return model, tokenizer, shards
+        machine.keep_resident(model, "the model")
 
 
-def _read_weights(model: Mixtral, shards: List[str], deliver):
+def read_weights(model: Mixtral, shards: List[Path], deliver=lambda: None):
     """Read every weight, one tensor at a time: a rank reads each whole tensor once and keeps only its
     slice. deliver() raises a Ctrl-C held back during a read."""
     try:
@@ -576,6 +598,76 @@ def generate(
         y = next_y
 
 
+@dataclass
+class Reply:
+    """A reply: its text pieces as they come (an iterator), then its ids, why it ended and its speed.
+
+    finish_reason: "stop" (EOS), "length" (the token budget), "interrupted" (should_stop() or the
+    reader left); None until the reply ends, and for a reply that never started (chat.Chat: a stop
+    during the prefill).
+    """
+
+    pieces: Iterator[str] = field(default_factory=lambda: iter(()))
+    ids: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    cancelled: Optional[str] = None  # why there is no reply: what a stop during the prefill kept
+    prompt_tokens: int = 0  # the tokens this reply prefilled
+    ttft: float = 0.0  # seconds from the start to the first token
+    elapsed: float = 0.0
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self.pieces)
+
+    def close(self):
+        """Stop reading: the reply ends as interrupted, its state kept consistent."""
+        getattr(self.pieces, "close", lambda: None)()
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / max(self.ttft, 1e-9)
+
+    @property
+    def gen_tps(self) -> float:
+        return max(len(self.ids) - 1, 0) / max(self.elapsed - self.ttft, 1e-9)
+
+
+def complete(model: Mixtral, tokenizer: "Tokenizer", prompt_ids, reply: Reply, max_tokens: int, cache=None,
+             should_stop=lambda: False, start: Optional[float] = None, **sampling) -> Iterator[str]:
+    """Generate after prompt_ids until EOS, max_tokens or should_stop(), and yield the text as it becomes
+    final; fills `reply`. start: when the reply's clock started (default now), for a caller that
+    prefilled before. Sampling arguments go to generate()."""
+    start = time.perf_counter() if start is None else start
+
+    def ids():
+        if max_tokens <= 0:
+            reply.finish_reason = "length"
+            return
+        for y in generate(model, prompt_ids, cache, **sampling):
+            # generate() has fed y through the cache before yielding it.
+            reply.ttft = reply.ttft or time.perf_counter() - start
+            if y == tokenizer.eos_id:
+                reply.finish_reason = "stop"
+                return
+            reply.ids.append(y)
+            yield y
+            if len(reply.ids) >= max_tokens:
+                reply.finish_reason = "length"
+                return
+            if should_stop():
+                reply.finish_reason = "interrupted"
+                return
+
+    try:
+        yield from tokenizer.decode_stream(ids())
+    finally:  # also when the reader stops early (GeneratorExit)
+        reply.finish_reason = reply.finish_reason or "interrupted"
+        reply.elapsed = time.perf_counter() - start
+        reply.ttft = reply.ttft or reply.elapsed
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -600,8 +692,9 @@ def main(argv=None):
 
 def run(args):
     if args.info:
-        path = Path(args.model_path)
-        return print(folder.describe(path, *read_config(path), machine.kv_bytes_per_token(read_config(path)[0], default_dtype()), str(default_dtype()).split('.')[-1]))
+        model_args, quantization = read_config(Path(args.model_path))
+        kv = machine.kv_bytes_per_token(model_args, default_dtype())
+        return print(folder.describe(args.model_path, model_args, quantization, kv, dtype_name(default_dtype())))
     if args.verify:
         folder.verify(args.model_path)
         print(f"{args.model_path}: every file is intact", file=sys.stderr)
@@ -621,27 +714,16 @@ def run(args):
     print(f"[load] {time.perf_counter() - tic:.1f} s, dtype {model.dtype}", file=sys.stderr)
 
     prompt_ids = tokenizer.encode(prompt)
-    tic = time.perf_counter()
-    ids, t_first = [], None
-
-    def tokens():
-        nonlocal t_first
-        for i, y in enumerate(generate(model, prompt_ids, temp=args.temp, top_p=args.top_p, seed=args.seed)):
-            t_first = t_first or time.perf_counter()
-            if y == tokenizer.eos_id or i >= args.max_tokens:
-                break
-            ids.append(y)
-            yield y
-
-    if args.max_tokens > 0:
-        for text in tokenizer.decode_stream(tokens()):
-            print(text, end="", flush=True)
+    machine.check_memory(model, len(prompt_ids) + args.max_tokens, "--max-tokens", args.model_path)
+    reply = Reply(prompt_tokens=len(prompt_ids))
+    reply.pieces = complete(model, tokenizer, prompt_ids, reply, args.max_tokens, temp=args.temp, top_p=args.top_p,
+                            seed=args.seed)
+    for text in reply:
+        print(text, end="", flush=True)
     print()
-    toc = time.perf_counter()
-    prefill_s = (t_first or toc) - tic
     print(
-        f"[prompt] {len(prompt_ids)} tokens, {len(prompt_ids) / prefill_s:.2f} tokens/s\n"
-        f"[generation] {len(ids)} tokens, {max(len(ids) - 1, 0) / max(toc - (t_first or toc), 1e-9):.2f} tokens/s\n"
+        f"[prompt] {reply.prompt_tokens} tokens, {reply.prompt_tps:.2f} tokens/s\n"
+        f"[generation] {len(reply.ids)} tokens, {reply.gen_tps:.2f} tokens/s\n"
         f"[memory] peak {mx.get_peak_memory() / machine.GB:.2f} GB",
         file=sys.stderr,
     )

@@ -203,11 +203,12 @@ class CtrlC:
     handler has run.
     """
 
-    def __init__(self, install: bool = True):
+    def __init__(self):
         self.handled, self.pressed = 0, None  # pressed: a list while a reply streams
         self.accounted, self.exiting = 0, False  # handler runs the watchdog has seen; no kicks at exit
-        if not install:  # a rank other than 0: Ctrl-C is rank 0's to act on
-            return
+
+    def install(self):
+        """Become the process's SIGINT handler (rank 0 only: the others follow its decisions)."""
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGUSR1, lambda *_: None)  # only interrupts a blocking call
         r, w = os.pipe()

@@ -154,10 +154,11 @@ def test_regen_replaces_the_last_reply_and_keeps_the_cache_exact(model, tokenize
 def test_stopping_mid_reply_keeps_the_partial_reply_closed_with_eos(model, tokenizer):
     c = new_chat(model, tokenizer, max_tokens=50, temp=0.0)
     pressed = []
-    for i, _ in enumerate(c.ask("Talk a lot.", should_stop=lambda: bool(pressed))):
+    reply = c.ask("Talk a lot.", should_stop=lambda: bool(pressed))
+    for i, _ in enumerate(reply):
         if i == 2:
             pressed.append(True)  # Ctrl-C while the reply streams
-    assert c.stats["stopped"] and 3 <= len(c.messages[-1]["tokens"]) < 50
+    assert reply.finish_reason == "interrupted" and 3 <= len(c.messages[-1]["tokens"]) < 50
     assert c.tokens[-1] == tokenizer.eos_id
     assert_cache_is_conversation(model, tokenizer, c)
     "".join(c.ask("And now?"))
@@ -175,8 +176,9 @@ def test_stopping_during_the_prefill_drops_the_message_and_restores_the_cache(mo
         return len(checks) > 1
 
     long_message = "word " * 1200  # three prefill chunks of 512
-    assert "".join(c.ask(long_message, should_stop=stop_after_the_first_chunk)) == ""
-    assert c.stats["cancelled"] and c.tokens == before and len(c.messages) == 2
+    reply = c.ask(long_message, should_stop=stop_after_the_first_chunk)
+    assert "".join(reply) == ""
+    assert reply.cancelled and c.tokens == before and len(c.messages) == 2
     assert_cache_is_conversation(model, tokenizer, c)
     "".join(c.ask("two"))
     assert_cache_is_conversation(model, tokenizer, c)
@@ -189,8 +191,9 @@ def test_stopping_a_resumed_conversation_before_its_prefill_ends_keeps_it_and_fe
     d = new_chat(model, tokenizer)
     d.load(tmp_path / "t.json")
     checks = []
-    assert "".join(d.ask("next", should_stop=lambda: checks.append(1) or len(checks) > 1)) == ""
-    assert d.stats["cancelled"] == "message dropped" and 0 < d.fed < len(d.tokens) == len(c.tokens)
+    reply = d.ask("next", should_stop=lambda: checks.append(1) or len(checks) > 1)
+    assert "".join(reply) == ""
+    assert reply.cancelled == "message dropped" and 0 < d.fed < len(d.tokens) == len(c.tokens)
     assert_cache_is_conversation(model, tokenizer, d, unfed_at_most=len(d.tokens))
     "".join(d.ask("next"))
     assert_cache_is_conversation(model, tokenizer, d)
@@ -200,8 +203,9 @@ def test_stopping_a_regen_before_its_first_token_keeps_the_last_reply(model, tok
     c = new_chat(model, tokenizer)
     "".join(c.ask("one"))
     messages, tokens = copy.deepcopy(c.messages), list(c.tokens)
-    assert "".join(c.regen(should_stop=lambda: True)) == ""
-    assert c.stats["cancelled"] == "the last reply kept" and c.messages == messages and c.tokens == tokens
+    reply = c.regen(should_stop=lambda: True)
+    assert "".join(reply) == ""
+    assert reply.cancelled == "the last reply kept" and c.messages == messages and c.tokens == tokens
     assert_cache_is_conversation(model, tokenizer, c, unfed_at_most=len(tokens))
     "".join(c.regen())
     assert_cache_is_conversation(model, tokenizer, c)
@@ -217,14 +221,12 @@ def test_abandoned_stream_still_leaves_a_consistent_cache(model, tokenizer):
 
 
 def test_context_overflow_drops_oldest_turns_and_keeps_the_persona(model, tokenizer):
-    c = new_chat(model, tokenizer, max_context=160, max_tokens=16)
-    notices = 0
+    notices = []
+    c = new_chat(model, tokenizer, max_context=160, max_tokens=16, on_notice=notices.append)
     for turn in range(50):
         "".join(c.ask(f"Message number {turn}, please answer."))
-        notices += bool(c.notice)
-        c.notice = ""
         assert len(c.tokens) <= 160
-    assert notices > 0
+    assert notices and all("oldest exchange" in n for n in notices)
     assert c.messages[0]["role"] == "user" and c.messages[0]["content"] != "Message number 0, please answer."
     # The persona is re-attached to the first message kept, right after BOS.
     first = [tokenizer.bos_id] + chat.user_block(tokenizer, c.messages[0]["content"], MENNY)

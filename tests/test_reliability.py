@@ -121,10 +121,11 @@ def test_a_transcript_longer_than_the_context_keeps_its_newest_exchanges(tmp_pat
     for i in range(12):
         "".join(long.ask(f"message {i} with a few more words in it"))
     long.save(tmp_path / "t.json", {})
-    short = chat.Chat(model, tokenizer, max_tokens=8, temp=0.0, seed=0, max_context=128)
+    notices = []
+    short = chat.Chat(model, tokenizer, max_tokens=8, temp=0.0, seed=0, max_context=128, on_notice=notices.append)
     short.load(tmp_path / "t.json")
     assert len(short.tokens) + 9 <= 128 and short.messages == long.messages[-len(short.messages):]
-    assert "dropped the" in short.notice and short.messages[0]["role"] == "user"
+    assert "dropped the" in notices[0] and short.messages[0]["role"] == "user"
     assert short.tokens == chat.encode_messages(tokenizer, short.conversation())
     "".join(short.regen())  # a reply budget that is positive
     assert short.messages[-1]["tokens"]
