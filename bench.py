@@ -33,17 +33,33 @@ from machine import GB
 
 def synthetic_model(opts, dtype):
     """A Mixtral of the given size with random weights, quantized as convert.py would."""
-    args = mixtral.ModelArgs.from_dict({
-        "dim": opts.dim, "n_layers": opts.n_layers, "head_dim": opts.head_dim, "hidden_dim": opts.hidden_dim,
-        "n_heads": opts.n_heads, "n_kv_heads": opts.n_kv_heads, "norm_eps": 1e-5, "vocab_size": opts.vocab_size,
-        "moe": {"num_experts": opts.n_experts, "num_experts_per_tok": opts.top_k},
-    })
+    args = mixtral.ModelArgs.from_dict(
+        {
+            "dim": opts.dim,
+            "n_layers": opts.n_layers,
+            "head_dim": opts.head_dim,
+            "hidden_dim": opts.hidden_dim,
+            "n_heads": opts.n_heads,
+            "n_kv_heads": opts.n_kv_heads,
+            "norm_eps": 1e-5,
+            "vocab_size": opts.vocab_size,
+            "moe": {"num_experts": opts.n_experts, "num_experts_per_tok": opts.top_k},
+        }
+    )
     model = mixtral.Mixtral(args)
     mx.random.seed(0)
     model.update(tree_map(lambda p: (mx.random.normal(p.shape) * opts.dim**-0.5).astype(dtype), model.parameters()))
     if opts.q_bits:
-        mixtral.quantize_model(model, opts.q_group_size, opts.q_bits, input_major=machine.on_cpu(), keep=lambda p: not p.endswith("feed_forward.gate"))
-        model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()))
+        mixtral.quantize_model(
+            model,
+            opts.q_group_size,
+            opts.q_bits,
+            input_major=machine.on_cpu(),
+            keep=lambda p: not p.endswith("feed_forward.gate"),
+        )
+        model.update(
+            tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters())
+        )
     return model
 
 
@@ -138,8 +154,14 @@ class WordTokenizer:
 
 def chat_turns(model, tokenizer, opts):
     """Time to first token of each chat turn, same message length every turn."""
-    c = chat.Chat(model, tokenizer or WordTokenizer(model.args.vocab_size), max_tokens=opts.reply_tokens, temp=0.0, seed=0,
-                  max_context=machine.MAX_POSITIONS)
+    c = chat.Chat(
+        model,
+        tokenizer or WordTokenizer(model.args.vocab_size),
+        max_tokens=opts.reply_tokens,
+        temp=0.0,
+        seed=0,
+        max_context=machine.MAX_POSITIONS,
+    )
     ttfts = []
     for turn in range(opts.chat_turns):
         reply = c.ask(" ".join(["word"] * opts.turn_tokens) + f" {turn}")
@@ -150,10 +172,24 @@ def chat_turns(model, tokenizer, opts):
 
 
 def run_mlx_lm(opts):
-    cmd = [opts.mlx_lm_python, "-m", "mlx_lm", "benchmark", "--model", opts.mlx_lm_model, "-p", str(opts.prompt_tokens),
-           "-g", str(opts.gen_tokens), "-n", str(opts.repeat)]
+    cmd = [
+        opts.mlx_lm_python,
+        "-m",
+        "mlx_lm",
+        "benchmark",
+        "--model",
+        opts.mlx_lm_model,
+        "-p",
+        str(opts.prompt_tokens),
+        "-g",
+        str(opts.gen_tokens),
+        "-n",
+        str(opts.repeat),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    m = re.search(r"Averages: prompt_tps=([\d.]+), generation_tps=([\d.]+), peak_memory=([\d.]+)", out.stdout + out.stderr)
+    m = re.search(
+        r"Averages: prompt_tps=([\d.]+), generation_tps=([\d.]+), peak_memory=([\d.]+)", out.stdout + out.stderr
+    )
     if not m:
         raise runtime.MixtralError(f"mlx-lm benchmark failed:\n{out.stderr[-2000:]}")
     return {"prompt_tps": float(m[1]), "generation_tps": float(m[2]), "peak_memory_gb": float(m[3])}
@@ -183,7 +219,9 @@ def build_parser():
     p.add_argument("--turn-tokens", type=int, default=32, help="words per chat message")
     p.add_argument("--reply-tokens", type=int, default=32, help="tokens per chat reply")
     p.add_argument("--repeat", type=int, default=1, help="runs; figures are medians")
-    p.add_argument("--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    p.add_argument(
+        "--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)"
+    )
     p.add_argument("--cpu-threads", type=int, help="CPU streams (default: all cores on the CPU)")
     p.add_argument("--mlx-lm-model", help="also run mlx-lm's benchmark on this mlx-lm model and report ratios")
     p.add_argument("--mlx-lm-python", default=sys.executable, help="the Python that has mlx-lm (default: this one)")
@@ -204,23 +242,32 @@ def run(opts):
     build_ms, run_ms = decode_breakdown(model, opts)
     gen_tps = statistics.median(r[1] for r in runs)
     result = {
-        "device": str(mx.default_device()), "device_name": mx.device_info().get("device_name", ""),
+        "device": str(mx.default_device()),
+        "device_name": mx.device_info().get("device_name", ""),
         "compute_dtype": mixtral.dtype_name(model.dtype),
         "cpu_threads": next((len(m.streams) for m in model.modules() if isinstance(m, parallel.SplitOutputs)), 1),
-        "model": opts.model_path or f"synthetic {opts.dim}x{opts.hidden_dim}, {opts.n_layers} layers, {opts.n_experts} experts, {opts.q_bits or 'no'}-bit",
+        "model": opts.model_path
+        or f"synthetic {opts.dim}x{opts.hidden_dim}, {opts.n_layers} layers, {opts.n_experts} experts, {opts.q_bits or 'no'}-bit",
         "load_s": load_s,
-        "prompt_tokens": opts.prompt_tokens, "prompt_tps": statistics.median(r[0] for r in runs),
-        "gen_tokens": opts.gen_tokens, "generation_tps": gen_tps,
+        "prompt_tokens": opts.prompt_tokens,
+        "prompt_tps": statistics.median(r[0] for r in runs),
+        "gen_tokens": opts.gen_tokens,
+        "generation_tps": gen_tps,
         "ttft_turn1_s": statistics.median(t[0] for t in turns),
         f"ttft_turn{opts.chat_turns}_s": statistics.median(t[-1] for t in turns),
-        "decode_step_ms": 1000 / gen_tps, "decode_kernels_ms": run_ms, "decode_python_ms": build_ms,
+        "decode_step_ms": 1000 / gen_tps,
+        "decode_kernels_ms": run_ms,
+        "decode_python_ms": build_ms,
         "peak_memory_gb": mx.get_peak_memory() / GB,
     }
     result["ttft_ratio"] = result[f"ttft_turn{opts.chat_turns}_s"] / result["ttft_turn1_s"]
     if model.group is not None:
-        mine = {"weight_gb": machine.weight_bytes(model) / GB,
-                "peak_memory_gb": mx.get_peak_memory() / GB, "generation_tps": gen_tps,
-                "collectives_ms_per_token": collective_ms(model)}
+        mine = {
+            "weight_gb": machine.weight_bytes(model) / GB,
+            "peak_memory_gb": mx.get_peak_memory() / GB,
+            "generation_tps": gen_tps,
+            "collectives_ms_per_token": collective_ms(model),
+        }
         result["ranks"] = per_rank(model, mine)
     result["decode_overhead"] = result["decode_step_ms"] / run_ms - 1
     if opts.mlx_lm_model:

@@ -74,7 +74,9 @@ def split_system(messages: List[dict]):
     for i, m in enumerate(messages):
         if m.get("role") != ("user", "assistant")[i % 2] or not isinstance(m.get("content"), str):
             want = ("user", "assistant")[i % 2]
-            raise MixtralError(f"message {i}: expected role {want!r} (user and assistant alternate after an optional system message), got {m.get('role')!r}")
+            raise MixtralError(
+                f"message {i}: expected role {want!r} (user and assistant alternate after an optional system message), got {m.get('role')!r}"
+            )
     return system, messages
 
 
@@ -82,7 +84,9 @@ def message_blocks(tokenizer, messages: List[dict]) -> List[List[int]]:
     """The token ids of each user/assistant message (BOS not included)."""
     system, turns = split_system(messages)
     return [
-        user_block(tokenizer, m["content"], system if i == 0 else "") if m["role"] == "user" else reply_block(tokenizer, m)
+        user_block(tokenizer, m["content"], system if i == 0 else "")
+        if m["role"] == "user"
+        else reply_block(tokenizer, m)
         for i, m in enumerate(turns)
     ]
 
@@ -119,9 +123,19 @@ class Chat:
     for text, which then says why it ended and how fast; notices (old turns dropped to fit) go to
     on_notice."""
 
-    def __init__(self, model, tokenizer, system=DEFAULT_SYSTEM_PROMPT, max_context=MAX_POSITIONS,
-                 max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT_TEMP, top_p=DEFAULT_TOP_P, min_p=DEFAULT_MIN_P, seed=None,
-                 on_notice=lambda text: None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        system=DEFAULT_SYSTEM_PROMPT,
+        max_context=MAX_POSITIONS,
+        max_tokens=DEFAULT_MAX_TOKENS,
+        temp=DEFAULT_TEMP,
+        top_p=DEFAULT_TOP_P,
+        min_p=DEFAULT_MIN_P,
+        seed=None,
+        on_notice=lambda text: None,
+    ):
         self.model, self.tokenizer, self.on_notice = model, tokenizer, on_notice
         self.system, self.max_context, self.max_tokens = system, max_context, max_tokens
         self.temp, self.top_p, self.min_p = temp, top_p, min_p
@@ -143,7 +157,8 @@ class Chat:
     def conversation(self, messages: Optional[List[dict]] = None) -> List[dict]:
         """The persona (if any) followed by `messages` (default: the whole conversation)."""
         return ([{"role": "system", "content": self.system}] if self.system else []) + (
-            self.messages if messages is None else messages)
+            self.messages if messages is None else messages
+        )
 
     @property
     def fed(self) -> int:
@@ -161,7 +176,7 @@ class Chat:
         """Feed what the cache lacks, then all but the last token of block (its logits pick the
         reply's first token). False if should_stop() came first: the cache keeps what it was fed of
         `tokens`, and nothing of block."""
-        left = mixtral.prefill(self.model, self.tokens[self.fed:] + block, self.cache, should_stop=should_stop)
+        left = mixtral.prefill(self.model, self.tokens[self.fed :] + block, self.cache, should_stop=should_stop)
         if len(left) > 1 or should_stop():
             self._trim(len(self.tokens))
             return False
@@ -200,10 +215,14 @@ class Chat:
             if used + len(block) + self._reserve <= self.max_context:
                 break
         else:
-            raise MixtralError(f"message too long: {len(block)} tokens leave no room for a reply in --max-context {self.max_context}")
+            raise MixtralError(
+                f"message too long: {len(block)} tokens leave no room for a reply in --max-context {self.max_context}"
+            )
         if drop:
             self._rebuild(kept)
-            self.on_notice(f"(dropped the {drop // 2} oldest exchange{'s' * (drop > 2)} to fit --max-context {self.max_context})")
+            self.on_notice(
+                f"(dropped the {drop // 2} oldest exchange{'s' * (drop > 2)} to fit --max-context {self.max_context})"
+            )
         return block
 
     def ask(self, content: str, should_stop=lambda: False) -> mixtral.Reply:
@@ -258,8 +277,19 @@ class Chat:
         budget = min(self.max_tokens, self.max_context - len(self.tokens) - 1)
         try:
             # _feed has prefilled all but the last token of the block.
-            yield from mixtral.complete(self.model, self.tokenizer, prompt[-1:], reply, budget, self.cache, should_stop,
-                                        start, temp=self.temp, top_p=self.top_p, min_p=self.min_p)
+            yield from mixtral.complete(
+                self.model,
+                self.tokenizer,
+                prompt[-1:],
+                reply,
+                budget,
+                self.cache,
+                should_stop,
+                start,
+                temp=self.temp,
+                top_p=self.top_p,
+                min_p=self.min_p,
+            )
         finally:
             # However the reply ended, it is closed with EOS: fed already when sampled, else with the
             # next prefill. The cache keeps no more than the conversation (a step broken off half-way).
@@ -279,7 +309,9 @@ class Chat:
             os.replace(tmp, target)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise MixtralError(f"{path}: cannot write ({e.strerror}); the previous file, if any, is unchanged") from None
+            raise MixtralError(
+                f"{path}: cannot write ({e.strerror}); the previous file, if any, is unchanged"
+            ) from None
 
     def load(self, path: str, text: Optional[str] = None):
         """Continue a transcript saved by /save (`text`: its contents, when already read). Exchanges
@@ -298,10 +330,14 @@ class Chat:
             turns = turns[:-1]  # a question without its answer: the user can ask it again
         self.reset(system)
         dropped = 0
-        while turns and len(encode_messages(self.tokenizer, self.conversation(turns))) + self._reserve > self.max_context:
+        while (
+            turns and len(encode_messages(self.tokenizer, self.conversation(turns))) + self._reserve > self.max_context
+        ):
             turns, dropped = turns[2:], dropped + 1
         if dropped:
-            self.on_notice(f"(dropped the {dropped} oldest exchange{'s' * (dropped > 1)} of {path} to fit --max-context {self.max_context})")
+            self.on_notice(
+                f"(dropped the {dropped} oldest exchange{'s' * (dropped > 1)} of {path} to fit --max-context {self.max_context})"
+            )
         self._rebuild(turns)
 
     def _check_tokens(self, i: int, tokens):
@@ -348,8 +384,11 @@ def resolve_model(path: str, log, tokenizer=None) -> Path:
     target = cache_root() / name
     if not (target / "config.json").is_file():
         log(f"converting {path} to MLX in {target} (once) ...")
-        convert.supervise(["--hf-path", path, "--mlx-path", str(target)] + (["--tokenizer", tokenizer] if tokenizer else []),
-                          target, log=log)
+        convert.supervise(
+            ["--hf-path", path, "--mlx-path", str(target)] + (["--tokenizer", tokenizer] if tokenizer else []),
+            target,
+            log=log,
+        )
     return target
 
 
@@ -363,7 +402,10 @@ class Terminal:
         self.interactive, self.readline, self.rank0 = interactive, None, rank0
         self.history_file = Path.home() / ".mixtral_chat_history"
         if interactive:
-            with contextlib.suppress(ImportError), runtime.signals_held():  # a Ctrl-C inside a C import becomes ImportError
+            with (
+                contextlib.suppress(ImportError),
+                runtime.signals_held(),
+            ):  # a Ctrl-C inside a C import becomes ImportError
                 import readline
 
                 self.readline = readline
@@ -427,7 +469,9 @@ class Terminal:
                 line.encode("utf-8")
                 return line
             except UnicodeEncodeError as e:  # stdin decodes with surrogateescape (see main)
-                self.remark(f"error: that line is not UTF-8 text (byte 0x{ord(line[e.start]) & 0xFF:02x}); skipped, type it again")
+                self.remark(
+                    f"error: that line is not UTF-8 text (byte 0x{ord(line[e.start]) & 0xFF:02x}); skipped, type it again"
+                )
 
     def close(self):
         if self.interactive and self.readline:
@@ -490,18 +534,34 @@ def command(chat: Chat, term: Terminal, ctrl_c: CtrlC, line: str, settings: dict
 
 def build_parser():
     p = argparse.ArgumentParser(description="Chat with Menny, a cynical teenager, on Mixtral-8x7B-Instruct.")
-    p.add_argument("--model-path", default=folder.DEFAULT_MODEL_PATH,
-                   help="converted folder, or a Hugging Face folder / Hub id to convert once (default: %(default)s)")
+    p.add_argument(
+        "--model-path",
+        default=folder.DEFAULT_MODEL_PATH,
+        help="converted folder, or a Hugging Face folder / Hub id to convert once (default: %(default)s)",
+    )
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="the persona; '' for none (default: Menny)")
     p.add_argument("--prompt", help="one message: print Menny's reply and exit")
     p.add_argument("--resume", help="start from a transcript saved with /save")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens per reply at most (default: %(default)s)")
-    p.add_argument("--max-context", type=int, help="tokens of conversation kept (default: 32768, or what fits in memory)")
-    p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature, 0 is greedy (default: %(default)s)")
+    p.add_argument(
+        "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens per reply at most (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-context", type=int, help="tokens of conversation kept (default: 32768, or what fits in memory)"
+    )
+    p.add_argument(
+        "--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature, 0 is greedy (default: %(default)s)"
+    )
     p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling mass (default: %(default)s)")
-    p.add_argument("--min-p", type=float, default=DEFAULT_MIN_P, help="drop tokens below this share of the top one (default: %(default)s)")
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=DEFAULT_MIN_P,
+        help="drop tokens below this share of the top one (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, help="random seed (default: a new one, saved by /save)")
-    p.add_argument("--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    p.add_argument(
+        "--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)"
+    )
     p.add_argument("--verbose", action="store_true", help="per-turn speed and context use")
     p.add_argument("--verify", action="store_true", help="check every model file against its manifest (sha256) first")
     p.add_argument("--tokenizer", help="tokenizer.model for a first-run conversion of a folder that lacks one")
@@ -541,8 +601,18 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
     # Every rank must make the same decisions: the context size and the transcript are rank 0's.
     max_context = parallel.from_rank0(args.max_context or machine.default_context(model), group)
     machine.check_memory(model, max_context, "--max-context", model_path)
-    chat = Chat(model, tokenizer, args.system_prompt, max_context, args.max_tokens, args.temp, args.top_p, args.min_p,
-                args.seed, on_notice=term.remark)
+    chat = Chat(
+        model,
+        tokenizer,
+        args.system_prompt,
+        max_context,
+        args.max_tokens,
+        args.temp,
+        args.top_p,
+        args.min_p,
+        args.seed,
+        on_notice=term.remark,
+    )
     if args.resume:
         chat.load(args.resume, parallel.text_from_rank0(read_transcript(args.resume) if term.rank0 else "", group))
     settings = {k: getattr(args, k) for k in ("model_path", "max_tokens", "temp", "top_p", "min_p", "dtype")}

@@ -81,7 +81,10 @@ def args_from_hf_config(config: dict, source: str) -> ModelArgs:
                 "n_kv_heads": config.get("num_key_value_heads", config["num_attention_heads"]),
                 "norm_eps": config["rms_norm_eps"],
                 "vocab_size": config["vocab_size"],
-                "moe": {"num_experts": config["num_local_experts"], "num_experts_per_tok": config["num_experts_per_tok"]},
+                "moe": {
+                    "num_experts": config["num_local_experts"],
+                    "num_experts_per_tok": config["num_experts_per_tok"],
+                },
                 "rope_theta": config.get("rope_theta", 1e6),
             },
             source,
@@ -94,6 +97,7 @@ def plan(args: ModelArgs, names=frozenset()):
     """[(group name, [(our module, [source modules])])] in file order: embeddings, each layer, head.
 
     Where several source rows map to one module of ours, the one present in `names` is used."""
+
     def expand(src, l):
         e_range = range(args.moe.num_experts) if "{e}" in src else [None]
         return [src.format(l=l, e=e) for e in e_range]
@@ -126,8 +130,12 @@ def safetensors_header(path: Path) -> dict:
         raise MixtralError(f"{path}: not a safetensors file (bad header)")
     for k, t in header.items():
         offsets = t.get("data_offsets") if isinstance(t, dict) else None
-        if k != "__metadata__" and not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise MixtralError(f"{path}: header entry {k!r} has no valid data_offsets; the file is damaged, download it again")
+        if k != "__metadata__" and not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+        ):
+            raise MixtralError(
+                f"{path}: header entry {k!r} has no valid data_offsets; the file is damaged, download it again"
+            )
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise MixtralError(f"{path}: truncated ({size} bytes, the header needs {8 + n + end}); download it again")
@@ -188,7 +196,9 @@ def source_quantization(config: dict, source: str):
     if not (isinstance(q, dict) and isinstance(q.get("bits"), int) and isinstance(q.get("group_size"), int)):
         raise MixtralError(f"{source}: 'quantization' must hold integer 'bits' and 'group_size', got {q!r}")
     if q.get("mode", "affine") != "affine":
-        raise MixtralError(f"{source}: quantization mode {q['mode']!r} is not supported; use an affine (default) checkpoint")
+        raise MixtralError(
+            f"{source}: quantization mode {q['mode']!r} is not supported; use an affine (default) checkpoint"
+        )
     return q
 
 
@@ -240,7 +250,9 @@ def quantize_tensor(w, group_size: int, bits: int, chunk: int = 2**22):
             approx = mx.dequantize(q[0], q[1].astype(dtype), q[2].astype(dtype), group_size, bits)
             err2[i] += mx.sum(mx.square(approx - x)).item()
     best = min(range(len(candidates)), key=err2.__getitem__)
-    join = lambda k, dtype=None: mx.concatenate([p[k] for p in parts]).reshape(*w.shape[:-1], -1).astype(dtype or parts[0][k].dtype)
+    join = lambda k, dtype=None: (
+        mx.concatenate([p[k] for p in parts]).reshape(*w.shape[:-1], -1).astype(dtype or parts[0][k].dtype)
+    )
     arrays = {"weight": join(0), "scales": join(1, candidates[best]), "biases": join(2, candidates[best])}
     return arrays, (err2[best] / max(norm2, 1e-30)) ** 0.5
 
@@ -255,7 +267,11 @@ def error_bound(bits: int, group_size: int) -> float:
 def convert_module(name, modules, tensors, quant, q_bits, q_group_size, dtype, input_major=False):
     """Read (and drop) one module's source tensors; stack experts; quantize, or repack what is already
     quantized as we would write it. -> ({our tensor: array}, relative error, or None if not rounded)."""
-    parts = {k: [tensors.pop(f"{m}.{k}") for m in modules] for k in ("weight", "scales", "biases") if f"{modules[0]}.{k}" in tensors}
+    parts = {
+        k: [tensors.pop(f"{m}.{k}") for m in modules]
+        for k in ("weight", "scales", "biases")
+        if f"{modules[0]}.{k}" in tensors
+    }
     stack = ".experts." in name and ".switch_mlp." not in modules[0]
     parts = {k: mx.stack(v) if stack else v[0] for k, v in parts.items()}
     w = parts["weight"]
@@ -271,7 +287,9 @@ def convert_module(name, modules, tensors, quant, q_bits, q_group_size, dtype, i
     if not quantized:
         return {f"{name}.weight": w.astype(dtype or w.dtype)}, None
     if w.shape[-1] % q_group_size:
-        raise MixtralError(f"tensor {name}: last dimension {w.shape[-1]} is not a multiple of --q-group-size {q_group_size}")
+        raise MixtralError(
+            f"tensor {name}: last dimension {w.shape[-1]} is not a multiple of --q-group-size {q_group_size}"
+        )
     if relayout:
         w = w.swapaxes(-1, -2)  # (..., in, out): see mixtral.InputMajorLinear
     arrays, err = quantize_tensor(w, q_group_size, q_bits)
@@ -288,12 +306,23 @@ def error_summary(errors: dict, worst: int = 3) -> str:
         return "no tensor rounded (full precision, or repacked as it was)"
     top = sorted(errors.items(), key=lambda kv: -kv[1])[:worst]
     mean = sum(errors.values()) / len(errors)
-    return (f"quantization error (relative RMS) mean {100 * mean:.2f}% over {len(errors)} tensors, worst "
-            + ", ".join(f"{k} {100 * v:.2f}%" for k, v in top))
+    return f"quantization error (relative RMS) mean {100 * mean:.2f}% over {len(errors)} tensors, worst " + ", ".join(
+        f"{k} {100 * v:.2f}%" for k, v in top
+    )
 
 
-def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max_shard_gb=5.0, force=False,
-            layout="auto", tokenizer=None, log=print):
+def convert(
+    hf_path,
+    mlx_path,
+    q_bits="auto",
+    q_group_size=None,
+    dtype=None,
+    max_shard_gb=5.0,
+    force=False,
+    layout="auto",
+    tokenizer=None,
+    log=print,
+):
     """Convert a Hugging Face or mlx-lm (mlx-community) Mixtral folder or Hub id to ours.
 
     q_bits: 8, 4, None (no quantization) or "auto" (the source's bits if it is quantized, else 8).
@@ -316,14 +345,16 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
         # an already quantized source keeps its layout: input-major would round a second time.
         layout = "input-major" if on_cpu() and not quant else "standard"
     elif layout == "input-major" and quant and q_bits:
-        log("note: input-major from an already quantized source rounds each weight a second time (the report "
-            "below measures it); --layout standard repacks it without loss")
+        log(
+            "note: input-major from an already quantized source rounds each weight a second time (the report "
+            "below measures it); --layout standard repacks it without loss"
+        )
     input_major = bool(q_bits) and layout == "input-major"
     tokenizer = check_tokenizer(Path(tokenizer) if tokenizer else src / "tokenizer.model", args)
     expected = {k: v.shape for k, v in tree_flatten(Mixtral(args).parameters())}  # lazy zeros: shapes only
     groups = plan(args, tensors.keys())
     needed = {f"{m}.weight" for _, rows in groups for _, ms in rows for m in ms}
-    allowed = needed | {f"{m[:-len('.weight')]}.{k}" for m in needed for k in ("scales", "biases")}
+    allowed = needed | {f"{m[: -len('.weight')]}.{k}" for m in needed for k in ("scales", "biases")}
     folder.check_tensor_names(src, needed, tensors.keys(), allowed)
     check_shapes(groups, tensors, expected, quant)
 
@@ -333,10 +364,16 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
         for g, (group, rows) in enumerate(groups):
             tic, out_bytes = time.perf_counter(), 0
             for name, modules in rows:
-                arrays, err = convert_module(name, modules, tensors, quant, q_bits, q_group_size,
-                                             DTYPES.get(dtype), input_major)
+                arrays, err = convert_module(
+                    name, modules, tensors, quant, q_bits, q_group_size, DTYPES.get(dtype), input_major
+                )
                 mx.eval(arrays)
-                report.add(name, math.prod(expected[f"{name}.weight"]), err, repacked=err is None and f"{name}.scales" in arrays)
+                report.add(
+                    name,
+                    math.prod(expected[f"{name}.weight"]),
+                    err,
+                    repacked=err is None and f"{name}.scales" in arrays,
+                )
                 out_bytes += writer.add(arrays)
                 del arrays
                 mx.clear_cache()  # hand freed inputs back to the OS rather than keep them for reuse
@@ -350,11 +387,18 @@ def convert(hf_path, mlx_path, q_bits="auto", q_group_size=None, dtype=None, max
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(tokenizer, tmp / "tokenizer.model")
         manifest = {
-            "source": str(hf_path), "source_format": "mlx-lm" if quant else "hugging face",
-            "bits": q_bits, "group_size": q_group_size if q_bits else None, "layout": layout if q_bits else None,
-            "parameters": report.n_params, "repacked_tensors": report.repacked, "quantization_error": report.errors,
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
-                      for f in writer.names + ["config.json", "tokenizer.model"]},
+            "source": str(hf_path),
+            "source_format": "mlx-lm" if quant else "hugging face",
+            "bits": q_bits,
+            "group_size": q_group_size if q_bits else None,
+            "layout": layout if q_bits else None,
+            "parameters": report.n_params,
+            "repacked_tensors": report.repacked,
+            "quantization_error": report.errors,
+            "files": {
+                f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256(tmp / f)}
+                for f in writer.names + ["config.json", "tokenizer.model"]
+            },
         }
         (tmp / folder.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     report.done(out, writer)
@@ -490,18 +534,33 @@ def check_tokenizer(path: Path, args: ModelArgs) -> Path:
 
 def build_parser():
     p = argparse.ArgumentParser(description="Convert Hugging Face Mixtral weights to MLX (8-bit by default).")
-    p.add_argument("--hf-path", required=True,
-                   help="Hugging Face or mlx-lm (mlx-community) folder, or a Hub repo id such as mistralai/Mixtral-8x7B-Instruct-v0.1")
+    p.add_argument(
+        "--hf-path",
+        required=True,
+        help="Hugging Face or mlx-lm (mlx-community) folder, or a Hub repo id such as mistralai/Mixtral-8x7B-Instruct-v0.1",
+    )
     p.add_argument("--mlx-path", default=folder.DEFAULT_MODEL_PATH, help="output folder (default: %(default)s)")
-    p.add_argument("--q-bits", type=int, choices=[8, 4], help="quantization bits (default: 8, or the source's if it is quantized)")
-    p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], help="weights per scale (default: 64, or the source's)")
+    p.add_argument(
+        "--q-bits", type=int, choices=[8, 4], help="quantization bits (default: 8, or the source's if it is quantized)"
+    )
+    p.add_argument(
+        "--q-group-size", type=int, choices=[32, 64, 128], help="weights per scale (default: 64, or the source's)"
+    )
     p.add_argument("--no-quantize", action="store_true", help="keep full-precision weights")
-    p.add_argument("--dtype", choices=list(DTYPES), help="dtype of full-precision tensors (default: the source's, so bf16 stays bf16)")
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="dtype of full-precision tensors (default: the source's, so bf16 stays bf16)",
+    )
     p.add_argument("--tokenizer", help="tokenizer.model to use (default: the one in --hf-path)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard in GB (default: %(default)s)")
-    p.add_argument("--layout", choices=["auto", "standard", "input-major"], default="auto",
-                   help="quantized layout: input-major runs ~5x faster on MLX's CPU backend, standard suits GPUs; "
-                        "auto picks for this machine (default: %(default)s)")
+    p.add_argument(
+        "--layout",
+        choices=["auto", "standard", "input-major"],
+        default="auto",
+        help="quantized layout: input-major runs ~5x faster on MLX's CPU backend, standard suits GPUs; "
+        "auto picks for this machine (default: %(default)s)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # the child of supervise()
     return p
@@ -519,16 +578,25 @@ def main(argv=None):
             return supervise(argv, Path(opts.mlx_path), log)
         end_with_parent()
         convert(
-            opts.hf_path, opts.mlx_path, None if opts.no_quantize else opts.q_bits or "auto", opts.q_group_size, opts.dtype,
-            opts.max_shard_gb, opts.force, opts.layout, opts.tokenizer, log=log,
+            opts.hf_path,
+            opts.mlx_path,
+            None if opts.no_quantize else opts.q_bits or "auto",
+            opts.q_group_size,
+            opts.dtype,
+            opts.max_shard_gb,
+            opts.force,
+            opts.layout,
+            opts.tokenizer,
+            log=log,
         )
 
-    run_program(run, interrupted="interrupted: nothing was written",
-        out_of_memory=CONVERT_OUT_OF_MEMORY)
+    run_program(run, interrupted="interrupted: nothing was written", out_of_memory=CONVERT_OUT_OF_MEMORY)
 
 
-CONVERT_OUT_OF_MEMORY = ("nothing was written. Free memory or raise the limit, lower --max-shard-gb (the shard being filled "
-                         "stays in memory), and run it again")
+CONVERT_OUT_OF_MEMORY = (
+    "nothing was written. Free memory or raise the limit, lower --max-shard-gb (the shard being filled "
+    "stays in memory), and run it again"
+)
 
 
 def supervise(argv, out: Path, log=print, grace: float = 10.0):
@@ -537,8 +605,9 @@ def supervise(argv, out: Path, log=print, grace: float = 10.0):
     picks it (SIGKILL). Its parent can, and can remove what it left. Ctrl-C and SIGTERM are passed on;
     a child that has not ended `grace` seconds later is stuck inside MLX (it can hang when it cannot
     start a thread) and is killed."""
-    child = subprocess.Popen([sys.executable, __file__, *argv, "--in-process"], stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)  # a Ctrl-C typed reaches it once: passed on by us
+    child = subprocess.Popen(
+        [sys.executable, __file__, *argv, "--in-process"], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )  # a Ctrl-C typed reaches it once: passed on by us
     came = []
 
     def pass_on(sig, _):
@@ -580,8 +649,11 @@ def supervise(argv, out: Path, log=print, grace: float = 10.0):
         raise KeyboardInterrupt if code == 130 else Terminated
     else:
         how = signal.Signals(-code).name if code < 0 else f"status {code}"
-        why = "the system ran out of memory?" if code == -signal.SIGKILL else \
-            "MLX's CPU backend ends so when an allocation fails: out of memory, or ulimit -v?"
+        why = (
+            "the system ran out of memory?"
+            if code == -signal.SIGKILL
+            else "MLX's CPU backend ends so when an allocation fails: out of memory, or ulimit -v?"
+        )
         raise MixtralError(f"{out}: the conversion died ({how}: {why}); {CONVERT_OUT_OF_MEMORY}")
 
 

@@ -60,12 +60,13 @@ def read_config(path: Path):
         raise MixtralError(f"{config_file}: not a JSON object")
     quantization = config.pop("quantization", None)
     if quantization is not None and not (
-        isinstance(quantization, dict) and quantization.get("bits") in (2, 3, 4, 5, 6, 8)
+        isinstance(quantization, dict)
+        and quantization.get("bits") in (2, 3, 4, 5, 6, 8)
         and quantization.get("group_size") in (32, 64, 128)
         and quantization.get("layout", "standard") in ("standard", "input-major")
     ):
         raise MixtralError(
-            f"{config_file}: 'quantization' must be {{\"bits\": 8 or 4, \"group_size\": 32, 64 or 128}}, got {quantization!r}; "
+            f'{config_file}: \'quantization\' must be {{"bits": 8 or 4, "group_size": 32, 64 or 128}}, got {quantization!r}; '
             "convert the model again"
         )
     return config, quantization
@@ -91,7 +92,11 @@ def describe(model_path, args, quantization, kv_per_token: int, kv_dtype: str) -
     files = shards(path)
     size = sum(f.stat().st_size for f in files)
     q = quantization or {}
-    quant = f"{q['bits']} bits, group {q['group_size']}, {q.get('layout', 'standard')} layout" if q else "none (full precision)"
+    quant = (
+        f"{q['bits']} bits, group {q['group_size']}, {q.get('layout', 'standard')} layout"
+        if q
+        else "none (full precision)"
+    )
     n_params = manifest.get("parameters")
     errors = manifest.get("quantization_error") or {}
     if errors:
@@ -102,17 +107,19 @@ def describe(model_path, args, quantization, kv_per_token: int, kv_dtype: str) -
     else:
         error = "none (nothing rounded)" if manifest else "unknown (no manifest.json: converted by an older convert.py)"
     kv = kv_per_token
-    return "\n".join([
-        f"{path}",
-        f"  source        {manifest.get('source', 'unknown')} ({manifest.get('source_format', 'unknown format')})",
-        f"  model         {args.n_layers} layers, {args.dim} wide, {args.moe.num_experts} experts (top {args.moe.num_experts_per_tok}), "
-        f"vocabulary {args.vocab_size}" + (f", {n_params:,} parameters" if n_params else ""),
-        f"  quantization  {quant}",
-        f"  files         {len(files)} shard(s), {format_bytes(size)}",
-        f"  error         {error}",
-        f"  memory        {format_bytes(size)} of weights + KV cache {format_bytes(kv)} per token in {kv_dtype} "
-        f"({format_bytes(kv * MAX_POSITIONS)} at {MAX_POSITIONS} tokens)",
-    ])
+    return "\n".join(
+        [
+            f"{path}",
+            f"  source        {manifest.get('source', 'unknown')} ({manifest.get('source_format', 'unknown format')})",
+            f"  model         {args.n_layers} layers, {args.dim} wide, {args.moe.num_experts} experts (top {args.moe.num_experts_per_tok}), "
+            f"vocabulary {args.vocab_size}" + (f", {n_params:,} parameters" if n_params else ""),
+            f"  quantization  {quant}",
+            f"  files         {len(files)} shard(s), {format_bytes(size)}",
+            f"  error         {error}",
+            f"  memory        {format_bytes(size)} of weights + KV cache {format_bytes(kv)} per token in {kv_dtype} "
+            f"({format_bytes(kv * MAX_POSITIONS)} at {MAX_POSITIONS} tokens)",
+        ]
+    )
 
 
 def format_bytes(n: float) -> str:
@@ -152,6 +159,7 @@ def _verify_files(path: Path, files, log):
         if not file.is_file() or file.stat().st_size != want["bytes"]:
             size = file.stat().st_size if file.is_file() else "no"
             raise MixtralError(f"{file}: {size} bytes, the manifest says {want['bytes']}; copy it again")
+
         def progress(n):
             nonlocal done
             done += n

@@ -57,8 +57,14 @@ def largest_context(weights: int, kv_per_token: int, working_set: Optional[int],
     return max(0, int((budget - weights - ACTIVATIONS) // kv_per_token))
 
 
-def memory_plan(weights: int, kv_per_token: int, context: int, working_set: Optional[int], ram: int,
-                context_flag: Optional[str] = "--max-context"):
+def memory_plan(
+    weights: int,
+    kv_per_token: int,
+    context: int,
+    working_set: Optional[int],
+    ram: int,
+    context_flag: Optional[str] = "--max-context",
+):
     """Decide whether a model and `context` tokens of cache fit: (runs, advice or None). Pure: bytes.
 
     Refuse only what cannot fit in RAM at all. Past the GPU's working set, run, and say how to make it

@@ -1,6 +1,6 @@
 """Mixtral 8x7B in MLX: the model, its tokenizer, loading, generation and a one-shot CLI.
 
-    python mixtral.py --model-path mlx_model --prompt "The capital of France is"
+python mixtral.py --model-path mlx_model --prompt "The capital of France is"
 """
 
 import signal
@@ -59,9 +59,7 @@ class ModelArgs:
             raise MixtralError(f"{source}: missing key(s) {', '.join(missing)}")
         moe = config["moe"]
         if not isinstance(moe, dict) or set(moe) != {"num_experts", "num_experts_per_tok"}:
-            raise MixtralError(
-                f"{source}: 'moe' must be {{\"num_experts\": N, \"num_experts_per_tok\": K}}, got {moe!r}"
-            )
+            raise MixtralError(f'{source}: \'moe\' must be {{"num_experts": N, "num_experts_per_tok": K}}, got {moe!r}')
         args = cls(**{**config, "moe": MoEArgs(**moe)})
         args.validate(source)
         return args
@@ -78,9 +76,7 @@ class ModelArgs:
             )
         e, k = self.moe.num_experts, self.moe.num_experts_per_tok
         if not (isinstance(e, int) and isinstance(k, int) and 1 <= k <= e):
-            raise MixtralError(
-                f"{source}: moe.num_experts_per_tok ({k}) must be between 1 and moe.num_experts ({e})"
-            )
+            raise MixtralError(f"{source}: moe.num_experts_per_tok ({k}) must be between 1 and moe.num_experts ({e})")
         if not self.norm_eps > 0 or not self.rope_theta > 0:
             raise MixtralError(f"{source}: norm_eps and rope_theta must be positive")
 
@@ -198,8 +194,16 @@ class QuantizedSwitchLinear(nn.Module):
 
     def __call__(self, x, indices, sorted_indices=False):
         return mx.gather_qmm(
-            x, self["weight"], self["scales"], self["biases"], rhs_indices=indices, transpose=True,
-            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
+            x,
+            self["weight"],
+            self["scales"],
+            self["biases"],
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            sorted_indices=sorted_indices,
         )
 
 
@@ -317,8 +321,15 @@ class InputMajorLinear(nn.Module):
         args = dict(transpose=False, group_size=self.group_size, bits=self.bits)
         if indices is None:
             return mx.quantized_matmul(x, self["weight"], self["scales"], self["biases"], **args)
-        return mx.gather_qmm(x, self["weight"], self["scales"], self["biases"], rhs_indices=indices,
-                             sorted_indices=sorted_indices, **args)
+        return mx.gather_qmm(
+            x,
+            self["weight"],
+            self["scales"],
+            self["biases"],
+            rhs_indices=indices,
+            sorted_indices=sorted_indices,
+            **args,
+        )
 
 
 def quantize_model(model: "Mixtral", group_size: int, bits: int, input_major: bool, keep=lambda path: True):
@@ -445,7 +456,9 @@ def compute_dtype(dtype):
 
 def check_vocabulary(tokenizer: "Tokenizer", args: ModelArgs, where, fix: str):
     if tokenizer.vocab_size != args.vocab_size:
-        raise MixtralError(f"{where}: a vocabulary of {tokenizer.vocab_size} tokens, but the model has {args.vocab_size}; {fix}")
+        raise MixtralError(
+            f"{where}: a vocabulary of {tokenizer.vocab_size} tokens, but the model has {args.vocab_size}; {fix}"
+        )
 
 
 def lazy_shards(path: Path):
@@ -468,8 +481,13 @@ def skeleton(args: ModelArgs, quantization, weights) -> Mixtral:
     model = Mixtral(args)
     if quantization:
         quantized = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
-        quantize_model(model, quantization["group_size"], quantization["bits"],
-                       quantization.get("layout") == "input-major", keep=lambda p: p in quantized)
+        quantize_model(
+            model,
+            quantization["group_size"],
+            quantization["bits"],
+            quantization.get("layout") == "input-major",
+            keep=lambda p: p in quantized,
+        )
     return model
 
 
@@ -518,8 +536,10 @@ def read_weights(model: Mixtral, shards: List[Path], deliver=lambda: None):
         if is_out_of_memory(e):
             raise
         bad = next((s for s in shards if folder.damaged(s)), shards[0] if len(shards) == 1 else "a shard")
-        raise MixtralError(f"{bad}: damaged ({str(e).strip().splitlines()[-1]}); copy or convert it again "
-                           f"(python mixtral.py --verify --model-path {Path(shards[0]).parent} checks every file)") from None
+        raise MixtralError(
+            f"{bad}: damaged ({str(e).strip().splitlines()[-1]}); copy or convert it again "
+            f"(python mixtral.py --verify --model-path {Path(shards[0]).parent} checks every file)"
+        ) from None
 
 
 # --------------------------------------------------------------------------- generation
@@ -545,8 +565,9 @@ def sample(logits, temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0):
     return mx.random.categorical(logprobs)
 
 
-def prefill(model: Mixtral, tokens: List[int], cache: List[KVCache], chunk: int = 512,
-            should_stop=lambda: False) -> List[int]:
+def prefill(
+    model: Mixtral, tokens: List[int], cache: List[KVCache], chunk: int = 512, should_stop=lambda: False
+) -> List[int]:
     """Feed all but the last token through the cache, `chunk` at a time; return what is left (more
     than one token when should_stop() turned true between two chunks).
 
@@ -634,8 +655,17 @@ class Reply:
         return max(len(self.ids) - 1, 0) / max(self.elapsed - self.ttft, 1e-9)
 
 
-def complete(model: Mixtral, tokenizer: "Tokenizer", prompt_ids, reply: Reply, max_tokens: int, cache=None,
-             should_stop=lambda: False, start: Optional[float] = None, **sampling) -> Iterator[str]:
+def complete(
+    model: Mixtral,
+    tokenizer: "Tokenizer",
+    prompt_ids,
+    reply: Reply,
+    max_tokens: int,
+    cache=None,
+    should_stop=lambda: False,
+    start: Optional[float] = None,
+    **sampling,
+) -> Iterator[str]:
     """Generate after prompt_ids until EOS, max_tokens or should_stop(), and yield the text as it becomes
     final; fills `reply`. start: when the reply's clock started (default now), for a caller that
     prefilled before. Sampling arguments go to generate()."""
@@ -676,8 +706,14 @@ def build_parser():
     p.add_argument("--model-path", default=DEFAULT_MODEL_PATH, help="converted model folder (default: %(default)s)")
     p.add_argument("--prompt", help="the prompt; '-' reads it from stdin")
     p.add_argument("--verify", action="store_true", help="check every file against manifest.json (sha256) first")
-    p.add_argument("--info", action="store_true", help="describe the converted folder (source, bits, sizes, error, memory) and exit")
-    p.add_argument("--max-tokens", "-m", type=int, default=100, help="tokens to generate at most (default: %(default)s)")
+    p.add_argument(
+        "--info",
+        action="store_true",
+        help="describe the converted folder (source, bits, sizes, error, memory) and exit",
+    )
+    p.add_argument(
+        "--max-tokens", "-m", type=int, default=100, help="tokens to generate at most (default: %(default)s)"
+    )
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 is off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -705,8 +741,10 @@ def run(args):
     if args.max_tokens < 0 or args.temp < 0 or not 0 < args.top_p <= 1:
         raise MixtralError("--max-tokens and --temp must be >= 0 and --top-p in (0, 1]")
     if args.prompt == "-" and parallel.world():
-        raise MixtralError("--prompt - cannot work under mlx.launch, which never passes the end of stdin on; "
-                           'pass the text itself: --prompt "$(cat FILE)"')
+        raise MixtralError(
+            "--prompt - cannot work under mlx.launch, which never passes the end of stdin on; "
+            'pass the text itself: --prompt "$(cat FILE)"'
+        )
     prompt = read_prompt(args.prompt) if mx.distributed.init().rank() == 0 else ""
     tic = time.perf_counter()
     model, tokenizer = load_model(args.model_path, args.dtype)
@@ -716,8 +754,9 @@ def run(args):
     prompt_ids = tokenizer.encode(prompt)
     machine.check_memory(model, len(prompt_ids) + args.max_tokens, "--max-tokens", args.model_path)
     reply = Reply(prompt_tokens=len(prompt_ids))
-    reply.pieces = complete(model, tokenizer, prompt_ids, reply, args.max_tokens, temp=args.temp, top_p=args.top_p,
-                            seed=args.seed)
+    reply.pieces = complete(
+        model, tokenizer, prompt_ids, reply, args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed
+    )
     for text in reply:
         print(text, end="", flush=True)
     print()

@@ -94,8 +94,11 @@ class HeadParallel:
         outs = []
         for a, b, stream in zip(self.cuts, self.cuts[1:], self.streams):
             with mx.stream(stream):
-                outs.append(mx.fast.scaled_dot_product_attention(
-                    q[:, a * group : b * group], k[:, a:b], v[:, a:b], scale=scale, mask=mask))
+                outs.append(
+                    mx.fast.scaled_dot_product_attention(
+                        q[:, a * group : b * group], k[:, a:b], v[:, a:b], scale=scale, mask=mask
+                    )
+                )
         return mx.concatenate(outs, axis=1)
 
 
@@ -129,8 +132,11 @@ def ranks_that_fit(args, group_size: int = 1) -> list:
     """The numbers of ranks that cut every layer into whole heads and whole quantization groups."""
     g = group_size or 1
     return [
-        n for n in range(1, args.n_kv_heads + 1)
-        if args.n_kv_heads % n == 0 and (args.n_kv_heads // n * args.head_dim) % g == 0 and args.hidden_dim % (n * g) == 0
+        n
+        for n in range(1, args.n_kv_heads + 1)
+        if args.n_kv_heads % n == 0
+        and (args.n_kv_heads // n * args.head_dim) % g == 0
+        and args.hidden_dim % (n * g) == 0
     ]
 
 

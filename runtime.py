@@ -52,7 +52,9 @@ class Terminated(BaseException):
     received = False
 
 
-OUT_OF_MEMORY = "free memory, or need less: a smaller --max-context, 4-bit weights, or several machines (README: Memory)"
+OUT_OF_MEMORY = (
+    "free memory, or need less: a smaller --max-context, 4-bit weights, or several machines (README: Memory)"
+)
 
 
 def run_program(body, *args, interrupted="interrupted", out_of_memory=OUT_OF_MEMORY):
@@ -97,8 +99,9 @@ def _wait_for_npz_readers(timeout: float = 2.0):
     open and no thread other than ours is inside Python code (closing one)."""
     ours = {t.ident for t in threading.enumerate()}
     end = time.monotonic() + timeout
-    while time.monotonic() < end and (any(isinstance(o, zipfile.ZipExtFile) for o in gc.get_objects())
-                                      or sys._current_frames().keys() - ours):
+    while time.monotonic() < end and (
+        any(isinstance(o, zipfile.ZipExtFile) for o in gc.get_objects()) or sys._current_frames().keys() - ours
+    ):
         time.sleep(0.002)
 
 
@@ -111,8 +114,11 @@ def _outcome(body, args, interrupted, out_of_memory):
         return 0, None
     except (Exception, KeyboardInterrupt, Terminated) as e:
         e = _signal_behind(e) or e
-        if not isinstance(e, (MixtralError, KeyboardInterrupt, Terminated)) and not is_lost_peer(e) \
-                and not is_out_of_memory(e):
+        if (
+            not isinstance(e, (MixtralError, KeyboardInterrupt, Terminated))
+            and not is_lost_peer(e)
+            and not is_out_of_memory(e)
+        ):
             raise
         # What the failure leaves (a zip writer that cannot close on a full disk) is freed with it:
         # it must not add a traceback-shaped report of what is said here in one line.
@@ -129,8 +135,20 @@ def _outcome(body, args, interrupted, out_of_memory):
 def is_out_of_memory(e: BaseException) -> bool:
     """MemoryError, or MLX's RuntimeError when an allocation (or a thread, under ulimit -v) is refused."""
     text = str(e).lower()
-    return isinstance(e, MemoryError) or isinstance(e, RuntimeError) and any(
-        w in text for w in ("malloc", "unable to allocate", "resource limit", "resource temporarily unavailable", "out of memory"))
+    return (
+        isinstance(e, MemoryError)
+        or isinstance(e, RuntimeError)
+        and any(
+            w in text
+            for w in (
+                "malloc",
+                "unable to allocate",
+                "resource limit",
+                "resource temporarily unavailable",
+                "out of memory",
+            )
+        )
+    )
 
 
 def _signal_behind(e):

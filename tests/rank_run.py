@@ -18,5 +18,10 @@ ids = tok.encode("Mixtral is a sparse mixture of experts: each token is routed t
 logits, _ = model(mx.array([ids]))
 gen = [t for t, _ in zip(mixtral.generate(model, ids, temp=temp, seed=7), range(40))]
 weights = sum(w.nbytes for _, w in tree_flatten(model.parameters()))
-np.savez(out / f"rank{rank}.npz", logits=np.array(logits[0]), ids=np.array(gen), size=model.group.size() if model.group else 1,
-         weight_bytes=weights)
+np.savez(
+    out / f"rank{rank}.npz",
+    logits=np.array(logits[0]),
+    ids=np.array(gen),
+    size=model.group.size() if model.group else 1,
+    weight_bytes=weights,
+)

@@ -6,27 +6,45 @@ import math
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
-
 import mistral_common
+import mlx.core as mx
 
 TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 
 # GQA (4 query heads share 2 KV heads), 8 experts, top-2, the real vocabulary.
 TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
-    vocab_size=32000, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=4096,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    vocab_size=32000,
+    rms_norm_eps=1e-5,
+    rope_theta=1e6,
+    max_position_embeddings=4096,
 )
 
 
 def hf_config(**overrides):
     return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "attention_dropout": 0.0,
-        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "initializer_range": 0.02,
-        "output_router_logits": False, "router_aux_loss_coef": 0.02, "sliding_window": None,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
-        **TINY, **overrides,
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.02,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        **TINY,
+        **overrides,
     }
 
 
@@ -81,7 +99,8 @@ def write_hf_checkpoint(path, seed=0, n_shards=4, **overrides):
         file = f"model-{n + 1:05d}-of-{len(used):05d}.safetensors"
         tensors = {
             name: make_tensor(name, shapes[name], keys[i]).astype(mx.bfloat16)
-            for i, name in enumerate(shapes) if shard_of[i] == shard
+            for i, name in enumerate(shapes)
+            if shard_of[i] == shard
         }
         mx.save_safetensors(str(path / file), tensors, metadata={"format": "pt"})
         weight_map.update({k: file for k in tensors})

@@ -7,20 +7,54 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = ["--dim", 64, "--hidden-dim", 128, "--n-layers", 1, "--n-heads", 4, "--n-kv-heads", 2, "--head-dim", 16,
-        "--prompt-tokens", 8, "--gen-tokens", 4, "--chat-turns", 3, "--turn-tokens", 4, "--reply-tokens", 4]
+TINY = [
+    "--dim",
+    64,
+    "--hidden-dim",
+    128,
+    "--n-layers",
+    1,
+    "--n-heads",
+    4,
+    "--n-kv-heads",
+    2,
+    "--head-dim",
+    16,
+    "--prompt-tokens",
+    8,
+    "--gen-tokens",
+    4,
+    "--chat-turns",
+    3,
+    "--turn-tokens",
+    4,
+    "--reply-tokens",
+    4,
+]
 
 
 def run_bench(*args):
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *map(str, args)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench.py"), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
 
 def test_synthetic_bench_reports_every_figure():
     result = run_bench("--synthetic", *TINY)
-    for key in ("load_s", "prompt_tps", "generation_tps", "ttft_turn1_s", "ttft_turn3_s", "peak_memory_gb",
-                "compute_dtype", "device", "decode_kernels_ms", "decode_python_ms"):
+    for key in (
+        "load_s",
+        "prompt_tps",
+        "generation_tps",
+        "ttft_turn1_s",
+        "ttft_turn3_s",
+        "peak_memory_gb",
+        "compute_dtype",
+        "device",
+        "decode_kernels_ms",
+        "decode_python_ms",
+    ):
         assert key in result
     assert result["prompt_tps"] > 0 and result["generation_tps"] > 0
     assert result["compute_dtype"] == "float32"

@@ -17,7 +17,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -33,9 +32,19 @@ CONVERSATIONS = [
     [("system", MENNY), ("user", "Hi!")],
     [("system", MENNY), ("user", "What is 2+2?"), ("assistant", "Ugh. Four."), ("user", "And 3+3?")],
     [("user", "one"), ("assistant", "two"), ("user", "three"), ("assistant", "four"), ("user", "five")],
-    [("system", "Be brief.\nVery brief."), ("user", "😀 emoji 🦙 and CJK 你好，世界"), ("assistant", "🥷 ok"), ("user", "日本語")],
+    [
+        ("system", "Be brief.\nVery brief."),
+        ("user", "😀 emoji 🦙 and CJK 你好，世界"),
+        ("assistant", "🥷 ok"),
+        ("user", "日本語"),
+    ],
     [("user", "I type [INST] and [/INST] and </s> and <s> literally")],
-    [("system", MENNY), ("user", "  leading and trailing spaces  "), ("assistant", " spaced reply "), ("user", "\nnewlines\n\n")],
+    [
+        ("system", MENNY),
+        ("user", "  leading and trailing spaces  "),
+        ("assistant", " spaced reply "),
+        ("user", "\nnewlines\n\n"),
+    ],
     [("user", "tabs\tand\r\nwindows lines"), ("assistant", "[INST] fake [/INST]"), ("user", "ok")],
     [("system", "  persona with spaces  "), ("user", "x")],
 ]
@@ -83,7 +92,9 @@ def assert_cache_is_conversation(model, tokenizer, c, unfed_at_most=1):
     assert c.tokens == ids and len({layer.offset for layer in c.cache}) == 1
     assert len(ids) - unfed_at_most <= c.fed <= len(ids)
     probe = tokenizer.encode("[INST] probe [/INST]", bos=False)
-    np.testing.assert_allclose(probe_logits(model, c.cache, ids[c.fed:] + probe), probe_logits(model, ids, probe), atol=1e-3)
+    np.testing.assert_allclose(
+        probe_logits(model, c.cache, ids[c.fed :] + probe), probe_logits(model, ids, probe), atol=1e-3
+    )
 
 
 class CountingModel:
@@ -184,7 +195,9 @@ def test_stopping_during_the_prefill_drops_the_message_and_restores_the_cache(mo
     assert_cache_is_conversation(model, tokenizer, c)
 
 
-def test_stopping_a_resumed_conversation_before_its_prefill_ends_keeps_it_and_feeds_it_later(tmp_path, model, tokenizer):
+def test_stopping_a_resumed_conversation_before_its_prefill_ends_keeps_it_and_feeds_it_later(
+    tmp_path, model, tokenizer
+):
     c = new_chat(model, tokenizer)
     "".join(c.ask("word " * 700))  # a transcript of two prefill chunks
     c.save(tmp_path / "t.json", {})
@@ -292,7 +305,7 @@ def test_resume_continues_a_saved_conversation(tmp_path, mlx_q8):
     r = run_chat("--model-path", mlx_q8, "--max-tokens", 4, "--resume", first, stdin=f"again\n/save {second}\n")
     assert r.returncode == 0, r.stderr
     old, new = (json.loads(p.read_text())["messages"] for p in (first, second))
-    assert new[: len(old)] == old and [m["content"] for m in new[len(old):] if m["role"] == "user"] == ["again"]
+    assert new[: len(old)] == old and [m["content"] for m in new[len(old) :] if m["role"] == "user"] == ["again"]
 
 
 def test_one_shot_prompt_prints_one_reply(mlx_q8):
@@ -306,7 +319,9 @@ def test_one_shot_prompt_prints_one_reply(mlx_q8):
 def test_no_model_says_which_two_commands_to_run(tmp_path):
     r = run_chat("--model-path", tmp_path / "mlx_model")
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "python convert.py --hf-path mistralai/Mixtral-8x7B-Instruct-v0.1" in r.stderr and "python chat.py" in r.stderr
+    assert (
+        "python convert.py --hf-path mistralai/Mixtral-8x7B-Instruct-v0.1" in r.stderr and "python chat.py" in r.stderr
+    )
 
 
 def test_a_hugging_face_folder_is_converted_once_then_reused(tmp_path, hf_tiny):
@@ -325,9 +340,14 @@ class Pty:
         self.fd, tty = pty.openpty()
         # A new session whose controlling terminal is the pty: Ctrl-C typed there signals chat.py.
         # Popen returns once chat.py's interpreter runs (a forked copy of pytest would get it otherwise).
-        self.proc = subprocess.Popen([sys.executable, *python, str(ROOT / "chat.py"), *map(str, args)],
-                                     stdin=tty, stdout=tty, stderr=tty, start_new_session=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        self.proc = subprocess.Popen(
+            [sys.executable, *python, str(ROOT / "chat.py"), *map(str, args)],
+            stdin=tty,
+            stdout=tty,
+            stderr=tty,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )
         os.close(tty)
         self.out = ""
 
@@ -440,8 +460,9 @@ def test_ctrl_c_during_the_prefill_of_a_resumed_conversation_stops_it_between_ch
     # A resumed transcript is fed with the next message, 512 tokens at a time: Ctrl-C stops it at the
     # next chunk, where one whole graph would have run to its end first (the same wait as no Ctrl-C).
     t = tmp_path / "t.json"
-    t.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 12000},
-                                          {"role": "assistant", "content": "ok"}]}))
+    t.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "word " * 12000}, {"role": "assistant", "content": "ok"}]})
+    )
     args = ("--model-path", mlx_q8, "--resume", t, "--max-context", 32768, "--max-tokens", 2)
     term = Pty(*args)
     term.prompts(1)

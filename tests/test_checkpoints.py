@@ -52,8 +52,16 @@ def fidelity(tmp_path_factory):
     errors = {"standard": [], "input-major": [], "mlx-lm": []}
     for seed in (20, 21, 22):
         d = tmp_path_factory.mktemp(f"fidelity{seed}")
-        hf = write_hf_checkpoint(d / "hf", seed=seed, hidden_size=256, intermediate_size=512, head_dim=32,
-                                 num_attention_heads=8, num_key_value_heads=4, num_experts_per_tok=8)
+        hf = write_hf_checkpoint(
+            d / "hf",
+            seed=seed,
+            hidden_size=256,
+            intermediate_size=512,
+            head_dim=32,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            num_experts_per_tok=8,
+        )
         ids = mixtral.Tokenizer(TOKENIZER).encode(TEXT)[:17]
         ref_model = transformers.MixtralForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
         with torch.no_grad():
@@ -88,8 +96,12 @@ def test_scales_are_quantized_in_float32_and_stored_in_two_bytes(tmp_path, hf_ti
     assert ours[f"{base}.scales"].dtype == mx.float16
     assert mx.array_equal(ours[f"{base}.weight"], q)
     exact = mx.dequantize(q, s, b, 64, 8)
-    stored = mx.dequantize(q, ours[f"{base}.scales"].astype(mx.float32), ours[f"{base}.biases"].astype(mx.float32), 64, 8)
-    as_bf16 = mx.dequantize(q, s.astype(mx.bfloat16).astype(mx.float32), b.astype(mx.bfloat16).astype(mx.float32), 64, 8)
+    stored = mx.dequantize(
+        q, ours[f"{base}.scales"].astype(mx.float32), ours[f"{base}.biases"].astype(mx.float32), 64, 8
+    )
+    as_bf16 = mx.dequantize(
+        q, s.astype(mx.bfloat16).astype(mx.float32), b.astype(mx.bfloat16).astype(mx.float32), 64, 8
+    )
     assert mx.abs(stored - exact).max().item() < mx.abs(as_bf16 - exact).max().item() / 4
 
 
@@ -162,10 +174,18 @@ def test_input_major_from_a_quantized_source_is_said_to_round_twice(tmp_path, ml
 
 
 def test_a_folder_without_tokenizer_model_names_the_flag_and_where_to_get_it(tmp_path, mlx_lm_folder):
-    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--hf-path", mlx_lm_folder, "--mlx-path", tmp_path / "o"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "convert.py"), "--hf-path", mlx_lm_folder, "--mlx-path", tmp_path / "o"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    assert "tokenizer.model: missing" in r.stderr and "--tokenizer" in r.stderr and "Mixtral-8x7B-Instruct-v0.1" in r.stderr
+    assert (
+        "tokenizer.model: missing" in r.stderr
+        and "--tokenizer" in r.stderr
+        and "Mixtral-8x7B-Instruct-v0.1" in r.stderr
+    )
 
 
 def test_a_tokenizer_of_another_vocabulary_is_refused(tmp_path, hf_tiny):
@@ -200,7 +220,9 @@ def test_a_tensor_holding_nan_is_refused_and_nothing_is_written(tmp_path, hf_tin
     shard = sorted(src.glob("*.safetensors"))[1]
     tensors = dict(mx.load(str(shard)))
     name = next(k for k in tensors if k.endswith("self_attn.o_proj.weight"))
-    tensors[name] = mx.where(mx.arange(tensors[name].size).reshape(tensors[name].shape) == 7, mx.nan, tensors[name]).astype(mx.bfloat16)
+    tensors[name] = mx.where(
+        mx.arange(tensors[name].size).reshape(tensors[name].shape) == 7, mx.nan, tensors[name]
+    ).astype(mx.bfloat16)
     mx.save_safetensors(str(shard), tensors, metadata={"format": "pt"})
     with pytest.raises(mixtral.MixtralError, match="attention.wo: quantization error nan is beyond"):
         convert.convert(src, tmp_path / "out", log=lambda s: None)
@@ -209,8 +231,20 @@ def test_a_tensor_holding_nan_is_refused_and_nothing_is_written(tmp_path, hf_tin
 
 def test_chat_runs_on_an_mlx_community_folder_converting_it_once(tmp_path, mlx_lm_folder):
     env = {**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    cmd = [sys.executable, str(ROOT / "chat.py"), "--model-path", str(mlx_lm_folder), "--tokenizer", str(TOKENIZER),
-           "--prompt", "hi", "--max-tokens", "3", "--temp", "0"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "chat.py"),
+        "--model-path",
+        str(mlx_lm_folder),
+        "--tokenizer",
+        str(TOKENIZER),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "3",
+        "--temp",
+        "0",
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert first.returncode == 0 and "converting" in first.stderr and first.stdout.strip(), first.stderr
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)

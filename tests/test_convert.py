@@ -20,7 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_convert(*args, **kw):
-    return subprocess.run([sys.executable, str(ROOT / "convert.py"), *map(str, args)], capture_output=True, text=True, **{"timeout": 300, **kw})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "convert.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        **{"timeout": 300, **kw},
+    )
 
 
 def peak_rss_mb(args):
@@ -49,7 +54,11 @@ def test_output_layout_config_and_shard_budget(tmp_path, hf_tiny):
             assert len(mx.load(str(s))) <= 3
     config = json.loads((out / "config.json").read_text())
     layout = "input-major" if mx.default_device() == mx.cpu else "standard"  # --layout auto
-    assert config["quantization"] == {"group_size": 64, "bits": 8, **({"layout": layout} if layout != "standard" else {})}
+    assert config["quantization"] == {
+        "group_size": 64,
+        "bits": 8,
+        **({"layout": layout} if layout != "standard" else {}),
+    }
     assert config["rope_theta"] == 1e6 and config["moe"] == {"num_experts": 8, "num_experts_per_tok": 2}
     assert (out / "tokenizer.model").read_bytes() == (hf_tiny / "tokenizer.model").read_bytes()
     assert "bits/weight" in r.stderr.splitlines()[-2] and "quantization error" in r.stderr.splitlines()[-1]
@@ -74,9 +83,15 @@ def hf_big(tmp_path_factory):
     # 16 layers of 8 experts of 512x1792 in 16 bf16 shards (~50 MB each, ~0.7 GB in all): a converter
     # that held the model in memory would need many shards' worth.
     return write_hf_checkpoint(
-        tmp_path_factory.mktemp("hf") / "big", seed=1, n_shards=16,
-        hidden_size=512, intermediate_size=1792, num_hidden_layers=16, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=64,
+        tmp_path_factory.mktemp("hf") / "big",
+        seed=1,
+        n_shards=16,
+        hidden_size=512,
+        intermediate_size=1792,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
     )
 
 
@@ -86,21 +101,45 @@ def test_peak_memory_stays_near_one_shard(tmp_path, hf_big):
     total = sum(s.stat().st_size for s in shards) / 2**20
     (tmp_path / "imports.py").write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r}); import convert")
     baseline = peak_rss_mb([tmp_path / "imports.py"])
-    peak = peak_rss_mb([ROOT / "convert.py", "--hf-path", hf_big, "--mlx-path", tmp_path / "out",
-                        "--max-shard-gb", str(largest * 2**20 / 1e9), "--in-process"])  # the process that converts
+    peak = peak_rss_mb(
+        [
+            ROOT / "convert.py",
+            "--hf-path",
+            hf_big,
+            "--mlx-path",
+            tmp_path / "out",
+            "--max-shard-gb",
+            str(largest * 2**20 / 1e9),
+            "--in-process",
+        ]
+    )  # the process that converts
     # The output shard being filled (--max-shard-gb = the largest input shard), the tensor in flight
     # (its inputs, the stacked experts and their float32 copy while quantizing) and allocator slack:
     # four shards' worth, a quarter of this checkpoint; a converter holding the model needs it all.
     bound = baseline + 4 * largest
-    print(f"peak RSS {peak:.0f} MB, baseline {baseline:.0f} MB, largest shard {largest:.0f} MB, checkpoint {total:.0f} MB")
+    print(
+        f"peak RSS {peak:.0f} MB, baseline {baseline:.0f} MB, largest shard {largest:.0f} MB, checkpoint {total:.0f} MB"
+    )
     assert peak < bound < total
     mixtral.load_model(tmp_path / "out", lazy=True)
 
 
 def converting(tmp_path, hf_big):
     """convert.py writing shards into tmp_path/out -> (the converter, the pid of its child that converts)."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "convert.py"), "--hf-path", hf_big, "--mlx-path",
-                             tmp_path / "out", "--max-shard-gb", "0.02"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "convert.py"),
+            "--hf-path",
+            hf_big,
+            "--mlx-path",
+            tmp_path / "out",
+            "--max-shard-gb",
+            "0.02",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stderr:  # wait until it is writing shards
         if line.startswith("[4/"):
             break
@@ -122,8 +161,13 @@ def test_interrupted_conversion_leaves_nothing_loadable(tmp_path, hf_big, sig):
         assert not list(tmp_path.glob(".out.tmp-*"))
 
 
-@pytest.mark.parametrize("sig, says", [(signal.SIGKILL, "SIGKILL: the system ran out of memory?"),
-                                       (signal.SIGSEGV, "SIGSEGV: MLX's CPU backend ends so when an allocation fails")])
+@pytest.mark.parametrize(
+    "sig, says",
+    [
+        (signal.SIGKILL, "SIGKILL: the system ran out of memory?"),
+        (signal.SIGSEGV, "SIGSEGV: MLX's CPU backend ends so when an allocation fails"),
+    ],
+)
 def test_a_conversion_that_dies_is_reported_in_one_line_and_leaves_nothing(tmp_path, hf_big, sig, says):
     # The OOM killer's SIGKILL, and the SIGSEGV of an allocation MLX's CPU backend does not check,
     # end the process that converts: the converter runs it as a child and answers for it.
@@ -235,12 +279,29 @@ def test_hub_repo_id_converts_from_the_cache_offline(tmp_path, hf_tiny, mlx_fp):
 def test_the_real_mixtral_config_maps_to_params_json():
     # config.json of mistralai/Mixtral-8x7B-Instruct-v0.1 (no head_dim key: it is hidden_size / heads).
     hf = {
-        "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
-        "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
-        "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32,
-        "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
-        "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02,
-        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+        "architectures": ["MixtralForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 14336,
+        "max_position_embeddings": 32768,
+        "model_type": "mixtral",
+        "num_attention_heads": 32,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.02,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
         "vocab_size": 32000,
     }
     params = json.loads((ROOT / "params.json").read_text())

@@ -32,15 +32,24 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def hf_shardable(tmp_path_factory):
     # Per rank: 1 KV head of 64 (wk, wv), 2 query heads (128), hidden_dim 128: whole groups of 64.
-    return write_hf_checkpoint(tmp_path_factory.mktemp("hf") / "shardable", seed=3, hidden_size=128,
-                               intermediate_size=256, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
+    return write_hf_checkpoint(
+        tmp_path_factory.mktemp("hf") / "shardable",
+        seed=3,
+        hidden_size=128,
+        intermediate_size=256,
+        head_dim=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, hf_shardable):
     out = tmp_path_factory.mktemp("mlx")
-    return {name: convert.convert(hf_shardable, out / name.replace(" ", "-"), log=lambda s: None, **kw)
-            for name, kw in LAYOUTS.items()}
+    return {
+        name: convert.convert(hf_shardable, out / name.replace(" ", "-"), log=lambda s: None, **kw)
+        for name, kw in LAYOUTS.items()
+    }
 
 
 def launch(n, *args, stdin=None, timeout=180, wait=True):
@@ -83,28 +92,39 @@ def test_piped_chat_over_two_ranks_prints_the_transcript_of_one_process(tmp_path
     model = converted["8-bit input-major"]
 
     def turns(name):  # every /command, and a transcript saved by rank 0
-        return (f"hi there\nwhat is 2+2?\n/undo\ntell me a joke\n/regen\n/system Be brief.\nand now?\n/reset\n"
-                f"last one\n/help\n/save {tmp_path / name}\n")
+        return (
+            f"hi there\nwhat is 2+2?\n/undo\ntell me a joke\n/regen\n/system Be brief.\nand now?\n/reset\n"
+            f"last one\n/help\n/save {tmp_path / name}\n"
+        )
 
     # Sampled (temp 0.8) but with top-p off: the logits of 2 ranks equal one process's to ~1e-5, not to
     # the bit, and this random model's flat distribution puts hundreds of near-equal tokens at a
     # top-p cut, whose order such differences change. (The ranks agree with each other exactly.)
     args = [ROOT / "chat.py", "--model-path", model, "--seed", 3, "--max-tokens", 20, "--temp", 0.8, "--top-p", 1.0]
-    one = subprocess.run([sys.executable, *map(str, args)], input=turns("one.json"), capture_output=True, text=True, timeout=120)
+    one = subprocess.run(
+        [sys.executable, *map(str, args)], input=turns("one.json"), capture_output=True, text=True, timeout=120
+    )
     two = launch(2, *args, stdin=turns("two.json") + "/quit\n")
     assert one.returncode == 0, one.stderr
     assert one.stdout.count("\n") == 6 and two.stdout == one.stdout, two.stderr[-3000:]  # 5 replies and a /regen
-    assert (tmp_path / "one.json").read_text().replace("one.json", "") == (tmp_path / "two.json").read_text().replace("two.json", "")
+    assert (tmp_path / "one.json").read_text().replace("one.json", "") == (tmp_path / "two.json").read_text().replace(
+        "two.json", ""
+    )
 
 
 def test_a_killed_rank_ends_every_rank_with_a_message(tmp_path, converted):
     model = converted["8-bit input-major"]
-    proc = launch(2, ROOT / "chat.py", "--model-path", model, "--max-tokens", 100000, "--max-context", 100000, wait=False)
+    proc = launch(
+        2, ROOT / "chat.py", "--model-path", model, "--max-tokens", 100000, "--max-context", 100000, wait=False
+    )
     proc.stdin.write("tell me a very long story\n")
     proc.stdin.flush()
     proc.stdout.read(20)  # wait: the reply is streaming
-    ranks = [p for p in map(int, subprocess.run(["pgrep", "-f", str(model)], capture_output=True, text=True).stdout.split())
-             if b"MLX_RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()]
+    ranks = [
+        p
+        for p in map(int, subprocess.run(["pgrep", "-f", str(model)], capture_output=True, text=True).stdout.split())
+        if b"MLX_RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes()
+    ]
     assert ranks, "rank 1 not found"
     os.kill(ranks[0], signal.SIGKILL)
     tic = time.time()
@@ -169,11 +189,39 @@ def test_partial_outputs_of_the_ranks_add_up_to_the_whole_layer(converted, layou
 
 
 def test_bench_under_mlx_launch_reports_each_rank(tmp_path):
-    small = ["--synthetic", "--dim", 128, "--hidden-dim", 256, "--n-layers", 2, "--n-heads", 4, "--n-kv-heads", 2,
-             "--head-dim", 64, "--vocab-size", 512, "--prompt-tokens", 16, "--gen-tokens", 8, "--chat-turns", 2,
-             "--turn-tokens", 4, "--reply-tokens", 4]
-    one = subprocess.run([sys.executable, ROOT / "bench.py", *map(str, small), "--json", tmp_path / "one.json"],
-                         capture_output=True, text=True, timeout=120)
+    small = [
+        "--synthetic",
+        "--dim",
+        128,
+        "--hidden-dim",
+        256,
+        "--n-layers",
+        2,
+        "--n-heads",
+        4,
+        "--n-kv-heads",
+        2,
+        "--head-dim",
+        64,
+        "--vocab-size",
+        512,
+        "--prompt-tokens",
+        16,
+        "--gen-tokens",
+        8,
+        "--chat-turns",
+        2,
+        "--turn-tokens",
+        4,
+        "--reply-tokens",
+        4,
+    ]
+    one = subprocess.run(
+        [sys.executable, ROOT / "bench.py", *map(str, small), "--json", tmp_path / "one.json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert one.returncode == 0, one.stderr
     launch(2, ROOT / "bench.py", *small, "--json", tmp_path / "two.json")
     one, two = (__import__("json").loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))

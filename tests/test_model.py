@@ -7,18 +7,27 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_map
 
 import convert
 import mixtral
 import parallel
 from mixtral import MixtralError, ModelArgs
-from mlx.utils import tree_map
 from synthetic import write_hf_checkpoint
 
 
 def tiny_args(**kw):
-    d = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
-             vocab_size=100, moe={"num_experts": 8, "num_experts_per_tok": 2})
+    d = dict(
+        dim=64,
+        n_layers=2,
+        head_dim=16,
+        hidden_dim=128,
+        n_heads=4,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        vocab_size=100,
+        moe={"num_experts": 8, "num_experts_per_tok": 2},
+    )
     return ModelArgs.from_dict({**d, **kw})
 
 
@@ -55,7 +64,12 @@ def moe():
     mx.random.seed(1)
     layer = mixtral.MOEFeedForward(tiny_args())
     layer.update(
-        {"experts": {n: {"weight": mx.random.normal(getattr(layer.experts, n).weight.shape) * 0.1} for n in ("w1", "w2", "w3")}}
+        {
+            "experts": {
+                n: {"weight": mx.random.normal(getattr(layer.experts, n).weight.shape) * 0.1}
+                for n in ("w1", "w2", "w3")
+            }
+        }
     )
     return layer
 
@@ -75,8 +89,17 @@ def test_vectorized_moe_equals_per_token_loop(moe, tokens, bits):
 def test_moe_mixes_the_top_k_experts_with_hugging_face_weights():
     """MOEFeedForward against Hugging Face's recipe, in numpy: softmax over all 8 router logits, keep
     the top 2, renormalise, and mix those experts' outputs (each computed alone)."""
-    args = ModelArgs(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
-                     vocab_size=10, moe=mixtral.MoEArgs(num_experts=8, num_experts_per_tok=2))
+    args = ModelArgs(
+        dim=32,
+        n_layers=1,
+        head_dim=8,
+        hidden_dim=64,
+        n_heads=4,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        vocab_size=10,
+        moe=mixtral.MoEArgs(num_experts=8, num_experts_per_tok=2),
+    )
     moe = mixtral.MOEFeedForward(args)
     moe.update(tree_map(lambda p: mx.random.normal(p.shape, key=mx.random.key(p.size)) * 0.3, moe.parameters()))
     x = mx.random.normal((1, 20, 32), key=mx.random.key(7))
@@ -156,8 +179,13 @@ def dense_routing(tmp_path_factory):
     hf = write_hf_checkpoint(tmp_path_factory.mktemp("hf") / "dense", seed=0, num_experts_per_tok=8)
     out = tmp_path_factory.mktemp("mlx")
     paths = {}
-    for name, kw in {"fp": dict(q_bits=None), "q8": dict(q_bits=8), "q4": dict(q_bits=4),
-                     "q8-standard": dict(q_bits=8, layout="standard"), "q8-input-major": dict(q_bits=8, layout="input-major")}.items():
+    for name, kw in {
+        "fp": dict(q_bits=None),
+        "q8": dict(q_bits=8),
+        "q4": dict(q_bits=4),
+        "q8-standard": dict(q_bits=8, layout="standard"),
+        "q8-input-major": dict(q_bits=8, layout="input-major"),
+    }.items():
         paths[name] = convert.convert(hf, out / name, log=lambda s: None, **kw)
     return paths
 
@@ -190,7 +218,10 @@ def test_router_stays_unquantized_and_experts_use_gather_qmm(mlx_q8):
     model, _ = mixtral.load_model(mlx_q8, cpu_threads=1)
     moe = model.layers[0].feed_forward
     assert isinstance(moe.gate, nn.Linear) and not isinstance(moe.gate, nn.QuantizedLinear)
-    assert isinstance(moe.experts.w1, (mixtral.QuantizedSwitchLinear, mixtral.InputMajorLinear)) and moe.experts.w1.bits == 8
+    assert (
+        isinstance(moe.experts.w1, (mixtral.QuantizedSwitchLinear, mixtral.InputMajorLinear))
+        and moe.experts.w1.bits == 8
+    )
     assert isinstance(model.output, (nn.QuantizedLinear, mixtral.InputMajorLinear))
 
 
@@ -245,8 +276,14 @@ def test_folder_without_shards_is_an_error_not_random_weights(tmp_path, mlx_fp):
         mixtral.load_model(m)
 
 
-@pytest.mark.parametrize("edit,message", [("drop", "missing tensor.*norm.weight"), ("extra", "unexpected tensor.*bogus"),
-                                          ("shape", "layers.0.attention.wq.weight has shape")])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ("drop", "missing tensor.*norm.weight"),
+        ("extra", "unexpected tensor.*bogus"),
+        ("shape", "layers.0.attention.wq.weight has shape"),
+    ],
+)
 def test_strict_loading_names_the_tensor(tmp_path, mlx_fp, edit, message):
     m = copy_model(mlx_fp, tmp_path / "m")
     shard = next(m.glob("weights.*.npz"))
@@ -284,13 +321,19 @@ def test_a_seed_reproduces_a_whole_sampled_sequence(fp_model, tokenizer):
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory, hf_tiny):
     out = tmp_path_factory.mktemp("layouts")
-    kinds = {"8-bit input-major": dict(q_bits=8, layout="input-major"), "8-bit standard": dict(q_bits=8, layout="standard"),
-             "4-bit input-major": dict(q_bits=4, layout="input-major"), "4-bit standard": dict(q_bits=4, layout="standard"),
-             "unquantized": dict(q_bits=None)}
+    kinds = {
+        "8-bit input-major": dict(q_bits=8, layout="input-major"),
+        "8-bit standard": dict(q_bits=8, layout="standard"),
+        "4-bit input-major": dict(q_bits=4, layout="input-major"),
+        "4-bit standard": dict(q_bits=4, layout="standard"),
+        "unquantized": dict(q_bits=None),
+    }
     return {k: convert.convert(hf_tiny, out / k.replace(" ", "-"), log=lambda s: None, **kw) for k, kw in kinds.items()}
 
 
-@pytest.mark.parametrize("kind", ["8-bit input-major", "8-bit standard", "4-bit input-major", "4-bit standard", "unquantized"])
+@pytest.mark.parametrize(
+    "kind", ["8-bit input-major", "8-bit standard", "4-bit input-major", "4-bit standard", "unquantized"]
+)
 def test_splitting_projections_and_heads_over_cpu_streams_changes_no_logit(monkeypatch, layouts, kind, tokenizer):
     ids = mx.array([tokenizer.encode("The same numbers, computed by three threads instead of one.")])
     one, _ = mixtral.load_model(layouts[kind], cpu_threads=1)

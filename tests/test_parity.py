@@ -3,11 +3,10 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import mixtral
-
 import torch  # noqa: E402  the reference: a missing one fails the suite, never skips it
 import transformers  # noqa: E402
+
+import mixtral
 
 PROMPT = "Mixtral is a sparse mixture of experts: each token is routed to two of eight feed-forward blocks."
 STEPS = 10
@@ -57,4 +56,4 @@ def test_greedy_ids_from_generate_equal_transformers_greedy(hf_model, mlx_fp, to
     for _ in range(STEPS):
         logits, _ = hf_forward(hf_model, ref)
         ref.append(int(np.argmax(logits[-1])))
-    assert ours == ref[len(ids):]
+    assert ours == ref[len(ids) :]

@@ -31,8 +31,11 @@ REFERENCE = MistralTokenizer.v1()
 # Text users type: any unicode, with whitespace, newlines and the format's own markers mixed in.
 text = st.one_of(
     st.text(min_size=1, max_size=40),
-    st.lists(st.sampled_from([" ", "\n", "\t", "\r\n", "a", "é", "😀", "你", "[INST]", "[/INST]", "</s>", "<s>"]),
-             min_size=1, max_size=12).map("".join),
+    st.lists(
+        st.sampled_from([" ", "\n", "\t", "\r\n", "a", "é", "😀", "你", "[INST]", "[/INST]", "</s>", "<s>"]),
+        min_size=1,
+        max_size=12,
+    ).map("".join),
     st.just("word " * 300),
 )
 
@@ -51,7 +54,8 @@ def test_encode_messages_equals_mistral_common(conv):
     kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
     try:
         reference = REFERENCE.encode_chat_completion(
-            ChatCompletionRequest(messages=[kinds[r](content=c) for r, c in conv])).tokens
+            ChatCompletionRequest(messages=[kinds[r](content=c) for r, c in conv])
+        ).tokens
     except Exception:  # mistral-common refuses some requests (e.g. blank messages): nothing to compare
         assume(False)
     assert chat.encode_messages(TOK, [{"role": r, "content": c} for r, c in conv]) == reference
@@ -158,7 +162,7 @@ def test_chat_sessions_keep_the_cache_equal_to_a_fresh_prefill(model, tmp_path):
             ids = chat.encode_messages(TOK, c.conversation()) if c.messages else []
             assert c.tokens == ids and len({layer.offset for layer in c.cache}) == 1 and c.fed <= len(ids)
             assert len(ids) <= c.max_context
-            live, _ = model(mx.array([ids[c.fed:] + probe]), [copy.copy(layer) for layer in c.cache])
+            live, _ = model(mx.array([ids[c.fed :] + probe]), [copy.copy(layer) for layer in c.cache])
             fresh, _ = model(mx.array([ids + probe]))
             np.testing.assert_allclose(np.array(live[0, -1]), np.array(fresh[0, -1]), atol=1e-4)
 

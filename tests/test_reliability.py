@@ -23,8 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(program, *args, stdin=None, env=None, **kw):
-    return subprocess.run([sys.executable, str(ROOT / program), *map(str, args)], input=stdin, capture_output=True,
-                          env=env, timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / program), *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=120,
+        **kw,
+    )
 
 
 def one_line_error(r, *fragments):
@@ -89,7 +95,9 @@ def test_verify_names_the_damaged_file_and_passes_an_intact_copy(model_copy, mlx
     assert r.returncode == 0 and b"every file is intact" in r.stderr
     damage(model_copy / "weights.00.npz", how)
     r = run("mixtral.py", "--verify", "--model-path", model_copy)
-    assert r.returncode == 1 and b"error: " in r.stderr and b"weights.00.npz" in r.stderr and b"Traceback" not in r.stderr
+    assert (
+        r.returncode == 1 and b"error: " in r.stderr and b"weights.00.npz" in r.stderr and b"Traceback" not in r.stderr
+    )
 
 
 def test_info_describes_a_folder_without_reading_its_weights(model_copy):
@@ -103,12 +111,24 @@ def test_info_describes_a_folder_without_reading_its_weights(model_copy):
 # --------------------------------------------------------------------------- input
 
 
-@pytest.mark.parametrize("messages,message", [
-    (["hi"], "list of objects"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "tokens": ["a"]}], "'tokens' must be"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "tokens": [5, 99999]}], "from 0 to 31999"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "tokens": [True]}], "'tokens' must be"),
-])
+@pytest.mark.parametrize(
+    "messages,message",
+    [
+        (["hi"], "list of objects"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "tokens": ["a"]}],
+            "'tokens' must be",
+        ),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "tokens": [5, 99999]}],
+            "from 0 to 31999",
+        ),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "tokens": [True]}],
+            "'tokens' must be",
+        ),
+    ],
+)
 def test_a_bad_transcript_is_one_line_at_start(tmp_path, mlx_q8, messages, message):
     t = tmp_path / "t.json"
     t.write_text(json.dumps({"messages": messages}))
@@ -124,7 +144,7 @@ def test_a_transcript_longer_than_the_context_keeps_its_newest_exchanges(tmp_pat
     notices = []
     short = chat.Chat(model, tokenizer, max_tokens=8, temp=0.0, seed=0, max_context=128, on_notice=notices.append)
     short.load(tmp_path / "t.json")
-    assert len(short.tokens) + 9 <= 128 and short.messages == long.messages[-len(short.messages):]
+    assert len(short.tokens) + 9 <= 128 and short.messages == long.messages[-len(short.messages) :]
     assert "dropped the" in notices[0] and short.messages[0]["role"] == "user"
     assert short.tokens == chat.encode_messages(tokenizer, short.conversation())
     "".join(short.regen())  # a reply budget that is positive
@@ -145,12 +165,14 @@ def test_a_prompt_on_stdin_that_is_not_utf8_is_one_line(mlx_q8):
 def test_save_writes_atomically_and_keeps_the_old_file_when_writing_fails(tmp_path, mlx_q8):
     t = tmp_path / "t.json"
     t.write_text("old transcript")
-    script = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
-              "import chat, mixtral\n"
-              f"m, tok = mixtral.load_model({str(mlx_q8)!r})\n"
-              "c = chat.Chat(m, tok, max_tokens=4, seed=0)\n"
-              "''.join(c.ask('hi ' * 200))\n"
-              f"c.save({str(t)!r}, {{}})\n")
+    script = (
+        f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+        "import chat, mixtral\n"
+        f"m, tok = mixtral.load_model({str(mlx_q8)!r})\n"
+        "c = chat.Chat(m, tok, max_tokens=4, seed=0)\n"
+        "''.join(c.ask('hi ' * 200))\n"
+        f"c.save({str(t)!r}, {{}})\n"
+    )
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))  # writes past 100 bytes fail
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, preexec_fn=limit)
     assert "cannot write" in r.stderr and "previous file, if any, is unchanged" in r.stderr
@@ -170,8 +192,13 @@ def test_two_hugging_face_folders_of_the_same_name_get_two_conversions(tmp_path,
 
 
 def test_ctrl_c_while_piped_exits_130_without_a_traceback(mlx_q8):
-    p = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--model-path", str(mlx_q8), "--max-tokens", "2"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "chat.py"), "--model-path", str(mlx_q8), "--max-tokens", "2"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     p.stdin.write("hi\n")
     p.stdin.flush()
     p.stdout.readline()  # replied: now waiting for the next line
@@ -181,8 +208,20 @@ def test_ctrl_c_while_piped_exits_130_without_a_traceback(mlx_q8):
 
 
 def test_ctrl_c_during_one_shot_generation_exits_130_without_a_traceback(mlx_q8):
-    p = subprocess.Popen([sys.executable, str(ROOT / "mixtral.py"), "--model-path", str(mlx_q8), "--prompt", "Once",
-                          "--max-tokens", "1000000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "mixtral.py"),
+            "--model-path",
+            str(mlx_q8),
+            "--prompt",
+            "Once",
+            "--max-tokens",
+            "1000000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     p.stdout.read(10)  # generating
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=30)
@@ -195,13 +234,15 @@ def test_a_signal_that_a_library_turns_into_another_exception_still_exits_quietl
     # (sentencepiece's, in CI), the signal surfaced as "ImportError: initialization failed" raised from
     # it, and rank 0 printed a traceback. Ctrl-C there does the same. This body does what that import
     # did, at a chosen moment.
-    body = ("import os, signal, time, runtime\n"
-            "def body():\n"
-            "    try:\n"
-            f"        os.kill(os.getpid(), signal.{sig}); time.sleep(10)\n"
-            "    except BaseException as e:\n"
-            "        raise ImportError('initialization failed') from e\n"
-            "runtime.run_program(body)\n")
+    body = (
+        "import os, signal, time, runtime\n"
+        "def body():\n"
+        "    try:\n"
+        f"        os.kill(os.getpid(), signal.{sig}); time.sleep(10)\n"
+        "    except BaseException as e:\n"
+        "        raise ImportError('initialization failed') from e\n"
+        "runtime.run_program(body)\n"
+    )
     r = subprocess.run([sys.executable, "-c", body], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == code and r.stderr == line + "\n", r.stderr
 
@@ -211,10 +252,19 @@ def test_a_signal_that_a_library_turns_into_another_exception_still_exits_quietl
 
 def test_a_failing_write_is_one_line_and_leaves_nothing(tmp_path, hf_tiny):
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # a full disk, for this process
-    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--hf-path", hf_tiny, "--mlx-path", tmp_path / "out"],
-                       capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "convert.py"), "--hf-path", hf_tiny, "--mlx-path", tmp_path / "out"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limit,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.splitlines()[-1].startswith("error: ") and "out: cannot write" in r.stderr and "nothing was written" in r.stderr
+    assert (
+        r.stderr.splitlines()[-1].startswith("error: ")
+        and "out: cannot write" in r.stderr
+        and "nothing was written" in r.stderr
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -228,7 +278,9 @@ def test_a_target_folder_that_cannot_be_written_is_one_line(tmp_path, hf_tiny):
 
 
 def test_a_rerun_removes_what_a_killed_conversion_left(tmp_path, hf_tiny):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     leftover = tmp_path / f".out.tmp-{dead}-abcd"
     leftover.mkdir()
     (leftover / "weights.00.npz").write_bytes(b"x" * 1000)
@@ -256,11 +308,25 @@ def test_a_safetensors_entry_without_data_offsets_is_one_line(tmp_path, hf_tiny)
 def test_ctrl_c_during_the_first_run_conversion_exits_130_and_leaves_nothing(tmp_path):
     from synthetic import write_hf_checkpoint
 
-    hf = write_hf_checkpoint(tmp_path / "hf", seed=2, n_shards=8, hidden_size=512, intermediate_size=1792,
-                             num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    hf = write_hf_checkpoint(
+        tmp_path / "hf",
+        seed=2,
+        n_shards=8,
+        hidden_size=512,
+        intermediate_size=1792,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    p = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--model-path", str(hf), "--prompt", "hi"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "chat.py"), "--model-path", str(hf), "--prompt", "hi"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert "converting" in p.stderr.readline()
     assert p.stderr.readline().startswith("[1/")  # converting layer by layer now
     p.send_signal(signal.SIGINT)

@@ -1,6 +1,6 @@
 """Soak: 200 piped turns on a tiny model with a small --max-context. Slow, so out of the quick run:
 
-    python3 -m pytest -m soak
+python3 -m pytest -m soak
 """
 
 import json
@@ -24,9 +24,24 @@ def peak_rss_mb(pid):
 @pytest.mark.soak
 @pytest.mark.timeout(900)
 def test_200_turns_keep_memory_flat_and_the_persona_in_the_cache(tmp_path, mlx_q8):
-    p = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), "--model-path", str(mlx_q8), "--max-context", "200",
-                          "--max-tokens", "12", "--seed", "0"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "chat.py"),
+            "--model-path",
+            str(mlx_q8),
+            "--max-context",
+            "200",
+            "--max-tokens",
+            "12",
+            "--seed",
+            "0",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     peaks = {}
     for turn in range(1, 201):
         p.stdin.write(f"message {turn}: tell me something about the number {turn}\n")
@@ -46,5 +61,6 @@ def test_200_turns_keep_memory_flat_and_the_persona_in_the_cache(tmp_path, mlx_q
     assert saved[1]["content"] != "message 1: tell me something about the number 1"  # old turns were dropped
     tok = mixtral.Tokenizer(mlx_q8 / "tokenizer.model")
     ids = chat.encode_messages(tok, saved)
-    assert len(ids) <= 200 and ids[: 1 + len(chat.user_block(tok, saved[1]["content"], saved[0]["content"]))] == \
-        [tok.bos_id] + chat.user_block(tok, saved[1]["content"], saved[0]["content"])
+    assert len(ids) <= 200 and ids[: 1 + len(chat.user_block(tok, saved[1]["content"], saved[0]["content"]))] == [
+        tok.bos_id
+    ] + chat.user_block(tok, saved[1]["content"], saved[0]["content"])

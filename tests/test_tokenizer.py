@@ -3,7 +3,6 @@
 import random
 
 import pytest
-
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 TEXTS = [
@@ -64,4 +63,3 @@ def test_stream_yields_as_tokens_arrive(tokenizer):
     # "two" was printed while tokens were still to come, and every piece before the end of the ids.
     assert any("two" in piece and n < len(ids) for n, piece in shown_at), shown_at
     assert len(shown_at) >= 3 and shown_at[0][0] < len(ids)
-
