@@ -23,7 +23,7 @@ import folder
 import machine
 import parallel
 from folder import DEFAULT_MODEL_PATH
-from machine import default_cpu_threads, on_cpu
+from machine import DTYPES, compute_dtype, default_cpu_threads, default_dtype, dtype_name, on_cpu
 from runtime import MixtralError, is_out_of_memory, quiet_unless_rank0, run_program, signals_held
 
 # --------------------------------------------------------------------------- config
@@ -193,18 +193,9 @@ class QuantizedSwitchLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x, indices, sorted_indices=False):
-        return mx.gather_qmm(
-            x,
-            self["weight"],
-            self["scales"],
-            self["biases"],
-            rhs_indices=indices,
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-            sorted_indices=sorted_indices,
-        )
+        w = self["weight"], self["scales"], self["biases"]
+        args = dict(transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return mx.gather_qmm(x, *w, rhs_indices=indices, sorted_indices=sorted_indices, **args)
 
 
 class FeedForward(nn.Module):
@@ -318,18 +309,10 @@ class InputMajorLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x, indices=None, sorted_indices=False):
-        args = dict(transpose=False, group_size=self.group_size, bits=self.bits)
+        w, args = (self["weight"], self["scales"], self["biases"]), dict(group_size=self.group_size, bits=self.bits)
         if indices is None:
-            return mx.quantized_matmul(x, self["weight"], self["scales"], self["biases"], **args)
-        return mx.gather_qmm(
-            x,
-            self["weight"],
-            self["scales"],
-            self["biases"],
-            rhs_indices=indices,
-            sorted_indices=sorted_indices,
-            **args,
-        )
+            return mx.quantized_matmul(x, *w, transpose=False, **args)
+        return mx.gather_qmm(x, *w, rhs_indices=indices, transpose=False, sorted_indices=sorted_indices, **args)
 
 
 def quantize_model(model: "Mixtral", group_size: int, bits: int, input_major: bool, keep=lambda path: True):
@@ -403,19 +386,6 @@ class Tokenizer:
 # --------------------------------------------------------------------------- loading
 
 
-def default_dtype():
-    # MLX's CPU kernels are several times faster in float32 (and gather_mm supports only float32
-    # there); on a GPU, float16 halves the memory traffic that decoding is bound by.
-    return mx.float32 if on_cpu() else mx.float16
-
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-
-def dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("mlx.core.")
-
-
 def read_config(path: Path):
     """-> (ModelArgs, quantization dict or None) from a converted folder's config.json."""
     config, quantization = folder.read_config(path)
@@ -445,15 +415,6 @@ def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Opt
     return model, tokenizer
 
 
-def compute_dtype(dtype):
-    """An mx.Dtype from a name, an mx.Dtype, or None (the machine's default)."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise MixtralError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    return dtype or default_dtype()
-
-
 def check_vocabulary(tokenizer: "Tokenizer", args: ModelArgs, where, fix: str):
     if tokenizer.vocab_size != args.vocab_size:
         raise MixtralError(
@@ -481,13 +442,12 @@ def skeleton(args: ModelArgs, quantization, weights) -> Mixtral:
     model = Mixtral(args)
     if quantization:
         quantized = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
-        quantize_model(
-            model,
+        g, bits, input_major = (
             quantization["group_size"],
             quantization["bits"],
             quantization.get("layout") == "input-major",
-            keep=lambda p: p in quantized,
         )
+        quantize_model(model, g, bits, input_major, keep=lambda p: p in quantized)
     return model
 
 
