@@ -1,7 +1,15 @@
+"""What every test file shares: the repo's root on sys.path, the tiny checkpoints, and how to run one
+of our programs and judge its one-line error."""
+
+import os
+import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -9,6 +17,51 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import convert  # noqa: E402
 import mixtral  # noqa: E402
 from synthetic import TOKENIZER, write_hf_checkpoint  # noqa: E402
+
+# Property tests are derandomized: the same examples on every run, so CI cannot pass once and fail the
+# next time. HUNT=50 python3 -m pytest: the property tests get 50x the examples, new ones each run.
+HUNT = int(os.environ.get("HUNT", 0))
+settings.register_profile("project", derandomize=not HUNT, deadline=None, suppress_health_check=list(HealthCheck))
+settings.load_profile("project")
+examples = lambda n: n * max(HUNT, 1)
+
+
+def default_signals():
+    """In a child, before exec: SIGINT and SIGTERM do what they do by default, whatever pytest's own
+    disposition is (a background job of a script, `cmd &`, inherits SIGINT ignored)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def command(program, *args):
+    return [sys.executable, str(ROOT / program), *map(str, args)]
+
+
+def run_script(program, *args, stdin=None, timeout=120, **kw) -> subprocess.CompletedProcess:
+    """Run one of our programs to its end; text unless stdin is bytes."""
+    kw.setdefault("text", not isinstance(stdin, bytes))
+    kw.setdefault("preexec_fn", default_signals)
+    return subprocess.run(command(program, *args), input=stdin, capture_output=True, timeout=timeout, **kw)
+
+
+def popen_script(program, *args, **kw) -> subprocess.Popen:
+    """Start one of our programs, to signal it or talk to it."""
+    kw.setdefault("preexec_fn", default_signals)
+    return subprocess.Popen(command(program, *args), **kw)
+
+
+def assert_one_line_error(r, *fragments):
+    """Status 1 and a single line `error: ...` holding each fragment, no traceback."""
+    err = r.stderr.decode() if isinstance(r.stderr, bytes) else r.stderr
+    assert r.returncode == 1, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    for f in fragments:
+        assert f in err, err
+
+
+def copy_folder(src, dst):
+    shutil.copytree(src, dst)
+    return dst
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +83,12 @@ def mlx_fp(tmp_path_factory, hf_tiny):
 @pytest.fixture(scope="session")
 def mlx_q8(tmp_path_factory, hf_tiny):
     return _converted(tmp_path_factory, hf_tiny, "q8", q_bits=8)
+
+
+@pytest.fixture
+def model_copy(tmp_path, mlx_q8):
+    """A copy of the tiny 8-bit folder to damage."""
+    return copy_folder(mlx_q8, tmp_path / "m")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""chat.py: the Mixtral-Instruct format, the live KV cache across turns, and the terminal."""
+"""chat.py: the Mixtral-Instruct format against mistral-common, the conversation and its cache
+against a fresh prefill, the program piped and on a terminal, bad input and signals, and the soak run."""
 
 import contextlib
 import copy
@@ -6,7 +7,9 @@ import fcntl
 import json
 import os
 import pty
+import resource
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,15 +20,23 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 import chat
 import mixtral
+from conftest import ROOT, assert_one_line_error, default_signals, examples, popen_script, run_script
+from synthetic import TOKENIZER
 
-ROOT = Path(__file__).resolve().parent.parent
+# --------------------------------------------------------------------------- the format, the conversation, the program
+
+
 MENNY = chat.DEFAULT_SYSTEM_PROMPT
+
 
 CONVERSATIONS = [
     [("user", "Hi!")],
@@ -269,17 +280,11 @@ def test_save_and_resume_restore_the_exact_cache(tmp_path, model, tokenizer):
     assert json.loads((tmp_path / "t.json").read_text())["seed"] == 3
 
 
-# --------------------------------------------------------------------------- the program
-
-
-def run_chat(*args, stdin="", env=None):
-    cmd = [sys.executable, str(ROOT / "chat.py"), *map(str, args)]
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, timeout=120)
-
-
 def test_piped_turns_print_only_the_replies(tmp_path, mlx_q8):
     t = tmp_path / "t.json"
-    r = run_chat("--model-path", mlx_q8, "--max-tokens", 15, "--seed", 1, stdin=f"hello\nhow are you?\n/save {t}\n")
+    r = run_script(
+        "chat.py", "--model-path", mlx_q8, "--max-tokens", 15, "--seed", 1, stdin=f"hello\nhow are you?\n/save {t}\n"
+    )
     assert r.returncode == 0, r.stderr
     saved = json.loads(t.read_text())
     replies = [m for m in saved["messages"] if m["role"] == "assistant"]
@@ -292,7 +297,7 @@ def test_piped_turns_print_only_the_replies(tmp_path, mlx_q8):
 def test_triple_quotes_make_one_multi_line_message(tmp_path, mlx_q8):
     t = tmp_path / "t.json"
     stdin = f'"""first line\nsecond line\n"""\none more\n/save {t}\n'
-    r = run_chat("--model-path", mlx_q8, "--max-tokens", 3, stdin=stdin)
+    r = run_script("chat.py", "--model-path", mlx_q8, "--max-tokens", 3, stdin=stdin)
     assert r.returncode == 0, r.stderr
     users = [m["content"] for m in json.loads(t.read_text())["messages"] if m["role"] == "user"]
     assert users == ["first line\nsecond line", "one more"]
@@ -300,16 +305,18 @@ def test_triple_quotes_make_one_multi_line_message(tmp_path, mlx_q8):
 
 def test_resume_continues_a_saved_conversation(tmp_path, mlx_q8):
     first, second = tmp_path / "1.json", tmp_path / "2.json"
-    r = run_chat("--model-path", mlx_q8, "--max-tokens", 4, stdin=f"hello\n/save {first}\n")
+    r = run_script("chat.py", "--model-path", mlx_q8, "--max-tokens", 4, stdin=f"hello\n/save {first}\n")
     assert r.returncode == 0, r.stderr
-    r = run_chat("--model-path", mlx_q8, "--max-tokens", 4, "--resume", first, stdin=f"again\n/save {second}\n")
+    r = run_script(
+        "chat.py", "--model-path", mlx_q8, "--max-tokens", 4, "--resume", first, stdin=f"again\n/save {second}\n"
+    )
     assert r.returncode == 0, r.stderr
     old, new = (json.loads(p.read_text())["messages"] for p in (first, second))
     assert new[: len(old)] == old and [m["content"] for m in new[len(old) :] if m["role"] == "user"] == ["again"]
 
 
 def test_one_shot_prompt_prints_one_reply(mlx_q8):
-    r = run_chat("--model-path", mlx_q8, "--prompt", "hi", "--max-tokens", 10, "--seed", 5, "--temp", 0)
+    r = run_script("chat.py", "--model-path", mlx_q8, "--prompt", "hi", "--max-tokens", 10, "--seed", 5, "--temp", 0)
     assert r.returncode == 0, r.stderr
     m, tok = mixtral.load_model(mlx_q8)
     c = chat.Chat(m, tok, max_tokens=10, temp=0, seed=5)
@@ -317,7 +324,7 @@ def test_one_shot_prompt_prints_one_reply(mlx_q8):
 
 
 def test_no_model_says_which_two_commands_to_run(tmp_path):
-    r = run_chat("--model-path", tmp_path / "mlx_model")
+    r = run_script("chat.py", "--model-path", tmp_path / "mlx_model")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert (
         "python convert.py --hf-path mistralai/Mixtral-8x7B-Instruct-v0.1" in r.stderr and "python chat.py" in r.stderr
@@ -326,10 +333,10 @@ def test_no_model_says_which_two_commands_to_run(tmp_path):
 
 def test_a_hugging_face_folder_is_converted_once_then_reused(tmp_path, hf_tiny):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    r = run_chat("--model-path", hf_tiny, "--prompt", "hi", "--max-tokens", 3, env=env)
+    r = run_script("chat.py", "--model-path", hf_tiny, "--prompt", "hi", "--max-tokens", 3, env=env)
     assert r.returncode == 0 and "converting" in r.stderr, r.stderr
     assert list((tmp_path / "cache" / "mixtral-mlx").glob("*/weights.00.npz"))
-    r = run_chat("--model-path", hf_tiny, "--prompt", "hi", "--max-tokens", 3, env=env)
+    r = run_script("chat.py", "--model-path", hf_tiny, "--prompt", "hi", "--max-tokens", 3, env=env)
     assert r.returncode == 0 and "converting" not in r.stderr, r.stderr
 
 
@@ -346,7 +353,7 @@ class Pty:
             stdout=tty,
             stderr=tty,
             start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            preexec_fn=lambda: (default_signals(), fcntl.ioctl(0, termios.TIOCSCTTY, 0)),
         )
         os.close(tty)
         self.out = ""
@@ -504,3 +511,289 @@ def test_ctrl_c_inside_a_triple_quote_block_drops_it_and_returns_to_the_prompt(t
     term.send("\x04")
     assert term.wait() == 0 and "Traceback" not in term.out
     assert [m for m in json.loads(t.read_text())["messages"] if m["role"] == "user"] == []
+
+
+# --------------------------------------------------------------------------- the format and random sessions, by property (hypothesis)
+
+
+TOK = mixtral.Tokenizer(TOKENIZER)
+
+
+REFERENCE = MistralTokenizer.v1()
+
+
+# Text users type: any unicode, with whitespace, newlines and the format's own markers mixed in.
+text = st.one_of(
+    st.text(min_size=1, max_size=40),
+    st.lists(
+        st.sampled_from([" ", "\n", "\t", "\r\n", "a", "é", "😀", "你", "[INST]", "[/INST]", "</s>", "<s>"]),
+        min_size=1,
+        max_size=12,
+    ).map("".join),
+    st.just("word " * 300),
+)
+
+
+@st.composite
+def conversations(draw):
+    n = draw(st.integers(1, 5)) * 2 - 1  # ends with a user turn, as a request does
+    turns = [("user" if i % 2 == 0 else "assistant", draw(text)) for i in range(n)]
+    system = draw(st.one_of(st.none(), text))
+    return ([("system", system)] if system is not None else []) + turns
+
+
+@settings(max_examples=examples(60))
+@given(conversations())
+def test_encode_messages_equals_mistral_common(conv):
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    try:
+        reference = REFERENCE.encode_chat_completion(
+            ChatCompletionRequest(messages=[kinds[r](content=c) for r, c in conv])
+        ).tokens
+    except Exception:  # mistral-common refuses some requests (e.g. blank messages): nothing to compare
+        assume(False)
+    assert chat.encode_messages(TOK, [{"role": r, "content": c} for r, c in conv]) == reference
+
+
+def test_chat_sessions_keep_the_cache_equal_to_a_fresh_prefill(model, tmp_path):
+    probe = TOK.encode("[INST] probe [/INST]", bos=False)
+
+    class ChatSession(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            self.chat = chat.Chat(model, TOK, max_tokens=6, temp=0.8, seed=1, max_context=256)
+
+        @rule(message=st.sampled_from(["hi", "tell me more", "word " * 40, "😀 ok", "\n"]))
+        def ask(self, message):
+            "".join(self.chat.ask(message))
+
+        @rule(message=st.sampled_from(["hi", "word " * 40]), checks=st.integers(0, 4))
+        def ask_and_stop(self, message, checks):
+            # Ctrl-C after `checks` looks at the flag: in the prefill (the message is dropped) or in the reply.
+            looked = []
+            "".join(self.chat.ask(message, should_stop=lambda: looked.append(1) or len(looked) > checks))
+
+        @precondition(lambda self: self.chat.messages)
+        @rule()
+        def undo(self):
+            self.chat.undo()
+
+        @precondition(lambda self: self.chat.messages)
+        @rule()
+        def regen(self):
+            "".join(self.chat.regen())
+
+        @rule()
+        def reset(self):
+            self.chat.reset()
+
+        @rule(persona=st.sampled_from(["", "Be brief.", "You are a pirate."]))
+        def system(self, persona):
+            self.chat.reset(persona)
+
+        @rule()
+        def save_and_resume(self):
+            self.chat.save(tmp_path / "t.json", {})
+            again = chat.Chat(model, TOK, max_tokens=6, temp=0.8, seed=1, max_context=256)
+            again.load(tmp_path / "t.json")
+            assert again.messages == self.chat.messages
+            self.chat = again
+
+        @invariant()
+        def cache_is_the_conversation(self):
+            c = self.chat
+            ids = chat.encode_messages(TOK, c.conversation()) if c.messages else []
+            assert c.tokens == ids and len({layer.offset for layer in c.cache}) == 1 and c.fed <= len(ids)
+            assert len(ids) <= c.max_context
+            live, _ = model(mx.array([ids[c.fed :] + probe]), [copy.copy(layer) for layer in c.cache])
+            fresh, _ = model(mx.array([ids + probe]))
+            np.testing.assert_allclose(np.array(live[0, -1]), np.array(fresh[0, -1]), atol=1e-4)
+
+    ChatSession.TestCase.settings = settings(max_examples=examples(12), stateful_step_count=12)
+    ChatSession.TestCase().runTest()
+
+
+# --------------------------------------------------------------------------- bad input, a full disk, Ctrl-C
+
+
+@pytest.mark.parametrize(
+    "messages,message",
+    [
+        (["hi"], "list of objects"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "tokens": ["a"]}],
+            "'tokens' must be",
+        ),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "tokens": [5, 99999]}],
+            "from 0 to 31999",
+        ),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "tokens": [True]}],
+            "'tokens' must be",
+        ),
+    ],
+)
+def test_a_bad_transcript_is_one_line_at_start(tmp_path, mlx_q8, messages, message):
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps({"messages": messages}))
+    assert_one_line_error(
+        run_script("chat.py", "--model-path", mlx_q8, "--resume", t, stdin=b""), "not a chat transcript", message
+    )
+
+
+def test_a_transcript_longer_than_the_context_keeps_its_newest_exchanges(tmp_path, mlx_q8, tokenizer):
+    model, _ = mixtral.load_model(mlx_q8)
+    long = chat.Chat(model, tokenizer, max_tokens=8, temp=0.0, seed=0)
+    for i in range(12):
+        "".join(long.ask(f"message {i} with a few more words in it"))
+    long.save(tmp_path / "t.json", {})
+    notices = []
+    short = chat.Chat(model, tokenizer, max_tokens=8, temp=0.0, seed=0, max_context=128, on_notice=notices.append)
+    short.load(tmp_path / "t.json")
+    assert len(short.tokens) + 9 <= 128 and short.messages == long.messages[-len(short.messages) :]
+    assert "dropped the" in notices[0] and short.messages[0]["role"] == "user"
+    assert short.tokens == chat.encode_messages(tokenizer, short.conversation())
+    "".join(short.regen())  # a reply budget that is positive
+    assert short.messages[-1]["tokens"]
+
+
+def test_lines_that_are_not_utf8_are_refused_and_the_chat_goes_on(mlx_q8):
+    r = run_script("chat.py", "--model-path", mlx_q8, "--max-tokens", 3, "--temp", 0, stdin=b"caf\xe9\nhello\n")
+    assert r.returncode == 0, r.stderr
+    assert b"not UTF-8 text (byte 0xe9)" in r.stderr and b"Traceback" not in r.stderr
+    assert r.stdout.count(b"\n") == 1  # one reply: to "hello"
+
+
+def test_save_writes_atomically_and_keeps_the_old_file_when_writing_fails(tmp_path, mlx_q8):
+    t = tmp_path / "t.json"
+    t.write_text("old transcript")
+    script = (
+        f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+        "import chat, mixtral\n"
+        f"m, tok = mixtral.load_model({str(mlx_q8)!r})\n"
+        "c = chat.Chat(m, tok, max_tokens=4, seed=0)\n"
+        "''.join(c.ask('hi ' * 200))\n"
+        f"c.save({str(t)!r}, {{}})\n"
+    )
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))  # writes past 100 bytes fail
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert "cannot write" in r.stderr and "previous file, if any, is unchanged" in r.stderr
+    assert t.read_text() == "old transcript" and [p.name for p in tmp_path.iterdir()] == ["t.json"]
+
+
+def test_two_hugging_face_folders_of_the_same_name_get_two_conversions(tmp_path, hf_tiny, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    a, b = tmp_path / "a" / "tiny", tmp_path / "b" / "tiny"
+    shutil.copytree(hf_tiny, a)
+    shutil.copytree(hf_tiny, b)
+    assert chat.resolve_model(str(a), log=lambda s: None) != chat.resolve_model(str(b), log=lambda s: None)
+    assert chat.resolve_model(str(a), log=lambda s: None) == chat.resolve_model(str(a), log=lambda s: None)
+
+
+def test_ctrl_c_while_piped_exits_130_without_a_traceback(mlx_q8):
+    p = popen_script(
+        "chat.py",
+        "--model-path",
+        mlx_q8,
+        "--max-tokens",
+        2,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    p.stdin.write("hi\n")
+    p.stdin.flush()
+    p.stdout.readline()  # replied: now waiting for the next line
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err
+
+
+def test_ctrl_c_during_the_first_run_conversion_exits_130_and_leaves_nothing(tmp_path):
+    from synthetic import write_hf_checkpoint
+
+    hf = write_hf_checkpoint(
+        tmp_path / "hf",
+        seed=2,
+        n_shards=8,
+        hidden_size=512,
+        intermediate_size=1792,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    p = popen_script(
+        "chat.py",
+        "--model-path",
+        hf,
+        "--prompt",
+        "hi",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert "converting" in p.stderr.readline()
+    assert p.stderr.readline().startswith("[1/")  # converting layer by layer now
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err
+    cache = tmp_path / "cache" / "mixtral-mlx"
+    assert not any(cache.glob("*/config.json")) and not any(cache.glob(".*tmp*"))
+
+
+# --------------------------------------------------------------------------- soak (python3 -m pytest -m soak)
+
+
+def peak_rss_mb(pid):
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) / 1024
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(900)
+def test_200_turns_keep_memory_flat_and_the_persona_in_the_cache(tmp_path, mlx_q8):
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "chat.py"),
+            "--model-path",
+            str(mlx_q8),
+            "--max-context",
+            "200",
+            "--max-tokens",
+            "12",
+            "--seed",
+            "0",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    peaks = {}
+    for turn in range(1, 201):
+        p.stdin.write(f"message {turn}: tell me something about the number {turn}\n")
+        p.stdin.flush()
+        assert p.stdout.readline(), p.stderr.read()
+        if turn in (50, 200):
+            peaks[turn] = peak_rss_mb(p.pid)
+    p.stdin.write(f"/save {tmp_path / 't.json'}\n")
+    p.stdin.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 0 and "error" not in err and "Traceback" not in err, err
+    print(f"peak RSS after 50 turns {peaks[50]:.0f} MB, after 200 {peaks[200]:.0f} MB")
+    assert peaks[200] <= 1.05 * peaks[50]
+    # The saved conversation is what the cache held at the end: the persona starts it.
+    saved = json.loads((tmp_path / "t.json").read_text())["messages"]
+    assert saved[0] == {"role": "system", "content": chat.DEFAULT_SYSTEM_PROMPT}
+    assert saved[1]["content"] != "message 1: tell me something about the number 1"  # old turns were dropped
+    tok = mixtral.Tokenizer(mlx_q8 / "tokenizer.model")
+    ids = chat.encode_messages(tok, saved)
+    assert len(ids) <= 200 and ids[: 1 + len(chat.user_block(tok, saved[1]["content"], saved[0]["content"]))] == [
+        tok.bos_id
+    ] + chat.user_block(tok, saved[1]["content"], saved[0]["content"])

@@ -1,13 +1,12 @@
 """The memory plan against the Macs people have, and README's memory table against the plan."""
 
 import re
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from machine import memory_plan
 
-ROOT = Path(__file__).resolve().parent.parent
 GB, GiB = 1e9, 2**30
 
 # Metal's max_recommended_working_set_size as reported for these Macs: about 2/3 of the RAM up to

@@ -17,9 +17,9 @@ import pytest
 import convert
 import mixtral
 import parallel
+from conftest import ROOT
 from synthetic import write_hf_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 LAYOUTS = {
     "8-bit input-major": dict(q_bits=8, layout="input-major"),
     "8-bit standard": dict(q_bits=8, layout="standard"),
