@@ -160,6 +160,9 @@ class Chat:
             self.messages if messages is None else messages
         )
 
+    def cache_bytes(self) -> int:
+        return sum(c.keys.nbytes + c.values.nbytes for c in self.cache if c.keys is not None)
+
     @property
     def fed(self) -> int:
         return min(c.offset for c in self.cache)
@@ -183,14 +186,22 @@ class Chat:
         return True
 
     def _rebuild(self, messages: List[dict]):
-        """A conversation of these user/assistant messages, none of it fed yet (after dropping old
-        turns, or on --resume): the next prefill feeds it."""
+        """A conversation of these user/assistant messages (after dropping old turns, on --resume, or
+        as a client sent it): the cache keeps what it shares with the tokens it held, the next prefill
+        feeds the rest."""
+        old = self.tokens[: self.fed]
         blocks = message_blocks(self.tokenizer, self.conversation(messages)) if messages else []
         self.tokens, self.turns = [self.tokenizer.bos_id] if blocks else [], []
         for m, block in zip(messages, blocks):
             self.turns.append(Turn(m["role"], m["content"], len(self.tokens), m.get("tokens")))
             self.tokens += block
-        self.cache = self.model.make_cache()
+        self._keep_shared(old)
+
+    def _keep_shared(self, old: List[int]):
+        """Trim the cache, which holds `old`, to the prefix that `old` shares with self.tokens."""
+        keep = common_prefix(old, self.tokens)
+        for c in self.cache:
+            c.trim(c.offset - keep)
 
     def _new_block(self, content: str, first: bool) -> List[int]:
         """Tokens to feed for a new user message; the first one brings BOS and the persona."""
@@ -235,13 +246,63 @@ class Chat:
 
     def _ask(self, content, should_stop, reply):
         start = time.perf_counter()
-        block = self._fit(content)
+        yield from self._say(self._fit(content), content, should_stop, reply, start)
+
+    def _say(self, block: List[int], content: Optional[str], should_stop, reply, start=None):
+        """Feed block (a user message's, when content is given) after the conversation, and reply."""
+        start = start or time.perf_counter()
         reply.prompt_tokens = len(self.tokens) - self.fed + len(block)
         if not self._feed(block, should_stop):
             reply.cancelled = "message dropped"
             return
-        self.turns.append(Turn("user", content, len(self.tokens)))
+        if content is not None:
+            self.turns.append(Turn("user", content, len(self.tokens)))
         yield from self._reply(block, should_stop, reply, start)
+
+    # For a client that sends the whole conversation with every request (server.py): the conversation
+    # becomes what it sent, keeping the cache of the prefix they share, and only the rest is prefilled.
+
+    def respond(self, messages: List[dict], should_stop=lambda: False):
+        """A reply to `messages` (an optional system message, then user and assistant turns ending with
+        the user's). -> (Reply, the prompt's length in tokens), the reply streamed as it is iterated."""
+        history, last = self._as_sent(messages)
+        self.system = split_system(messages)[0]
+        self._rebuild(history)
+        block = self._new_block(last, first=not self.turns)
+        reply = mixtral.Reply()
+        reply.pieces = self._say(block, last, should_stop, reply)
+        return reply, len(self.tokens) + len(block)
+
+    def continue_ids(self, ids: List[int], should_stop=lambda: False):
+        """A continuation of raw token ids (a completion, no chat format). -> (Reply, len(ids))."""
+        old, self.turns, self.tokens = self.tokens[: self.fed], [], list(ids[:-1])
+        self._keep_shared(old)
+        reply = mixtral.Reply()
+        reply.pieces = self._say(ids[-1:], None, should_stop, reply)
+        return reply, len(ids)
+
+    def shared_prefix(self, messages_or_ids) -> int:
+        """How many tokens of that request this conversation's cache already holds."""
+        if messages_or_ids and isinstance(messages_or_ids[0], dict):
+            history, _ = self._as_sent(messages_or_ids)
+            system = split_system(messages_or_ids)[0]
+            prefix = [{"role": "system", "content": system}] if system else []
+            ids = encode_messages(self.tokenizer, prefix + history) if history else []
+        else:
+            ids = messages_or_ids
+        return common_prefix(self.tokens[: self.fed], ids)
+
+    def _as_sent(self, messages: List[dict]):
+        """-> (the history with each reply that this conversation generated carrying its ids, the
+        last user message's text). A client sends a reply's text: its re-encoding need not give the
+        ids the reply was generated as, and chat.py keeps those."""
+        system, turns = split_system(messages)
+        same, history = system == self.system, []
+        for i, m in enumerate(turns[:-1]):
+            ours = self.turns[i] if same and i < len(self.turns) else None
+            same = ours is not None and (ours.role, ours.content) == (m["role"], m["content"])
+            history.append({**m, "tokens": ours.ids} if same and ours.ids is not None else m)
+        return history, turns[-1]["content"]
 
     def regen(self, should_stop=lambda: False) -> mixtral.Reply:
         """A new reply to the last user message, streamed as it is iterated."""
@@ -347,6 +408,15 @@ class Chat:
         n = self.tokenizer.vocab_size
         if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < n for t in tokens):
             raise TypeError(f"message {i}: 'tokens' must be a list of token ids from 0 to {n - 1}")
+
+
+def common_prefix(a: List[int], b: List[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def read_transcript(path: str) -> str:

@@ -280,6 +280,36 @@ def test_save_and_resume_restore_the_exact_cache(tmp_path, model, tokenizer):
     assert json.loads((tmp_path / "t.json").read_text())["seed"] == 3
 
 
+def as_sent(c):
+    """The conversation as an HTTP client sends it: texts, no token ids."""
+    return [{"role": m["role"], "content": m["content"]} for m in c.conversation()]
+
+
+def test_a_conversation_sent_whole_again_prefills_only_its_new_message(model, tokenizer):
+    c = new_chat(model, tokenizer, temp=0.0)
+    "".join(c.ask("one"))
+    "".join(c.ask("two"))
+    before, fed = list(c.tokens), c.fed  # a reply cut off at max_tokens leaves its closing EOS unfed
+    reply, n = c.respond(as_sent(c) + [{"role": "user", "content": "three"}])
+    "".join(reply)
+    assert c.tokens[: len(before)] == before  # each reply kept the ids it was generated as
+    assert n - len(before) == len(chat.user_block(tokenizer, "three")) and reply.prompt_tokens == n - fed
+    assert_cache_is_conversation(model, tokenizer, c)
+
+
+def test_an_edited_history_keeps_only_the_cache_it_shares(model, tokenizer):
+    c = new_chat(model, tokenizer, temp=0.0)
+    for text in ("one", "two", "three"):
+        "".join(c.ask(text))
+    sent = as_sent(c)
+    sent[4]["content"] = "an edited reply"  # the client changed Menny's second reply (0 is the persona)
+    reply, n = c.respond(sent + [{"role": "user", "content": "four"}])
+    "".join(reply)
+    assert [m["content"] for m in c.messages][:4] == [m["content"] for m in sent[1:5]]
+    assert reply.prompt_tokens == n - c.turns[3].start  # all from the edited reply on
+    assert_cache_is_conversation(model, tokenizer, c)
+
+
 def test_piped_turns_print_only_the_replies(tmp_path, mlx_q8):
     t = tmp_path / "t.json"
     r = run_script(

@@ -229,3 +229,37 @@ def test_bench_under_mlx_launch_reports_each_rank(tmp_path):
     for rank in two["ranks"]:
         assert rank["collectives_ms_per_token"] > 0 and rank["generation_tps"] > 0 and 0 < rank["weight_gb"]
     assert two["ranks"][0]["weight_gb"] == two["ranks"][1]["weight_gb"]
+
+
+def test_server_over_two_ranks_answers_as_one_process_and_stops_on_sigterm(converted):
+    from openai import OpenAI
+
+    import chat
+
+    model = converted["8-bit input-major"]
+    proc = launch(2, ROOT / "server.py", "--model-path", model, "--port", 0, wait=False)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not line.startswith("serving "):
+            line = proc.stderr.readline()
+            assert line, "the server ended before serving"
+        client = OpenAI(base_url=line.split(" on ")[1].split()[0], api_key="-", timeout=60, max_retries=0)
+        alone, tokenizer = mixtral.load_model(model)
+        messages, ours = [], []  # as sent, and with each reply's ids (as chat.py and the server keep them)
+        for text in ("Hello there.", "And then?"):  # the second turn continues rank 0's and rank 1's caches
+            messages.append({"role": "user", "content": text})
+            ours.append(messages[-1])
+            out = []
+            for y in mixtral.generate(alone, chat.encode_messages(tokenizer, ours)):
+                if y == tokenizer.eos_id or len(out) == 12:
+                    break
+                out.append(y)
+            r = client.chat.completions.create(model=model.name, messages=messages, max_tokens=12, temperature=0)
+            assert r.choices[0].message.content == tokenizer.decode(out)
+            messages.append({"role": "assistant", "content": r.choices[0].message.content})
+            ours.append({**messages[-1], "tokens": out})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err

@@ -1,0 +1,640 @@
+"""An OpenAI-compatible HTTP server for Mixtral-Instruct: chat.py's exact format, and the KV caches of
+recent conversations kept, so that a client resending the whole conversation prefills only what is new.
+
+    python server.py --model-path mlx_model --port 8080
+    curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hi!"}]}'
+
+Two threads. The main thread owns MLX: it loads the model and runs one request at a time, in arrival
+order, on chat.Chat (MLX streams belong to the thread that made them, and the model is not
+thread-safe). A second thread runs the HTTP server (Starlette on uvicorn): it checks requests, queues
+them (a bounded queue: 503 when full) and streams what the main thread produces. Ctrl-C and SIGTERM
+reach the main thread: in-flight streams get a final error event, and the program exits 130 or 143.
+"""
+
+import signal
+
+if __name__ == "__main__":  # Ctrl-C during the imports below ends the program quietly; run_program() takes over after
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+import argparse
+import asyncio
+import hmac
+import json
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+import chat
+import folder
+import machine
+import mixtral
+import parallel
+import runtime
+from runtime import MixtralError
+
+MAX_BODY = 4 * 2**20  # bytes of one request: a 32k-token conversation is about 150 KB of text
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class BadRequest(Exception):
+    """A request we refuse: OpenAI's error shape with this status, type and code."""
+
+    def __init__(self, message, status=400, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def response(self) -> JSONResponse:
+        error = {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+@dataclass
+class Job:
+    """One request on its way through the queue: what to generate, and where its events go."""
+
+    kind: str  # "chat" or "completion"
+    prompt: object  # messages, or the raw prompt text
+    max_tokens: Optional[int]
+    temp: float
+    top_p: float
+    min_p: float
+    stop: List[str]
+    seed: Optional[int]
+    events: asyncio.Queue = None
+    loop: asyncio.AbstractEventLoop = None
+    cancelled: bool = False  # the client left: stop within a token
+
+    def send(self, kind, value=None):
+        """From the main thread: an event for the request's handler ("text", "done" or "error"); none
+        on a rank other than 0."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def describe(self) -> str:
+        """The job as rank 0 sends it to the other ranks."""
+        fields = ("kind", "prompt", "max_tokens", "temp", "top_p", "min_p", "stop", "seed")
+        return json.dumps({k: getattr(self, k) for k in fields})
+
+
+def number(body, name, default, low, high, integer=False, low_open=False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if (
+        not isinstance(value, kinds)
+        or isinstance(value, bool)
+        or not (low < value if low_open else low <= value)
+        or value > high
+    ):
+        what = "an integer" if integer else "a number"
+        raise BadRequest(
+            f"'{name}' must be {what} in {'(' if low_open else '['}{low}, {high}], got {value!r}", param=name
+        )
+    return value
+
+
+def text_content(content, i):
+    """A message's content: a string, or OpenAI's list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content")
+
+
+def parse_job(body, kind: str, model_name: str, system_prompt: str) -> Job:
+    """Check a request body as OpenAI does, -> Job; BadRequest says what is wrong, and where."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    if body.get("model") not in (None, model_name):
+        raise BadRequest(
+            f"the model {body['model']!r} does not exist; this server has {model_name!r} (GET /v1/models)",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+    if body.get("n", 1) not in (1, None):
+        raise BadRequest("only n = 1 is supported: one reply per request", param="n")
+    if not isinstance(body.get("stream", False), bool):
+        raise BadRequest("'stream' must be true or false", param="stream")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and len(stop) <= MAX_STOP and all(isinstance(s, str) and s for s in stop)):
+        raise BadRequest(f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise BadRequest("'seed' must be an integer", param="seed")
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    job = Job(
+        kind=kind,
+        prompt=None,
+        max_tokens=number({"max_tokens": limit}, "max_tokens", None, 1, 2**31, integer=True),
+        temp=number(body, "temperature", 1.0, 0, 2),
+        top_p=number(body, "top_p", 1.0, 0, 1, low_open=True),
+        min_p=number(body, "min_p", 0.0, 0, 1),
+        stop=stop,
+        seed=seed,
+    )
+    if kind == "completion":
+        if not isinstance(body.get("prompt"), str):
+            raise BadRequest("'prompt' must be a string", param="prompt")
+        job.prompt = body["prompt"]
+        return job
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise BadRequest(
+                f"messages[{i}] must be an object with a role of system, user or assistant", param=f"messages[{i}]"
+            )
+    messages = [{"role": m["role"], "content": text_content(m.get("content"), i)} for i, m in enumerate(messages)]
+    if messages[0]["role"] != "system" and system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    try:
+        _, turns = chat.split_system(messages)
+    except MixtralError as e:
+        raise BadRequest(str(e), param="messages") from None
+    if not turns or turns[-1]["role"] != "user":
+        raise BadRequest("the last message must be the user's", param="messages")
+    job.prompt = messages
+    return job
+
+
+# --------------------------------------------------------------------------- the engine (main thread)
+
+
+class Engine:
+    """The model, and the conversations whose caches we keep (chat.Chat, least recently used last),
+    bounded by `cache_bytes`. A request continues the conversation that shares the longest prefix of
+    its tokens, or a new one."""
+
+    def __init__(self, model, tokenizer, max_context: int, cache_bytes: int, reuse: bool = True):
+        self.model, self.tokenizer, self.max_context = model, tokenizer, max_context
+        self.cache_bytes, self.reuse = cache_bytes, reuse
+        self.chats: "OrderedDict[int, chat.Chat]" = OrderedDict()
+        self.serial = 0
+
+    def run(self, job: Job, should_stop):
+        """Generate job's reply; its text goes to job.send as it comes. -> (Reply, prompt tokens)."""
+        if job.seed is not None:
+            mx.random.seed(job.seed)
+        prompt = job.prompt if job.kind == "chat" else self.tokenizer.encode(job.prompt)
+        c = self._conversation(prompt)
+        c.temp, c.top_p, c.min_p = job.temp, job.top_p, job.min_p
+        c.max_tokens = job.max_tokens or chat.DEFAULT_MAX_TOKENS
+        reply, n = c.respond(prompt, should_stop) if job.kind == "chat" else c.continue_ids(prompt, should_stop)
+        try:
+            if n >= self.max_context:
+                raise BadRequest(
+                    f"the prompt has {n} tokens, and this server's context is {self.max_context} (--max-context): "
+                    "send fewer or shorter messages",
+                    param="messages" if job.kind == "chat" else "prompt",
+                    code="context_length_exceeded",
+                )
+            stops = StopStrings(job.stop)
+            for piece in reply:
+                text, hit = stops.feed(piece)
+                if text:
+                    job.send("text", text)
+                if hit:
+                    reply.finish_reason = "stop"
+                    break
+            else:
+                if tail := stops.flush():
+                    job.send("text", tail)
+        finally:
+            reply.close()
+            self._keep(c)
+        return reply, n
+
+    def _conversation(self, prompt) -> "chat.Chat":
+        """The kept conversation whose cache holds most of this prompt (taken out of the store; the most
+        recent of equals), or a new one."""
+        best, shared = None, 0
+        for key, c in self.chats.items() if self.reuse else ():
+            if (n := c.shared_prefix(prompt)) >= shared and n > 0:
+                best, shared = key, n
+        if best is not None:
+            return self.chats.pop(best)
+        return chat.Chat(self.model, self.tokenizer, system="", max_context=self.max_context, seed=0)
+
+    def _keep(self, c: "chat.Chat"):
+        self.serial += 1
+        self.chats[self.serial] = c
+        while len(self.chats) > 1 and sum(x.cache_bytes() for x in self.chats.values()) > self.cache_bytes:
+            self.chats.popitem(last=False)
+        if not self.reuse:
+            self.chats.clear()
+        mx.clear_cache()
+
+
+class StopStrings:
+    """Text let through until one of the stop strings appears; what could be the start of one is held."""
+
+    def __init__(self, stops: List[str]):
+        self.stops, self.held = stops, ""
+
+    def feed(self, piece: str):
+        """-> (text safe to send, whether a stop string was found)."""
+        if not self.stops:
+            return piece, False
+        self.held += piece
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            text, self.held = self.held[: min(hits)], ""
+            return text, True
+        keep = max(len(s) - 1 for s in self.stops)
+        cut = max(0, len(self.held) - keep)
+        text, self.held = self.held[:cut], self.held[cut:]
+        return text, False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+# --------------------------------------------------------------------------- HTTP (the server thread)
+
+
+def error_event(message: str) -> str:
+    return (
+        f"data: {json.dumps({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+    )
+
+
+class Api:
+    """The HTTP side: checks each request, queues it for the main thread, and answers with what comes back."""
+
+    def __init__(self, model_name: str, jobs: "queue.Queue[Job]", api_key: Optional[str], system_prompt: str):
+        self.model_name, self.jobs, self.api_key, self.system_prompt = model_name, jobs, api_key, system_prompt
+        self.created = int(time.time())
+
+    def app(self, cors_origin: Optional[str]) -> Starlette:
+        routes = [
+            Route("/health", self.health),
+            Route("/v1/models", self.models),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+        ]
+        app = Starlette(routes=routes, exception_handlers={404: self.not_found, 405: self.not_allowed})
+        if cors_origin:
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=[cors_origin],
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
+        return app
+
+    async def not_found(self, request, exc):
+        return BadRequest(f"no such endpoint: {request.method} {request.url.path}", status=404).response()
+
+    async def not_allowed(self, request, exc):
+        return BadRequest(f"{request.method} is not allowed on {request.url.path}", status=405).response()
+
+    async def health(self, request):
+        return JSONResponse({"status": "ok", "queued": self.jobs.qsize()})
+
+    async def models(self, request):
+        if refused := self.refused(request):
+            return refused
+        model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mixtral-mlx"}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    def refused(self, request) -> Optional[JSONResponse]:
+        """401 unless the request carries the key (compared in constant time)."""
+        if self.api_key is None:
+            return None
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if hmac.compare_digest(given.encode(), self.api_key.encode()):
+            return None
+        return BadRequest(
+            "invalid API key (send Authorization: Bearer KEY)",
+            status=401,
+            code="invalid_api_key",
+            kind="authentication_error",
+        ).response()
+
+    async def chat_completions(self, request):
+        return await self.serve(request, "chat")
+
+    async def completions(self, request):
+        return await self.serve(request, "completion")
+
+    async def serve(self, request: Request, kind: str):
+        if refused := self.refused(request):
+            return refused
+        try:
+            body = await read_json(request)
+            job = parse_job(body, kind, self.model_name, self.system_prompt)
+            job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
+            try:
+                self.jobs.put_nowait(job)
+            except queue.Full:
+                raise BadRequest(
+                    "the server is busy: too many requests are waiting; try again shortly",
+                    status=503,
+                    kind="server_error",
+                    code="queue_full",
+                ) from None
+        except BadRequest as e:
+            return e.response()
+        ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        if body.get("stream"):
+            usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage") is True
+            return StreamingResponse(
+                self.stream(job, ident, usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        return await self.whole(request, job, ident)
+
+    def chunk(self, job: Job, ident: str, text=None, finish=None, role=False) -> dict:
+        created, model = int(time.time()), self.model_name
+        if job.kind == "chat":
+            delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            }
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+    async def stream(self, job: Job, ident: str, include_usage: bool):
+        """Server-sent events in OpenAI's chunk format, ending with [DONE]. A client that leaves cancels the job."""
+        try:
+            if job.kind == "chat":
+                yield f"data: {json.dumps(self.chunk(job, ident, '', role=True))}\n\n"
+            while True:
+                kind, value = await job.events.get()
+                if kind == "text":
+                    yield f"data: {json.dumps(self.chunk(job, ident, value))}\n\n"
+                elif kind == "error":
+                    yield error_event(
+                        value.get("error", {}).get("message", "error") if isinstance(value, dict) else value
+                    )
+                    return
+                else:
+                    yield f"data: {json.dumps(self.chunk(job, ident, finish=value['finish_reason']))}\n\n"
+                    if include_usage:
+                        final = self.chunk(job, ident) | {"choices": [], "usage": value["usage"]}
+                        yield f"data: {json.dumps(final)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            job.cancelled = True  # done, or the client left (the generator is closed): stop generating
+
+    async def whole(self, request: Request, job: Job, ident: str):
+        """One JSON answer; a client that leaves before it cancels the job."""
+        parts = []
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if kind == "text":
+                    parts.append(value)
+                elif kind == "error":
+                    if isinstance(value, dict):
+                        return JSONResponse(value, status_code=value.pop("status", 500))
+                    return JSONResponse(
+                        {"error": {"message": value, "type": "server_error", "param": None, "code": None}},
+                        status_code=503,
+                    )
+                else:
+                    break
+        finally:
+            job.cancelled = True
+        text, created = "".join(parts), int(time.time())
+        if job.kind == "chat":
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": value["finish_reason"],
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": value["finish_reason"]}
+            obj = "text_completion"
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": obj,
+                "created": created,
+                "model": self.model_name,
+                "choices": [choice],
+                "usage": value["usage"],
+            }
+        )
+
+
+async def read_json(request: Request):
+    """The body as JSON, refused past MAX_BODY bytes (413) without reading more of it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        raise BadRequest(f"the body is larger than {MAX_BODY} bytes", status=413, code="request_too_large")
+    data = bytearray()
+    async for part in request.stream():
+        data += part
+        if len(data) > MAX_BODY:
+            raise BadRequest(f"the body is larger than {MAX_BODY} bytes", status=413, code="request_too_large")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON ({e})") from None
+
+
+# --------------------------------------------------------------------------- the program
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="An OpenAI-compatible HTTP server for Mixtral-Instruct.")
+    p.add_argument(
+        "--model-path",
+        default=folder.DEFAULT_MODEL_PATH,
+        help="converted folder, or a Hugging Face folder / Hub id to convert once (default: %(default)s)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: none)")
+    p.add_argument(
+        "--max-context", type=int, help="tokens of prompt and reply (default: 32768, or what fits in memory)"
+    )
+    p.add_argument("--system-prompt", default="", help="persona for conversations that bring none (default: none)")
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting at most; more get 503 (default: %(default)s)"
+    )
+    p.add_argument(
+        "--cache-gb", type=float, help="KV caches of recent conversations kept, in GB (default: half of what fits)"
+    )
+    p.add_argument("--no-cache-reuse", action="store_true", help="prefill every request whole (to measure the reuse)")
+    p.add_argument("--cors-origin", help="allow browser pages from this origin (default: no CORS)")
+    p.add_argument(
+        "--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)"
+    )
+    p.add_argument("--tokenizer", help="tokenizer.model for a first-run conversion of a folder that lacks one")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    runtime.quiet_unless_rank0()
+    runtime.run_program(run, args, interrupted="interrupted: the server stopped")
+
+
+def run(args):
+    if args.max_context is not None and args.max_context < 16:
+        raise MixtralError("--max-context must be at least 16 tokens")
+    if args.max_queue < 1:
+        raise MixtralError("--max-queue must be at least 1")
+    log = lambda s: print(s, file=sys.stderr, flush=True)
+    rank0 = mx.distributed.init().rank() == 0
+    listener = listen(args.host, args.port) if rank0 else None  # a port in use is refused before loading
+    model_path = chat.resolve_model(args.model_path, log, args.tokenizer)
+    model, tokenizer = mixtral.load_model(model_path, args.dtype)
+    group = model.group
+    max_context = parallel.from_rank0(args.max_context or machine.default_context(model), group)
+    machine.check_memory(model, max_context, "--max-context", model_path)
+    kv = machine.kv_bytes_per_token(model.args, model.dtype)
+    if args.cache_gb is not None:
+        cache_bytes = int(args.cache_gb * machine.GB)
+    else:
+        ram, working_set = machine.memory()
+        cache_bytes = kv * max(
+            max_context, machine.largest_context(machine.weight_bytes(model), kv, working_set, ram) // 2
+        )
+    engine = Engine(model, tokenizer, max_context, parallel.from_rank0(cache_bytes, group), not args.no_cache_reuse)
+    if not rank0:
+        return follow(engine, group)
+    name = Path(str(args.model_path).rstrip("/")).name
+    jobs = queue.Queue(maxsize=args.max_queue)
+    api = Api(name, jobs, args.api_key, args.system_prompt)
+    config = uvicorn.Config(api.app(args.cors_origin), log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    host, port = listener.getsockname()[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log(f"warning: listening on {args.host} without --api-key: anyone who can reach this machine can use the model")
+    log(f"serving {name} on http://{host}:{port}/v1 (context {max_context} tokens; Ctrl-C stops)")
+    serve(engine, jobs, group, thread, server)
+
+
+def listen(host: str, port: int):
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise MixtralError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
+    sock.listen(128)
+    return sock
+
+
+def serve(engine: Engine, jobs: "queue.Queue[Job]", group, thread: threading.Thread, server: uvicorn.Server):
+    """Rank 0's loop: one request at a time, in arrival order, until Ctrl-C or SIGTERM."""
+    current = None
+    try:
+        while thread.is_alive():
+            try:
+                current = jobs.get(timeout=0.1)
+            except queue.Empty:
+                if group is not None:
+                    parallel.text_from_rank0("", group)  # the other ranks wait for the next job
+                continue
+            if not current.cancelled:  # a client that left while queued costs nothing
+                if group is not None:
+                    parallel.text_from_rank0(current.describe(), group)
+                answer(engine, current, group)
+            current = None
+        raise MixtralError("the HTTP server stopped unexpectedly")
+    except BaseException as e:
+        why = (
+            "Ctrl-C" if isinstance(e, KeyboardInterrupt) else "SIGTERM" if isinstance(e, runtime.Terminated) else str(e)
+        )
+        for job in [current] + drain(jobs):
+            if job is not None:
+                job.send("error", f"the server is shutting down ({why})")
+        server.should_exit = True
+        thread.join(timeout=10)
+        if group is not None:
+            parallel.text_from_rank0("quit", group)
+        raise
+
+
+def drain(jobs) -> list:
+    out = []
+    while True:
+        try:
+            out.append(jobs.get_nowait())
+        except queue.Empty:
+            return out
+
+
+def follow(engine: Engine, group):
+    """Another rank's loop under mlx.launch: run what rank 0 runs, token for token."""
+    while (text := parallel.text_from_rank0(None, group)) != "quit":
+        if text:
+            answer(engine, Job(**json.loads(text)), group)
+
+
+def answer(engine: Engine, job: Job, group):
+    local = lambda: job.cancelled
+    # Under mlx.launch every rank must stop at the same token: rank 0's client decides.
+    should_stop = local if group is None else lambda: bool(parallel.from_rank0(int(local()), group))
+    try:
+        reply, prompt_tokens = engine.run(job, should_stop)
+    except BadRequest as e:
+        return job.send(
+            "error",
+            {"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}, "status": e.status},
+        )
+    except MixtralError as e:
+        return job.send(
+            "error",
+            {"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": None}, "status": 400},
+        )
+    completion = len(reply.ids)
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": prompt_tokens - reply.prompt_tokens},
+    }
+    job.send("done", {"finish_reason": "length" if reply.finish_reason == "length" else "stop", "usage": usage})
+
+
+if __name__ == "__main__":
+    main()

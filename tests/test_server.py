@@ -1,0 +1,250 @@
+"""server.py through the real `openai` client and raw HTTP on loopback: replies equal chat.py's and
+mixtral.generate's, errors have OpenAI's shape, concurrent clients all get their answers, a client
+that leaves frees the server, and signals end it cleanly."""
+
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+
+import httpx
+import pytest
+from openai import OpenAI
+
+import chat
+import mixtral
+from conftest import assert_one_line_error, popen_script, run_script
+
+KEY = "test-key"
+CONTEXT = 512
+
+
+class Server:
+    """server.py on a free loopback port, until stop()."""
+
+    def __init__(self, model_path, *args):
+        self.proc = popen_script(
+            "server.py",
+            "--model-path",
+            model_path,
+            "--port",
+            0,
+            "--api-key",
+            KEY,
+            *args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.log = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            self.log.append(line)
+            if not line or line.startswith("serving "):
+                break
+        assert line.startswith("serving "), "".join(self.log)
+        self.url = line.split(" on ")[1].split()[0]  # http://127.0.0.1:PORT/v1
+        self.reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+        self.client = OpenAI(base_url=self.url, api_key=KEY, timeout=60, max_retries=0)
+        self.http = httpx.Client(base_url=self.url.removesuffix("/v1"), timeout=60)
+
+    def post(self, path, body=None, content=None, key=KEY):
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        return self.http.post(path, json=body, content=content, headers=headers)
+
+    def stop(self, sig=signal.SIGTERM):
+        """-> (exit status, what it printed on stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+        self.reader.join(timeout=5)
+        return self.proc.returncode, "".join(self.log)
+
+
+@pytest.fixture(scope="module")
+def server(mlx_q8):
+    s = Server(mlx_q8, "--max-context", CONTEXT)
+    yield s
+    code, log = s.stop()
+    assert code == 143 and "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def model(mlx_q8):
+    return mixtral.load_model(mlx_q8)[0]
+
+
+def greedy(model, tokenizer, ids, n):
+    """The text of mixtral.generate's greedy ids after `ids`, up to EOS or n tokens."""
+    out = []
+    for y in islice(mixtral.generate(model, ids), n):
+        if y == tokenizer.eos_id:
+            break
+        out.append(y)
+    return tokenizer.decode(out)
+
+
+def ask(server, messages, n, **kw):
+    r = server.client.chat.completions.create(model="q8", messages=messages, max_tokens=n, temperature=0, **kw)
+    return r
+
+
+def test_a_reply_at_temperature_0_equals_generate_and_chat_py_streamed_or_not(server, model, tokenizer, mlx_q8):
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    expected = greedy(model, tokenizer, chat.encode_messages(tokenizer, messages), 12)
+    r = ask(server, messages, 12)
+    assert r.choices[0].message.content == expected
+    assert r.usage.prompt_tokens == len(chat.encode_messages(tokenizer, messages))
+    stream = server.client.chat.completions.create(
+        model="q8", messages=messages, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    one_shot = run_script(
+        "chat.py",
+        "--model-path",
+        mlx_q8,
+        "--system-prompt",
+        "",
+        "--temp",
+        0,
+        "--max-tokens",
+        12,
+        "--prompt",
+        messages[0]["content"],
+    )
+    assert one_shot.stdout == expected + "\n"
+
+
+def test_a_conversation_resent_whole_equals_the_piped_chat_and_prefills_only_the_new_message(
+    server, tmp_path, tokenizer, mlx_q8
+):
+    lines = ["Hi there.", "What is the weather like?", "And tomorrow?"]
+    transcript = tmp_path / "t.json"
+    piped = run_script(
+        "chat.py",
+        "--model-path",
+        mlx_q8,
+        "--system-prompt",
+        chat.DEFAULT_SYSTEM_PROMPT,
+        "--temp",
+        0,
+        "--max-tokens",
+        10,
+        stdin="\n".join(lines + [f"/save {transcript}"]) + "\n",
+    )
+    assert piped.returncode == 0, piped.stderr
+    replies = [m["content"] for m in json.loads(transcript.read_text())["messages"] if m["role"] == "assistant"]
+    messages, previous = [{"role": "system", "content": chat.DEFAULT_SYSTEM_PROMPT}], None
+    for turn, line in enumerate(lines):
+        messages.append({"role": "user", "content": line})
+        r = ask(server, messages, 10)
+        assert r.choices[0].message.content == replies[turn]
+        if turn:  # the cache held every earlier token: only the new message was prefilled, and the EOS
+            # that closes a reply cut off at max_tokens (never sampled, so never fed)
+            new = len(chat.user_block(tokenizer, line)) + (previous.choices[0].finish_reason == "length")
+            assert r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - new
+        previous = r
+        messages.append({"role": "assistant", "content": r.choices[0].message.content})
+
+
+def test_a_completion_equals_the_one_shot_cli(server, mlx_q8):
+    r = server.client.completions.create(model="q8", prompt="Once upon a time", max_tokens=8, temperature=0)
+    cli = run_script("mixtral.py", "--model-path", mlx_q8, "--prompt", "Once upon a time", "--max-tokens", 8)
+    assert r.choices[0].text + "\n" == cli.stdout
+
+
+def test_a_stop_string_cuts_the_reply_before_it(server, model, tokenizer):
+    messages = [{"role": "user", "content": "Count for me."}]
+    full = greedy(model, tokenizer, chat.encode_messages(tokenizer, messages), 16)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    r = ask(server, messages, 16, stop=[stop])
+    assert r.choices[0].message.content == full[: full.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+BAD = {
+    "malformed JSON": ({"content": b"{not json"}, 400, None),
+    "wrong type": ({"body": {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}}, 400, None),
+    "no messages": ({"body": {"model": "q8"}}, 400, None),
+    "roles out of order": ({"body": {"messages": [{"role": "assistant", "content": "hi"}]}}, 400, None),
+    "n of 2": ({"body": {"messages": [{"role": "user", "content": "hi"}], "n": 2}}, 400, None),
+    "unknown model": (
+        {"body": {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}},
+        404,
+        "model_not_found",
+    ),
+    "beyond the context": (
+        {"body": {"messages": [{"role": "user", "content": "word " * CONTEXT}]}},
+        400,
+        "context_length_exceeded",
+    ),
+    "bad key": ({"body": {"messages": [{"role": "user", "content": "hi"}]}, "key": "wrong"}, 401, "invalid_api_key"),
+    "too large": ({"content": b'{"messages": "' + b"x" * (5 * 2**20) + b'"}'}, 413, None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_request_gets_an_openai_error_and_the_server_goes_on(server, case):
+    request, status, code = BAD[case]
+    r = server.post("/v1/chat/completions", **request)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and (code is None or error["code"] == code), error
+    assert server.http.get("/health").status_code == 200
+    assert ask(server, [{"role": "user", "content": "still there?"}], 2).choices[0].message.content is not None
+
+
+def test_32_concurrent_clients_each_get_their_own_answer(server, model, tokenizer):
+    messages = [[{"role": "user", "content": f"Client number {i} says hello."}] for i in range(32)]
+    expected = [greedy(model, tokenizer, chat.encode_messages(tokenizer, m), 4) for m in messages]
+    with ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(ask, server, m, 4) for m in messages]
+        got = [f.result(timeout=180).choices[0].message.content for f in futures]
+    assert got == expected
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_server_at_once(server):
+    body = {"messages": [{"role": "user", "content": "Talk forever."}], "max_tokens": 100000, "stream": True}
+    with server.http.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        for _ in islice(r.iter_lines(), 6):  # a few tokens streamed
+            pass
+    # Left: the next request must not wait for 100000 tokens.
+    tic = time.monotonic()
+    ask(server, [{"role": "user", "content": "Next."}], 2)
+    assert time.monotonic() - tic < 15
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_ends_the_streams_with_an_error_event_and_the_server_quietly(mlx_q8, sig, code):
+    s = Server(mlx_q8)
+    body = {"messages": [{"role": "user", "content": "Talk forever."}], "max_tokens": 100000, "stream": True}
+    events = []
+    with s.http.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(line)
+                if len(events) == 3:
+                    s.proc.send_signal(sig)
+                    break
+        events += [line for line in lines if line.startswith("data: ")]
+    assert '"error"' in events[-1] and "shutting down" in events[-1], events[-3:]
+    s.proc.wait(timeout=30)  # on its own: no second signal
+    returncode, log = s.stop()
+    assert returncode == code and "Traceback" not in log, log
+
+
+def test_a_port_in_use_is_a_one_line_error(mlx_q8):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = run_script("server.py", "--model-path", mlx_q8, "--port", taken.getsockname()[1])
+    assert_one_line_error(r, "cannot listen on 127.0.0.1:", "--port")
