@@ -235,11 +235,14 @@ class MOEFeedForward(nn.Module):
         self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)  # the router
         self.experts = FeedForward(args)
         self.group = None
+        self.log = None  # a list while the chosen experts are kept (routing_choices)
 
     def __call__(self, x):
         gates = self.gate(x)  # (B, T, experts)
         k = self.top_k
         inds = mx.stop_gradient(mx.argpartition(-gates, kth=k - 1, axis=-1)[..., :k])  # (B, T, k)
+        if self.log is not None:
+            self.log.append(inds)  # lazy, computed with the rest: no wait here
         # Softmax over the chosen logits equals softmax over all experts renormalised to the top k
         # (Hugging Face's order); float32 because near-equal weights decide the mix.
         scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1).astype(mx.float32), axis=-1)
@@ -284,6 +287,14 @@ class Mixtral(nn.Module):
     @property
     def dtype(self):
         return self.norm.weight.dtype
+
+    def log_routing(self, on: bool = True):
+        """From now on keep the experts each MoE layer chooses for each token (routing_choices), or stop."""
+        for layer in self.layers:
+            layer.feed_forward.log = [] if on else None
+
+    def routing_log(self) -> list:
+        return [inds for layer in self.layers for inds in layer.feed_forward.log or []]
 
 
 # --------------------------------------------------------------------------- quantized layouts
@@ -484,13 +495,17 @@ def place(model: Mixtral, group="world", cpu_threads: Optional[int] = None, grou
         machine.keep_resident(model, "the model")
 
 
-def read_weights(model: Mixtral, shards: List[Path], deliver=lambda: None):
+def read_weights(model: Mixtral, shards: List[Path], deliver=lambda: None, progress=None):
     """Read every weight, one tensor at a time: a rank reads each whole tensor once and keeps only its
-    slice. deliver() raises a Ctrl-C held back during a read."""
+    slice. deliver() raises a Ctrl-C held back during a read. progress: one line on stderr updated in
+    place (GB read, GB/s, time left); default when stderr is a terminal."""
+    tensors = [w for _, w in tree_flatten(model.parameters())]
+    bar = loading_bar(sum(w.nbytes for w in tensors), sys.stderr.isatty() if progress is None else progress)
     try:
-        for _, w in tree_flatten(model.parameters()):
+        for w in tensors:
             mx.eval(w)
             mx.clear_cache()  # return the whole tensor a slice came from, not keep it for reuse
+            bar.update(w.nbytes / 1e9)
             deliver()
     except Exception as e:  # the zip reader's CRC check or a short read, raised only now (loading is lazy)
         if is_out_of_memory(e):
@@ -500,6 +515,18 @@ def read_weights(model: Mixtral, shards: List[Path], deliver=lambda: None):
             f"{bad}: damaged ({str(e).strip().splitlines()[-1]}); copy or convert it again "
             f"(python mixtral.py --verify --model-path {Path(shards[0]).parent} checks every file)"
         ) from None
+    finally:
+        bar.close()  # the line goes: what follows starts on a clean one
+
+
+def loading_bar(total: int, show: bool):
+    """tqdm as one plain line, `loading  12.3/49.6 GB  3.10GB/s  00:12 left` (nothing when not shown)."""
+    from tqdm import tqdm
+
+    fmt = "loading  {n:.1f}/{total:.1f} GB  {rate_fmt}  {remaining} left"
+    return tqdm(
+        total=total / 1e9, unit="GB", bar_format=fmt, disable=not show, leave=False, file=sys.stderr, mininterval=0.2
+    )
 
 
 # --------------------------------------------------------------------------- generation
@@ -537,7 +564,7 @@ def prefill(
     while len(tokens) > 1 and not should_stop():
         n = min(chunk, len(tokens) - 1)
         model(mx.array([tokens[:n]], dtype=mx.uint32), cache)
-        mx.eval([c.state for c in cache])
+        mx.eval([c.state for c in cache], model.routing_log())  # a kept log would otherwise keep the graph
         tokens = tokens[n:]
     return tokens
 
@@ -577,6 +604,18 @@ def generate(
         mx.async_eval(next_y)
         yield y.item()
         y = next_y
+
+
+def routing_choices(model: Mixtral) -> List[List[List[int]]]:
+    """Per layer, per token fed since the last call (in order), the experts the router chose; the log
+    starts again. Empty lists when the model keeps no log (Mixtral.log_routing)."""
+    out = []
+    for layer in model.layers:
+        log = layer.feed_forward.log or []
+        out.append(mx.concatenate([inds.reshape(-1, inds.shape[-1]) for inds in log]).tolist() if log else [])
+        if layer.feed_forward.log is not None:
+            layer.feed_forward.log = []
+    return out
 
 
 @dataclass

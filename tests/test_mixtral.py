@@ -667,3 +667,44 @@ def test_ctrl_c_during_one_shot_generation_exits_130_without_a_traceback(mlx_q8)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=30)
     assert p.returncode == 130 and b"interrupted" in err and b"Traceback" not in err, err
+
+
+# --------------------------------------------------------------------------- the loading line
+
+
+def on_a_terminal(*args, timeout=120) -> str:
+    """Run mixtral.py with stdout and stderr on a pseudo-terminal; -> all it printed there."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    fd, tty = pty.openpty()
+    fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's size (a new pty has 0x0)
+    p = popen_script("mixtral.py", *args, stdin=subprocess.DEVNULL, stdout=tty, stderr=tty)
+    os.close(tty)
+    out, end = b"", time.monotonic() + timeout
+    while time.monotonic() < end:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the other side closed: the program ended
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif p.poll() is not None:
+            break
+    p.wait(timeout=10)
+    os.close(fd)
+    return out.decode(errors="replace")
+
+
+def test_loading_shows_one_line_on_a_terminal_and_nothing_in_a_pipe(mlx_q8):
+    shown = on_a_terminal("--model-path", mlx_q8, "--prompt", "hi", "--max-tokens", 2)
+    assert "loading  " in shown and " GB " in shown and "left" in shown and "\r" in shown, shown
+    piped = run_script("mixtral.py", "--model-path", mlx_q8, "--prompt", "hi", "--max-tokens", 2)
+    assert piped.returncode == 0 and "loading" not in piped.stderr and "\r" not in piped.stderr, piped.stderr
