@@ -12,17 +12,20 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 import folder
 import machine
@@ -43,7 +46,8 @@ HELP = """commands:
   /system TEXT    new persona (resets the conversation); /system alone removes it
   /undo           drop the last exchange
   /regen          regenerate the last reply
-  /save FILE      write the transcript (messages, settings, seed) as JSON
+  /save FILE      write the transcript (messages, settings, seed) as JSON, and its KV cache beside it
+  /experts [FILE] which experts the router chose for your last message and the reply (FILE: as JSON)
   /quit           leave (also Ctrl-D, or Ctrl-C at an empty prompt)
   \"\"\"             start and end a multi-line message
 Ctrl-C during a reply stops it and keeps what was said."""
@@ -135,10 +139,15 @@ class Chat:
         min_p=DEFAULT_MIN_P,
         seed=None,
         on_notice=lambda text: None,
+        model_id: str = "",
+        experts: bool = False,
     ):
-        self.model, self.tokenizer, self.on_notice = model, tokenizer, on_notice
+        # model_id: what the weights are (folder.identity), for a saved cache to name what it belongs to
+        self.model, self.tokenizer, self.on_notice, self.model_id = model, tokenizer, on_notice, model_id
         self.system, self.max_context, self.max_tokens = system, max_context, max_tokens
         self.temp, self.top_p, self.min_p = temp, top_p, min_p
+        self.experts = None  # the last turn's chosen experts, when `experts` keeps them (/experts)
+        model.log_routing(experts)
         self.seed = random.randrange(2**31) if seed is None else seed
         mx.random.seed(self.seed)
         self.reset()
@@ -251,13 +260,15 @@ class Chat:
     def _say(self, block: List[int], content: Optional[str], should_stop, reply, start=None):
         """Feed block (a user message's, when content is given) after the conversation, and reply."""
         start = start or time.perf_counter()
-        reply.prompt_tokens = len(self.tokens) - self.fed + len(block)
+        mixtral.routing_choices(self.model)  # a kept log starts with this turn
+        unfed = len(self.tokens) - self.fed
+        reply.prompt_tokens = unfed + len(block)
         if not self._feed(block, should_stop):
             reply.cancelled = "message dropped"
             return
         if content is not None:
             self.turns.append(Turn("user", content, len(self.tokens)))
-        yield from self._reply(block, should_stop, reply, start)
+        yield from self._reply(block, should_stop, reply, start, unfed, user=content is not None)
 
     # For a client that sends the whole conversation with every request (server.py): the conversation
     # becomes what it sent, keeping the cache of the prefix they share, and only the rest is prefilled.
@@ -317,13 +328,15 @@ class Chat:
         last, tokens = self.turns.pop(), list(self.tokens)
         # Step back one token before the reply: its logits, which pick the first word, were not kept.
         self._trim(last.start - 1)
-        reply.prompt_tokens = len(self.tokens) - self.fed + 1
+        mixtral.routing_choices(self.model)
+        unfed = len(self.tokens) - self.fed
+        reply.prompt_tokens = unfed + 1
         if not self._feed([tokens[last.start - 1]], should_stop):
             self.turns.append(last)
             self.tokens = tokens  # the cache holds a prefix of them
             reply.cancelled = "the last reply kept"
             return
-        yield from self._reply([tokens[last.start - 1]], should_stop, reply, start)
+        yield from self._reply([tokens[last.start - 1]], should_stop, reply, start, unfed, user=False)
 
     def undo(self):
         if not self.turns:
@@ -332,7 +345,7 @@ class Chat:
         del self.turns[-2:]
         self._trim(start if self.turns else 0)  # an empty conversation starts again with BOS
 
-    def _reply(self, prompt: List[int], should_stop, reply: mixtral.Reply, start: float):
+    def _reply(self, prompt: List[int], should_stop, reply: mixtral.Reply, start: float, unfed=0, user=False):
         self.tokens += prompt
         turn = Turn("assistant", "", len(self.tokens), reply.ids)
         budget = min(self.max_tokens, self.max_context - len(self.tokens) - 1)
@@ -358,21 +371,23 @@ class Chat:
             self._trim(len(self.tokens))
             turn.content = self.tokenizer.decode(reply.ids)
             self.turns.append(turn)
+            if self.model.layers[0].feed_forward.log is not None:
+                self._keep_experts(mixtral.routing_choices(self.model), unfed, prompt if user else None, reply.ids)
             mx.clear_cache()  # between turns, hand back the step buffers MLX keeps (the soak test: flat RSS)
+
+    def _keep_experts(self, choices, unfed: int, message: Optional[List[int]], reply_ids: List[int]):
+        """The experts chosen for the last user message's tokens and for the reply's (/experts). The log
+        holds every token fed this turn: `unfed` old ones first, then the message (one token for a
+        /regen, whose message keeps its record), then the reply's."""
+        cut = lambda a, n: [layer[a : a + n] for layer in choices]
+        if message is not None or self.experts is None:
+            self.experts = {"prompt_ids": list(message or []), "prompt": cut(unfed, len(message or []))}
+        start = unfed + (len(message) if message is not None else 1)
+        self.experts |= {"reply_ids": list(reply_ids), "reply": cut(start, len(reply_ids))}
 
     def save(self, path: str, settings: dict):
         """Write the transcript as UTF-8 JSON, atomically: a failed write leaves any old file whole."""
-        data = {"messages": self.conversation(), "settings": settings, "seed": self.seed}
-        target = Path(path)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            os.replace(tmp, target)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise MixtralError(
-                f"{path}: cannot write ({e.strerror}); the previous file, if any, is unchanged"
-            ) from None
+        write_json(path, {"messages": self.conversation(), "settings": settings, "seed": self.seed})
 
     def load(self, path: str, text: Optional[str] = None):
         """Continue a transcript saved by /save (`text`: its contents, when already read). Exchanges
@@ -401,6 +416,99 @@ class Chat:
             )
         self._rebuild(turns)
 
+    # The KV cache saved beside a transcript (/save FILE, --resume FILE): resuming then prefills nothing.
+
+    def _cache_identity(self, n: int) -> dict:
+        """What a saved cache of the first n tokens belongs to: it is used only where all of it matches."""
+        group = self.model.group
+        return {
+            "format": CACHE_FORMAT,
+            "model": self.model_id,
+            "dtype": machine.dtype_name(self.model.dtype),
+            "rank": str(group.rank() if group else 0),
+            "ranks": str(group.size() if group else 1),
+            "tokens": str(n),
+            "tokens_sha256": tokens_sha256(self.tokens[:n]),
+        }
+
+    def save_cache(self, path) -> int:
+        """Write the cache of the conversation beside the transcript at `path` (cache_file(path)),
+        atomically; -> its size in bytes (0: nothing fed yet, and no file)."""
+        target = cache_file(path, self.model.group)
+        if not self.fed:
+            target.unlink(missing_ok=True)
+            return 0
+        return self._write_segment(target, 0, self.fed)
+
+    def restore_cache(self, path) -> Optional[str]:
+        """After load(path): fill the cache from the one saved beside it, when it belongs to this model,
+        dtype, rank count and transcript. -> None, or why it was not used (the next prefill feeds all)."""
+        return self.restore_segments([cache_file(path, self.model.group)])
+
+    def _write_segment(self, target: Path, a: int, b: int) -> int:
+        """The cache of tokens a:b as safetensors, what it belongs to in its metadata; -> bytes."""
+        arrays = {f"{i}.{k}": x[:, :, a:b] for i, c in enumerate(self.cache) for k, x in zip("kv", c.state)}
+        mx.eval(arrays)
+        meta = self._cache_identity(b) | {"start": str(a), "data_sha256": array_sha256(arrays)}
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.safetensors")
+        try:
+            with runtime.signals_held():  # a Ctrl-C lands once the file is whole
+                mx.save_safetensors(str(tmp), arrays, metadata=meta)
+            os.replace(tmp, target)
+        except (OSError, RuntimeError) as e:  # RuntimeError: MLX's own write failing (a full disk)
+            tmp.unlink(missing_ok=True)
+            raise MixtralError(
+                f"{target}: cannot write ({getattr(e, 'strerror', None) or e}); the previous one, if any, is unchanged"
+            ) from None
+        return target.stat().st_size
+
+    def restore_segments(self, files: List[Path]) -> Optional[str]:
+        """Fill the (empty) cache from segments that follow each other from token 0, as far as they
+        belong to this model, dtype, rank count and conversation. -> None when all were used, else why
+        not (the cache keeps the segments before; the next prefill feeds the rest). Under mlx.launch
+        the ranks agree: if one falls back, all do."""
+        why, fed = None, 0
+        for file in files:
+            why = self._read_segment(file, fed)
+            if why is not None:
+                break
+            fed = self.fed
+        group = self.model.group
+        if group is not None and (parallel.any_rank(why is not None, group) or parallel.from_rank0(fed, group) != fed):
+            why, fed = why or "another rank could not use its part", 0
+        for c in self.cache:
+            c.trim(c.offset - fed)
+        return why
+
+    def _read_segment(self, file: Path, start: int) -> Optional[str]:
+        if not file.is_file():
+            return f"no {file.name}"
+        try:
+            arrays, meta = mx.load(str(file), return_metadata=True)
+            n = int(meta.get("tokens", -1))
+            if int(meta.get("start", -1)) != start or not start < n <= len(self.tokens):
+                return f"{file.name} holds tokens {meta.get('start')} to {n}, not from {start}"
+            if meta.get("tokens_sha256") != self._cache_identity(n)["tokens_sha256"]:
+                return "it holds another conversation (the transcript was edited, or cut to fit --max-context)"
+            for key, want in self._cache_identity(n).items():
+                if meta.get(key) != want:
+                    return f"it was saved with another {key} ({meta.get(key)}, here {want})"
+            if meta.get("data_sha256") != array_sha256(arrays):
+                return "it is damaged (its checksum differs)"
+            for i, layer in enumerate(self.model.layers):
+                for x in (arrays[f"{i}.k"], arrays[f"{i}.v"]):
+                    heads, dtype = layer.attention.n_kv_heads, self.model.dtype
+                    if x.shape[2] != n - start or x.dtype != dtype or x.shape[1] != heads:
+                        return f"{file.name}: layer {i} has the wrong shape or dtype"
+            for i, c in enumerate(self.cache):
+                c.update_and_fetch(arrays[f"{i}.k"], arrays[f"{i}.v"])
+            mx.eval([c.state for c in self.cache])
+        except Exception as e:  # a truncated or foreign file: mx.load's error
+            return (
+                f"{file.name} is unreadable ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
+            )
+        return None
+
     def _check_tokens(self, i: int, tokens):
         """A saved reply's token ids: ints the vocabulary has (others would read garbage embeddings)."""
         if tokens is None:
@@ -408,6 +516,30 @@ class Chat:
         n = self.tokenizer.vocab_size
         if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < n for t in tokens):
             raise TypeError(f"message {i}: 'tokens' must be a list of token ids from 0 to {n - 1}")
+
+
+CACHE_FORMAT = "mixtral-mlx kv-cache 1"
+
+
+def cache_file(path, group=None) -> Path:
+    """Where /save FILE puts the conversation's KV cache: FILE's name with its suffix replaced by
+    .kv.safetensors (talk.json -> talk.kv.safetensors); under mlx.launch each rank writes its part on
+    its own machine, talk.rank1of2.kv.safetensors."""
+    p = Path(path)
+    part = f".rank{group.rank()}of{group.size()}" if group is not None else ""
+    return p.with_name(f"{p.stem}{part}.kv.safetensors")
+
+
+def tokens_sha256(tokens: List[int]) -> str:
+    return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
+
+
+def array_sha256(arrays: dict) -> str:
+    """A checksum of the arrays' bytes, in name order (safetensors has none of its own)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(np.asarray(arrays[name].view(mx.uint8)).tobytes())
+    return h.hexdigest()
 
 
 def common_prefix(a: List[int], b: List[int]) -> int:
@@ -460,6 +592,106 @@ def resolve_model(path: str, log, tokenizer=None) -> Path:
             log=log,
         )
     return target
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+SESSION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+
+
+class Session:
+    """A named conversation kept in the cache folder and saved after every turn (--session NAME): its
+    transcript (talk.json) and its KV cache in segments, kv.START-END.safetensors, each holding the
+    tokens fed since the one before, so that a save writes only what is new. A save writes the new
+    segment, then the transcript, each atomically: a process killed at any moment leaves a transcript
+    whole, and segments that match it as far as they go (resuming prefills the rest). One chat at a
+    time holds a session: a second one is refused."""
+
+    def __init__(self, name: str, root: Optional[Path] = None):
+        if not SESSION_NAME.fullmatch(name) or ".." in name:
+            raise MixtralError(
+                f"session name {name!r}: use up to 64 letters, digits, '.', '_' and '-' (no '/', no '..')"
+            )
+        self.name, self.dir = name, (root or sessions_root()) / name
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.dir / "lock", "w")
+        except OSError as e:
+            raise MixtralError(
+                f"{self.dir}: cannot write the sessions folder ({e.strerror}); set XDG_CACHE_HOME to a writable folder"
+            ) from None
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MixtralError(
+                f"session {name!r} is open in another chat; leave that one first (two would overwrite each other)"
+            ) from None
+        self.transcript = self.dir / "talk.json"
+        self.written = []  # (start, end, tokens_sha256 of the first `end` tokens, file) of the segments kept
+
+    def segments(self, group=None) -> List[Tuple[int, int, Path]]:
+        part = f".rank{group.rank()}of{group.size()}" if group is not None else ""
+        found = []
+        for f in self.dir.glob(f"kv.*{part}.safetensors"):
+            m = re.fullmatch(rf"kv\.(\d+)-(\d+){re.escape(part)}\.safetensors", f.name)
+            if m:
+                found.append((int(m[1]), int(m[2]), f))
+        return sorted(found)
+
+    def resume(self, chat: Chat, text: str) -> Optional[str]:
+        """Continue the saved conversation (`text`: its transcript, as rank 0 read it). -> why its
+        cache was not all used, or None."""
+        chat.load(self.transcript, text)
+        files = self.segments(chat.model.group)
+        why = chat.restore_segments([f for _, _, f in files]) if chat.tokens else None
+        self.written = [(a, b, tokens_sha256(chat.tokens[:b]), f) for a, b, f in files if b <= chat.fed]
+        return why
+
+    def save(self, chat: Chat, settings: dict, rank0: bool = True) -> int:
+        """Write what changed since the last save; -> bytes written."""
+        fed, kept, end = chat.fed, [], 0
+        for a, b, sha, f in self.written:  # the segments that still hold a prefix of the conversation
+            if a != end or b > fed or sha != tokens_sha256(chat.tokens[:b]):
+                break
+            kept.append((a, b, sha, f))
+            end = b
+        written = 0
+        if fed > end:
+            part = f".rank{chat.model.group.rank()}of{chat.model.group.size()}" if chat.model.group else ""
+            f = self.dir / f"kv.{end:08d}-{fed:08d}{part}.safetensors"
+            written = chat._write_segment(f, end, fed)
+            kept.append((end, fed, tokens_sha256(chat.tokens[:fed]), f))
+        if rank0:
+            chat.save(self.transcript, settings)
+            written += self.transcript.stat().st_size
+        for _, _, f in self.segments(chat.model.group):
+            if f not in {k[3] for k in kept}:
+                f.unlink(missing_ok=True)  # after the transcript: a kill before leaves them unmatched, not wrong
+        self.written = kept
+        return written
+
+
+def sessions_root() -> Path:
+    return cache_root() / "sessions"
+
+
+def list_sessions(root: Optional[Path] = None) -> str:
+    """One line per saved session: name, exchanges, tokens cached, last use, size on disk."""
+    root = root or sessions_root()
+    rows = []
+    for d in sorted(p for p in root.glob("*") if (p / "talk.json").is_file()):
+        try:
+            turns = len([m for m in json.loads((d / "talk.json").read_text())["messages"] if m["role"] == "user"])
+        except (OSError, ValueError, KeyError, TypeError):
+            turns = "?"
+        ends = [int(m[1]) for f in d.glob("kv.*.safetensors") if (m := re.match(r"kv\.\d+-(\d+)", f.name))]
+        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "talk.json").stat().st_mtime))
+        rows.append(f"{d.name:<24} {turns!s:>5} {max(ends, default=0):>8} {used:>17} {size / 1e6:>9.1f} MB")
+    if not rows:
+        return f"no sessions yet in {root} (start one with --session NAME)"
+    return "\n".join([f"{'session':<24} {'turns':>5} {'tokens':>8} {'last used':>17} {'size':>12}", *rows])
 
 
 # --------------------------------------------------------------------------- the terminal
@@ -594,12 +826,64 @@ def command(chat: Chat, term: Terminal, ctrl_c: CtrlC, line: str, settings: dict
     elif name == "/save":
         if not arg:
             raise MixtralError("/save needs a file name")
-        if term.rank0:  # the file is rank 0's, on rank 0's machine
+        tic = time.perf_counter()
+        if term.rank0:  # the transcript is rank 0's, on rank 0's machine; each rank saves its part of the cache
             chat.save(arg, settings)
-        term.remark(f"(saved to {arg})")
+        size = chat.save_cache(arg)
+        cache = f" and its {size / 1e6:.1f} MB cache ({cache_file(arg, chat.model.group).name})" if size else ""
+        term.remark(f"(saved {arg}{cache} in {time.perf_counter() - tic:.1f} s)")
+    elif name == "/experts":
+        if chat.experts is None:
+            raise MixtralError("/experts: no reply yet to show the experts of")
+        report = experts_report(chat.experts, chat.model.args.moe.num_experts)
+        if arg and term.rank0:
+            write_json(arg, report)
+        term.remark(f"(wrote {arg})" if arg else experts_table(report))
     else:
         raise MixtralError(f"unknown command {name}; /help lists them")
     return True
+
+
+def experts_report(experts: dict, n_experts: int) -> dict:
+    """/experts FILE's JSON: per layer, how many tokens of the last message and of the reply were sent
+    to each expert; the token ids; each token's chosen experts per layer."""
+    count = lambda choices: [sum(e in pair for pair in choices) for e in range(n_experts)]
+    return {
+        "layers": [{"prompt": count(p), "reply": count(r)} for p, r in zip(experts["prompt"], experts["reply"])],
+        "ids": {"prompt": experts["prompt_ids"], "reply": experts["reply_ids"]},
+        "choices": {"prompt": experts["prompt"], "reply": experts["reply"]},
+    }
+
+
+def experts_table(report: dict) -> str:
+    """A heat map: per layer, the share of tokens each expert got (an empty cell: none, a full one: all)."""
+    shades = " ▁▂▃▄▅▆▇█"
+    n = {part: max(len(report["ids"][part]), 1) for part in ("prompt", "reply")}
+    heat = lambda counts, part: "".join(shades[round(8 * c / n[part])] for c in counts)
+    top = lambda counts, part: f"{counts.index(max(counts)) + 1} {100 * max(counts) / n[part]:3.0f}%"
+    width = len(report["layers"][0]["prompt"])
+    numbers = "".join(str(e + 1)[-1] for e in range(width))
+    lines = [
+        f"experts chosen per layer: your message ({len(report['ids']['prompt'])} tokens) | the reply "
+        f"({len(report['ids']['reply'])} tokens); a full cell: every token, top: the busiest expert",
+        f"layer  {numbers}   {numbers}   top (message, reply)",
+    ]
+    for i, layer in enumerate(report["layers"]):
+        p, r = layer["prompt"], layer["reply"]
+        lines.append(f"{i:5d}  {heat(p, 'prompt')} | {heat(r, 'reply')}   {top(p, 'prompt')}, {top(r, 'reply')}")
+    return "\n".join(lines)
+
+
+def write_json(path: str, data):
+    """UTF-8 JSON written atomically: a failed write leaves any old file whole."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MixtralError(f"{path}: cannot write ({e.strerror}); the previous file, if any, is unchanged") from None
 
 
 def build_parser():
@@ -611,7 +895,11 @@ def build_parser():
     )
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="the persona; '' for none (default: Menny)")
     p.add_argument("--prompt", help="one message: print Menny's reply and exit")
-    p.add_argument("--resume", help="start from a transcript saved with /save")
+    p.add_argument("--resume", help="start from a transcript saved with /save (and its cache, when it fits)")
+    p.add_argument(
+        "--session", help="a named conversation, saved after every turn and resumed by the next --session NAME"
+    )
+    p.add_argument("--sessions", action="store_true", help="list the saved sessions and exit")
     p.add_argument(
         "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens per reply at most (default: %(default)s)"
     )
@@ -647,6 +935,8 @@ def main(argv=None):
 
 def run(args):
     """The program: the terminal, Ctrl-C's handler (rank 0 owns both), the model, then the loop."""
+    if args.sessions:
+        return print(list_sessions())
     rank0 = mx.distributed.init().rank() == 0
     ctrl_c = CtrlC()
     if rank0:
@@ -663,6 +953,9 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
         raise MixtralError("need --max-tokens >= 1, --temp >= 0, 0 < --top-p <= 1, 0 <= --min-p < 1")
     if args.max_context is not None and args.max_context < 16:
         raise MixtralError("--max-context must be at least 16 tokens")
+    if args.session is not None and args.resume:
+        raise MixtralError("--session and --resume: pick one (a session resumes itself)")
+    session = Session(args.session) if args.session is not None else None  # a bad name, one in use: before loading
     model_path = resolve_model(args.model_path, term.remark, args.tokenizer)
     if args.verify:
         folder.verify(model_path)
@@ -682,29 +975,49 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
         args.min_p,
         args.seed,
         on_notice=term.remark,
+        model_id=folder.identity(model_path),
+        experts=True,  # for /experts: keeping the router's choices costs no wait (bench.py: experts_cost)
     )
-    if args.resume:
-        chat.load(args.resume, parallel.text_from_rank0(read_transcript(args.resume) if term.rank0 else "", group))
+    resume = args.resume or (session.transcript if session and session.transcript.is_file() else None)
+    if resume:
+        text = parallel.text_from_rank0(read_transcript(resume) if term.rank0 else "", group)
+        if session:
+            why = session.resume(chat, text)
+        else:
+            chat.load(resume, text)
+            why = chat.restore_cache(resume) if chat.tokens else None
+        if why:
+            term.remark(
+                f"(not all of the saved cache of {resume} is used: {why}; the next message prefills "
+                f"{len(chat.tokens) - chat.fed} tokens first)"
+            )
     settings = {k: getattr(args, k) for k in ("model_path", "max_tokens", "temp", "top_p", "min_p", "dtype")}
     settings["max_context"] = max_context
 
+    def autosave():
+        if session:
+            tic, size = time.perf_counter(), session.save(chat, settings, term.rank0)
+            if args.verbose:
+                term.remark(f"[session {session.name}: saved {size / 1e6:.2f} MB in {time.perf_counter() - tic:.3f} s]")
+
     if args.prompt is not None:
         stream_reply(chat, term, ctrl_c, lambda stopped: chat.ask(args.prompt, stopped), args.verbose)
-        return
+        return autosave()
     if group is not None and term.rank0 and not term.interactive:
         term.remark("(under mlx.launch, end piped input with /quit: the launcher never passes the end of input on)")
     if term.interactive:
         persona = f" ({chat.system})" if chat.system else ""
         term.remark(f"Chatting with Menny{persona}. /help for commands, Ctrl-D to leave.")
         if chat.turns:
-            term.remark(f"(resumed {len(chat.turns) // 2} exchanges from {args.resume})")
+            term.remark(f"(resumed {len(chat.turns) // 2} exchanges from {resume})")
     while (line := term.read_shared(group)) is not None:
         try:
             if line.startswith("/"):
                 if not command(chat, term, ctrl_c, line, settings, args.verbose):
                     break
-                continue
-            stream_reply(chat, term, ctrl_c, lambda stopped: chat.ask(line, stopped), args.verbose)
+            else:
+                stream_reply(chat, term, ctrl_c, lambda stopped: chat.ask(line, stopped), args.verbose)
+            autosave()
         except MixtralError as e:
             term.remark(f"error: {e}")
 

@@ -31,6 +31,18 @@ def shards(path: Path) -> List[Path]:
     return sorted(Path(path).glob(SHARDS))
 
 
+def identity(path: Path) -> str:
+    """What the weights are, not where: a hash of the manifest's file hashes (of config.json and the
+    shards' names and sizes for a folder converted before manifests). Reads no weight."""
+    path = Path(path)
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        files = {"config.json": (path / "config.json").read_text(errors="replace")}
+        files |= {s.name: s.stat().st_size for s in shards(path)}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def is_hub_id(name: str) -> bool:
     """Whether a --model-path or --hf-path that is no folder here names a Hugging Face Hub repo (ORG/NAME)."""
     return not Path(name).exists() and str(name).count("/") == 1 and not str(name).startswith((".", "/"))

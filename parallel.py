@@ -171,6 +171,13 @@ def from_rank0(value: int, group) -> int:
     return mx.distributed.all_sum(mx.array(value if group.rank() == 0 else 0), group=group).item()
 
 
+def any_rank(flag: bool, group) -> bool:
+    """Whether the flag holds on any rank (alone: the flag)."""
+    if group is None:
+        return flag
+    return mx.distributed.all_sum(mx.array(int(flag)), group=group).item() > 0
+
+
 def text_from_rank0(text, group):
     """Rank 0's text (or None) on every rank: the group's own all_sum carries the UTF-8 bytes."""
     if group is None:

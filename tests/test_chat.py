@@ -310,6 +310,104 @@ def test_an_edited_history_keeps_only_the_cache_it_shares(model, tokenizer):
     assert_cache_is_conversation(model, tokenizer, c)
 
 
+def saved_chat(tmp_path, model, tokenizer, **kw):
+    c = new_chat(model, tokenizer, temp=0.0, **kw)
+    for text in ("one", "two", "three"):
+        "".join(c.ask(text))
+    c.save(tmp_path / "t.json", {})
+    assert c.save_cache(tmp_path / "t.json") > 0
+    return c
+
+
+def test_a_saved_cache_resumes_without_a_prefill_and_replies_as_a_full_prefill(tmp_path, model, tokenizer):
+    c = saved_chat(tmp_path, model, tokenizer)
+    d, fresh = new_chat(model, tokenizer, temp=0.0), new_chat(model, tokenizer, temp=0.0)
+    d.load(tmp_path / "t.json")
+    fresh.load(tmp_path / "t.json")
+    assert d.restore_cache(tmp_path / "t.json") is None and d.fed == c.fed and fresh.fed == 0
+    assert_cache_is_conversation(model, tokenizer, d)
+    reply, again = d.ask("four"), fresh.ask("four")
+    assert "".join(reply) == "".join(again)
+    assert reply.prompt_tokens == len(d.tokens) - len(reply.ids) - 1 - c.fed  # the new block (and an unfed EOS)
+    assert again.prompt_tokens == reply.prompt_tokens + c.fed
+
+
+def damage_data(path):
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # inside the last tensor
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda t, k: t.write_text(t.read_text().replace('"one"', '"uno"')), "another conversation"),
+        (lambda t, k: damage_data(k), "damaged"),
+        (lambda t, k: k.write_bytes(k.read_bytes()[:-1000]), "unreadable"),
+        (lambda t, k: k.unlink(), "no t.kv.safetensors"),
+    ],
+    ids=["edited transcript", "flipped byte", "truncated", "missing"],
+)
+def test_a_saved_cache_that_does_not_fit_is_refused_with_its_reason(tmp_path, model, tokenizer, change, reason):
+    saved_chat(tmp_path, model, tokenizer)
+    change(tmp_path / "t.json", chat.cache_file(tmp_path / "t.json"))
+    d = new_chat(model, tokenizer, temp=0.0)
+    d.load(tmp_path / "t.json")
+    assert reason in d.restore_cache(tmp_path / "t.json") and d.fed == 0
+    "".join(d.ask("four"))
+    assert_cache_is_conversation(model, tokenizer, d)
+
+
+def test_a_cache_saved_for_other_weights_is_refused(tmp_path, model, tokenizer):
+    saved_chat(tmp_path, model, tokenizer, model_id="the weights of another model")
+    d = new_chat(model, tokenizer, temp=0.0, model_id="these weights")
+    d.load(tmp_path / "t.json")
+    assert "another model" in d.restore_cache(tmp_path / "t.json") and d.fed == 0
+
+
+def test_experts_are_the_routers_top_2_in_transformers_for_the_message_and_the_reply(mlx_fp, hf_tiny, tokenizer):
+    import torch
+    import transformers
+
+    c = chat.Chat(mixtral.load_model(mlx_fp)[0], tokenizer, temp=0.0, max_tokens=10, seed=0, experts=True)
+    "".join(c.ask("Hello!"))
+    "".join(c.ask("Which of you answers this one?"))
+    hf = transformers.MixtralForCausalLM.from_pretrained(hf_tiny, dtype=torch.float32).eval()
+    with torch.no_grad():
+        routers = hf(torch.tensor([c.tokens]), output_router_logits=True).router_logits  # per layer (T, experts)
+    message, reply = c.turns[-2].start, c.turns[-1].start
+    e = c.experts
+    assert e["prompt_ids"] == c.tokens[message:reply] and e["reply_ids"] == c.turns[-1].ids
+    for layer, logits in enumerate(routers):
+        top2 = [set(row) for row in torch.topk(logits, 2, dim=-1).indices.tolist()]
+        assert [set(p) for p in e["prompt"][layer]] == top2[message:reply]
+        assert [set(p) for p in e["reply"][layer]] == top2[reply : reply + len(e["reply_ids"])]
+
+
+def test_experts_file_holds_counts_ids_and_each_tokens_pair_per_layer(tmp_path, mlx_q8):
+    out = tmp_path / "experts.json"
+    r = run_script(
+        "chat.py",
+        "--model-path",
+        mlx_q8,
+        "--max-tokens",
+        5,
+        "--temp",
+        0,
+        stdin=f"hello\n/experts\n/regen\n/experts {out}\n",
+    )
+    assert r.returncode == 0 and "experts chosen per layer" in r.stderr, r.stderr
+    report = json.loads(out.read_text())
+    n_prompt, n_reply = len(report["ids"]["prompt"]), len(report["ids"]["reply"])
+    assert len(report["layers"]) == 2 and n_prompt > 3 and n_reply == 5
+    for layer, counts in enumerate(report["layers"]):
+        assert len(counts["prompt"]) == 8 and sum(counts["prompt"]) == 2 * n_prompt
+        assert sum(counts["reply"]) == 2 * n_reply
+        assert len(report["choices"]["reply"][layer]) == n_reply and all(
+            len(p) == 2 for p in report["choices"]["reply"][layer]
+        )
+
+
 def test_piped_turns_print_only_the_replies(tmp_path, mlx_q8):
     t = tmp_path / "t.json"
     r = run_script(
@@ -343,6 +441,96 @@ def test_resume_continues_a_saved_conversation(tmp_path, mlx_q8):
     assert r.returncode == 0, r.stderr
     old, new = (json.loads(p.read_text())["messages"] for p in (first, second))
     assert new[: len(old)] == old and [m["content"] for m in new[len(old) :] if m["role"] == "user"] == ["again"]
+
+
+def test_resume_with_the_saved_cache_prefills_only_the_new_message_and_replies_as_without(tmp_path, mlx_q8):
+    talk = tmp_path / "talk.json"
+    opts = ["--model-path", mlx_q8, "--max-tokens", 6, "--temp", 0, "--verbose"]
+    r = run_script("chat.py", *opts, stdin=f"hello there\nhow are you?\n/save {talk}\n")
+    assert r.returncode == 0 and "and its" in r.stderr and (tmp_path / "talk.kv.safetensors").is_file(), r.stderr
+    with_cache = run_script("chat.py", *opts, "--resume", talk, stdin="and now?\n")
+    (tmp_path / "talk.kv.safetensors").unlink()
+    without = run_script("chat.py", *opts, "--resume", talk, stdin="and now?\n")
+    assert with_cache.stdout == without.stdout and with_cache.stdout.strip(), (with_cache.stderr, without.stderr)
+    assert "of the saved cache" not in with_cache.stderr and "of the saved cache" in without.stderr
+    prefilled = [int(e.split("[prompt ")[1].split()[0]) for e in (with_cache.stderr, without.stderr)]
+    # Only the new message (and the EOS of the last reply, cut off at --max-tokens) against all of it.
+    assert prefilled[0] < 20 < prefilled[1], prefilled
+
+
+def test_a_session_writes_only_the_new_tokens_each_turn_and_resumes_exactly(tmp_path, model, tokenizer):
+    session = chat.Session("demo", root=tmp_path)
+    c = new_chat(model, tokenizer, temp=0.0)
+    "".join(c.ask("one"))
+    session.save(c, {})
+    first = [f for _, _, f in session.segments()]
+    "".join(c.ask("two"))
+    session.save(c, {})
+    spans = [(a, b) for a, b, _ in session.segments()]
+    assert len(first) == 1 and len(spans) == 2 and spans[0][1] == spans[1][0] and spans[1][1] == c.fed
+    c.undo()  # the second segment no longer matches: it goes, the first stays
+    "".join(c.ask("three"))
+    session.save(c, {})
+    assert [f for _, _, f in session.segments()][0] == first[0] and session.segments()[-1][1] == c.fed
+    session.lock.close()
+    d = new_chat(model, tokenizer, temp=0.0)
+    again = chat.Session("demo", root=tmp_path)
+    assert again.resume(d, again.transcript.read_text()) is None and d.fed == c.fed and d.tokens == c.tokens
+    assert_cache_is_conversation(model, tokenizer, d)
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../up", ".hidden", ""])
+def test_a_session_name_that_could_leave_the_sessions_folder_is_refused(tmp_path, mlx_q8, name):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    assert_one_line_error(run_script("chat.py", "--model-path", mlx_q8, "--session", name, env=env), "session name")
+
+
+def test_a_second_chat_on_an_open_session_is_refused(tmp_path, mlx_q8):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    held = chat.Session("demo", root=tmp_path / "mixtral-mlx" / "sessions")
+    r = run_script("chat.py", "--model-path", mlx_q8, "--session", "demo", env=env, stdin="hi\n")
+    assert_one_line_error(r, "session 'demo' is open in another chat")
+    held.lock.close()
+
+
+def test_an_unwritable_sessions_folder_is_one_line(mlx_q8):
+    env = {**os.environ, "XDG_CACHE_HOME": "/sys/no-such-place"}  # not writable, even by root
+    r = run_script("chat.py", "--model-path", mlx_q8, "--session", "demo", env=env, stdin="hi\n")
+    assert_one_line_error(r, "cannot write the sessions folder", "XDG_CACHE_HOME")
+
+
+def test_a_session_survives_kill_9_mid_reply_and_a_full_disk(tmp_path, mlx_q8):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    opts = ["--model-path", mlx_q8, "--session", "demo", "--temp", 0]
+    r = run_script("chat.py", *opts, "--max-tokens", 5, env=env, stdin="one\ntwo\n")
+    assert r.returncode == 0, r.stderr
+    talk = tmp_path / "mixtral-mlx" / "sessions" / "demo" / "talk.json"
+    saved = talk.read_text()
+    p = popen_script(
+        "chat.py",
+        *opts,
+        "--max-tokens",
+        100000,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    p.stdin.write(b"talk for a long time\n")
+    p.stdin.flush()
+    p.stdout.read(20)  # the reply is streaming
+    p.kill()
+    p.wait(timeout=30)
+    assert talk.read_text() == saved  # the reply in progress is all that is lost
+    full_disk = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+    r = run_script("chat.py", *opts, "--max-tokens", 5, env=env, stdin="three\n", preexec_fn=full_disk)
+    assert r.returncode == 0 and "error: " in r.stderr and "cannot write" in r.stderr and r.stdout.strip(), r.stderr
+    assert talk.read_text() == saved  # a save that failed left the previous one whole
+    r = run_script("chat.py", *opts, "--max-tokens", 5, "--verbose", env=env, stdin="four\n")
+    assert r.returncode == 0 and "of the saved cache" not in r.stderr, r.stderr
+    assert json.loads(talk.read_text())["messages"][-2]["content"] == "four"
+    listing = run_script("chat.py", "--sessions", env=env)
+    assert listing.stdout.splitlines()[1].split()[:2] == ["demo", "3"], listing.stdout
 
 
 def test_one_shot_prompt_prints_one_reply(mlx_q8):
