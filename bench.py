@@ -18,7 +18,11 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_map
@@ -88,6 +92,18 @@ def prompt_and_decode(model, opts):
         next(tokens)
     end = time.perf_counter()
     return opts.prompt_tokens / (first - tic), (opts.gen_tokens - 1) / (end - first)
+
+
+def experts_cost(model, opts, pairs=5):
+    """Decode tokens/s without and with the router's choices kept (chat.py's /experts), interleaved and
+    in alternating order so that the machine's drift touches both alike: medians of `pairs` runs each."""
+    off, on = [], []
+    for i in range(pairs):
+        for keep in (False, True) if i % 2 else (True, False):
+            model.log_routing(keep)
+            (on if keep else off).append(prompt_and_decode(model, opts)[1])
+    model.log_routing(False)
+    return statistics.median(off), statistics.median(on)
 
 
 def decode_breakdown(model, opts, n=16):
@@ -171,6 +187,126 @@ def chat_turns(model, tokenizer, opts):
     return ttfts
 
 
+class Served:
+    """server.py on a free loopback port, talked to with the standard library: streamed chat requests,
+    timed at the first and last text event."""
+
+    def __init__(self, model_path, *flags):
+        cmd = [sys.executable, str(Path(__file__).with_name("server.py")), "--model-path", model_path, "--port", "0"]
+        self.proc = subprocess.Popen([*cmd, *flags], stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()
+        if not line.startswith("serving "):
+            self.proc.kill()
+            raise runtime.MixtralError(f"server.py did not start: {line.strip()}")
+        self.url = line.split(" on ")[1].split()[0] + "/chat/completions"
+
+    def ask(self, messages, max_tokens):
+        """-> (reply text, seconds to the first text, seconds to the last, text events)."""
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        request = urllib.request.Request(self.url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        tic, first, last, parts = time.perf_counter(), None, None, []
+        with urllib.request.urlopen(request, timeout=600) as r:
+            for line in r:
+                if not line.startswith(b"data: {"):
+                    continue
+                choices = json.loads(line[6:])["choices"]
+                if choices and choices[0]["delta"].get("content"):
+                    last = time.perf_counter() - tic
+                    first = first or last
+                    parts.append(choices[0]["delta"]["content"])
+        return "".join(parts), first, last, len(parts)
+
+    def close(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+def words(n, salt):
+    """A message of about n tokens, as chat_turns sends them."""
+    return " ".join(["word"] * n) + f" {salt}"
+
+
+def server_figures(opts) -> dict:
+    """Through HTTP on this machine: a conversation replayed turn by turn as front-ends do (the whole
+    of it resent each time), with the server's cache reuse on and off; then 1, 4 and 16 concurrent
+    clients."""
+    out = {}
+    for label, flags in (("reuse", ()), ("no_reuse", ("--no-cache-reuse",))):
+        served = Served(opts.model_path, *flags)
+        try:
+            messages, ttfts = [], []
+            for turn in range(opts.chat_turns):
+                messages.append({"role": "user", "content": words(opts.turn_tokens, turn)})
+                text, first, _, _ = served.ask(messages, opts.reply_tokens)
+                ttfts.append(first)
+                messages.append({"role": "assistant", "content": text})
+            out[f"server_{label}_ttft_turn1_s"] = ttfts[0]
+            out[f"server_{label}_ttft_turn{opts.chat_turns}_s"] = ttfts[-1]
+            out[f"server_{label}_ttft_ratio"] = ttfts[-1] / ttfts[0]
+            if label == "reuse":
+                _, first, last, n = served.ask(
+                    [{"role": "user", "content": words(opts.turn_tokens, 999)}], opts.gen_tokens
+                )
+                out["server_generation_tps"] = (n - 1) / (last - first)
+                for clients in (1, 4, 16):
+                    asks = [[{"role": "user", "content": words(opts.turn_tokens, 1000 + c)}] for c in range(clients)]
+                    tic = time.perf_counter()
+                    with ThreadPoolExecutor(clients) as pool:
+                        done = list(pool.map(lambda m: served.ask(m, opts.reply_tokens), asks))
+                    wall = time.perf_counter() - tic
+                    out[f"server_{clients}_clients_tokens_per_s"] = sum(d[3] for d in done) / wall
+                    out[f"server_{clients}_clients_mean_ttft_s"] = statistics.mean(d[1] for d in done)
+        finally:
+            served.close()
+    return out
+
+
+def resume_figures(model, tokenizer, opts) -> dict:
+    """A conversation of about --resume-tokens tokens saved with its cache, then resumed: time to the
+    first token of the next reply with the saved cache against a prefill of the transcript (the two
+    replies must be equal), the save, and a session's save after one more turn (only what is new)."""
+    tokenizer = tokenizer or WordTokenizer(model.args.vocab_size)
+    make = lambda: chat.Chat(
+        model, tokenizer, max_tokens=opts.reply_tokens, temp=0.0, seed=0, max_context=machine.MAX_POSITIONS
+    )
+    messages, turn = [], 0
+    while len(chat.encode_messages(tokenizer, messages)) < opts.resume_tokens:
+        messages += [{"role": "user", "content": words(64, turn)}, {"role": "assistant", "content": words(32, turn)}]
+        turn += 1
+    with tempfile.TemporaryDirectory() as tmp:
+        talk = Path(tmp) / "talk.json"
+        talk.write_text(json.dumps({"messages": messages}))
+        c = make()
+        c.load(talk)
+        "".join(c.ask("hello"))  # fed the whole transcript: now save it, as /save does
+        c.undo()
+        tic = time.perf_counter()
+        c.save(talk, {})
+        size = c.save_cache(talk)
+        save_s = time.perf_counter() - tic
+        out = {"resume_tokens": len(c.tokens), "resume_cache_mb": size / 1e6, "resume_save_s": save_s}
+        for label, use_cache in (("prefill", False), ("cache", True)):
+            d = make()
+            d.load(talk)
+            tic = time.perf_counter()
+            if use_cache and d.restore_cache(talk) is not None:
+                raise runtime.MixtralError("the saved cache was refused")
+            reply = d.ask("and now?")
+            text = "".join(reply)
+            out[f"resume_{label}_ttft_s"] = time.perf_counter() - tic - reply.elapsed + reply.ttft
+            out[f"resume_{label}_text"] = text
+        if out.pop("resume_prefill_text") != out.pop("resume_cache_text"):
+            raise runtime.MixtralError("the resumed reply differs from the prefilled one")
+        out["resume_speedup"] = out["resume_prefill_ttft_s"] / out["resume_cache_ttft_s"]
+        session = chat.Session("bench", root=Path(tmp))
+        session.save(d, {})  # the whole conversation once
+        "".join(d.ask("one more"))
+        tic = time.perf_counter()
+        out["autosave_bytes_per_turn"] = session.save(d, {})
+        out["autosave_s_per_turn"] = time.perf_counter() - tic
+    return out
+
+
 def run_mlx_lm(opts):
     cmd = [
         opts.mlx_lm_python,
@@ -225,6 +361,18 @@ def build_parser():
     p.add_argument("--cpu-threads", type=int, help="CPU streams (default: all cores on the CPU)")
     p.add_argument("--mlx-lm-model", help="also run mlx-lm's benchmark on this mlx-lm model and report ratios")
     p.add_argument("--mlx-lm-python", default=sys.executable, help="the Python that has mlx-lm (default: this one)")
+    p.add_argument(
+        "--server",
+        action="store_true",
+        help="also measure server.py on --model-path through HTTP: a replayed conversation with cache reuse "
+        "on and off, and 1, 4, 16 concurrent clients",
+    )
+    p.add_argument(
+        "--resume-tokens",
+        type=int,
+        default=0,
+        help="also time resuming a conversation of about this many tokens, with its saved cache and without",
+    )
     p.add_argument("--json", help="write the JSON here instead of stdout")
     return p
 
@@ -235,11 +383,14 @@ def main(argv=None):
 
 
 def run(opts):
+    if opts.server and not opts.model_path:
+        raise runtime.MixtralError("--server needs --model-path: a converted folder for server.py to load")
     mx.random.seed(0)  # the same prompts on every rank
     model, tokenizer, load_s = load(opts)
     runs = [prompt_and_decode(model, opts) for _ in range(opts.repeat)]
     turns = [chat_turns(model, tokenizer, opts) for _ in range(opts.repeat)]
     build_ms, run_ms = decode_breakdown(model, opts)
+    off_tps, on_tps = experts_cost(model, opts)
     gen_tps = statistics.median(r[1] for r in runs)
     result = {
         "device": str(mx.default_device()),
@@ -260,6 +411,8 @@ def run(opts):
         "decode_python_ms": build_ms,
         "peak_memory_gb": mx.get_peak_memory() / GB,
     }
+    result["generation_tps_experts_kept"] = on_tps
+    result["experts_cost"] = 1 - on_tps / off_tps
     result["ttft_ratio"] = result[f"ttft_turn{opts.chat_turns}_s"] / result["ttft_turn1_s"]
     if model.group is not None:
         mine = {
@@ -270,6 +423,12 @@ def run(opts):
         }
         result["ranks"] = per_rank(model, mine)
     result["decode_overhead"] = result["decode_step_ms"] / run_ms - 1
+    if opts.resume_tokens:
+        result |= resume_figures(model, tokenizer, opts)
+    if opts.server:
+        generate_tps = prompt_and_decode(model, opts)[1]  # in-process, right before the server runs
+        result |= server_figures(opts)
+        result["server_vs_generate_tps"] = result["server_generation_tps"] / generate_tps
     if opts.mlx_lm_model:
         lm = run_mlx_lm(opts)
         result["mlx_lm"] = lm

@@ -1,10 +1,8 @@
 """bench.py at a tiny size: a smoke run, not a measurement."""
 
 import json
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import run_script
 
 TINY = [
     "--dim",
@@ -33,9 +31,7 @@ TINY = [
 
 
 def run_bench(*args):
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "bench.py"), *map(str, args)], capture_output=True, text=True, timeout=300
-    )
+    r = run_script("bench.py", *args, timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -62,3 +58,9 @@ def test_synthetic_bench_reports_every_figure():
 def test_bench_runs_on_a_converted_model(mlx_q8):
     result = run_bench("--model-path", mlx_q8, *TINY[-10:])
     assert result["generation_tps"] > 0 and result["model"] == str(mlx_q8)
+
+
+def test_bench_measures_the_server_through_http(mlx_q8):
+    result = run_bench("--model-path", mlx_q8, "--server", *TINY[-10:])
+    for key in ("server_reuse_ttft_ratio", "server_no_reuse_ttft_ratio", "server_16_clients_tokens_per_s"):
+        assert result[key] > 0, result

@@ -2,6 +2,7 @@
 backend on the loopback interface against one process. mlx.launch exits 0 even when a rank fails, so
 every test checks what the ranks wrote."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -260,6 +261,24 @@ def test_server_over_two_ranks_answers_as_one_process_and_stops_on_sigterm(conve
             messages.append({"role": "assistant", "content": r.choices[0].message.content})
             ours.append({**messages[-1], "tokens": out})
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    assert "Traceback" not in err, err
+        # mlx.launch passes no signal on: stop rank 0, which tells the others (and never leave one behind).
+        for pid in rank_pids(model)[:1]:
+            os.kill(pid, signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            for pid in rank_pids(model):
+                os.kill(pid, signal.SIGKILL)
+    assert "Traceback" not in err and not rank_pids(model), err
+
+
+def rank_pids(model) -> list:
+    """The pids of the ranks running on `model`, rank 0 first."""
+    found = subprocess.run(["pgrep", "-f", str(model)], capture_output=True, text=True).stdout.split()
+    ranks = {}
+    for pid in map(int, found):
+        with contextlib.suppress(OSError):
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+            if b"MLX_RANK=" in env:
+                ranks[int(env.split(b"MLX_RANK=")[1].split(b"\0")[0])] = pid
+    return [ranks[r] for r in sorted(ranks)]
