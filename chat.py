@@ -886,13 +886,22 @@ def write_json(path: str, data):
         raise MixtralError(f"{path}: cannot write ({e.strerror}); the previous file, if any, is unchanged") from None
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description="Chat with Menny, a cynical teenager, on Mixtral-8x7B-Instruct.")
+def add_model_flags(p):
+    """The flags that find and load the model, shared with server.py."""
     p.add_argument(
         "--model-path",
         default=folder.DEFAULT_MODEL_PATH,
         help="converted folder, or a Hugging Face folder / Hub id to convert once (default: %(default)s)",
     )
+    p.add_argument(
+        "--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)"
+    )
+    p.add_argument("--tokenizer", help="tokenizer.model for a first-run conversion of a folder that lacks one")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Chat with Menny, a cynical teenager, on Mixtral-8x7B-Instruct.")
+    add_model_flags(p)
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="the persona; '' for none (default: Menny)")
     p.add_argument("--prompt", help="one message: print Menny's reply and exit")
     p.add_argument("--resume", help="start from a transcript saved with /save (and its cache, when it fits)")
@@ -917,12 +926,8 @@ def build_parser():
         help="drop tokens below this share of the top one (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, help="random seed (default: a new one, saved by /save)")
-    p.add_argument(
-        "--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)"
-    )
     p.add_argument("--verbose", action="store_true", help="per-turn speed and context use")
     p.add_argument("--verify", action="store_true", help="check every model file against its manifest (sha256) first")
-    p.add_argument("--tokenizer", help="tokenizer.model for a first-run conversion of a folder that lacks one")
     return p
 
 

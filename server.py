@@ -40,7 +40,6 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 import chat
-import folder
 import machine
 import mixtral
 import parallel
@@ -477,11 +476,7 @@ async def read_json(request: Request):
 
 def build_parser():
     p = argparse.ArgumentParser(description="An OpenAI-compatible HTTP server for Mixtral-Instruct.")
-    p.add_argument(
-        "--model-path",
-        default=folder.DEFAULT_MODEL_PATH,
-        help="converted folder, or a Hugging Face folder / Hub id to convert once (default: %(default)s)",
-    )
+    chat.add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one (default: %(default)s)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: none)")
@@ -497,10 +492,6 @@ def build_parser():
     )
     p.add_argument("--no-cache-reuse", action="store_true", help="prefill every request whole (to measure the reuse)")
     p.add_argument("--cors-origin", help="allow browser pages from this origin (default: no CORS)")
-    p.add_argument(
-        "--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)"
-    )
-    p.add_argument("--tokenizer", help="tokenizer.model for a first-run conversion of a folder that lacks one")
     return p
 
 
