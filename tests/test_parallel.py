@@ -3,6 +3,7 @@ backend on the loopback interface against one process. mlx.launch exits 0 even w
 every test checks what the ranks wrote."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -111,6 +112,25 @@ def test_piped_chat_over_two_ranks_prints_the_transcript_of_one_process(tmp_path
     assert (tmp_path / "one.json").read_text().replace("one.json", "") == (tmp_path / "two.json").read_text().replace(
         "two.json", ""
     )
+
+
+def test_each_rank_saves_and_resumes_its_part_of_the_cache_and_rank_0_reports_the_experts(tmp_path, converted):
+    model, talk, experts = converted["8-bit input-major"], tmp_path / "talk.json", tmp_path / "experts.json"
+    args = [ROOT / "chat.py", "--model-path", model, "--max-tokens", 6, "--temp", 0, "--verbose"]
+    first = launch(2, *args, stdin=f"hello there\n/save {talk}\n/experts {experts}\n/quit\n")
+    assert "Traceback" not in first.stderr and talk.is_file(), first.stderr[-3000:]
+    assert [p.name for p in sorted(tmp_path.glob("*.kv.safetensors"))] == [
+        "talk.rank0of2.kv.safetensors",
+        "talk.rank1of2.kv.safetensors",
+    ]
+    report = json.loads(experts.read_text())
+    assert len(report["ids"]["reply"]) == 6 and sum(report["layers"][0]["reply"]) == 12
+    resumed = launch(2, *args, "--resume", talk, stdin="and then?\n/quit\n")
+    assert "of the saved cache" not in resumed.stderr and resumed.stdout.strip(), resumed.stderr[-3000:]
+    (tmp_path / "talk.rank1of2.kv.safetensors").unlink()  # one rank cannot: both prefill
+    fallback = launch(2, *args, "--resume", talk, stdin="and then?\n/quit\n")
+    assert "another rank could not use its part" in fallback.stderr, fallback.stderr[-3000:]
+    assert fallback.stdout == resumed.stdout  # the same reply either way
 
 
 def test_a_killed_rank_ends_every_rank_with_a_message(tmp_path, converted):
