@@ -32,6 +32,7 @@ import machine
 import mixtral
 import parallel
 import runtime
+import sessions
 from machine import GB
 
 
@@ -282,14 +283,14 @@ def resume_figures(model, tokenizer, opts) -> dict:
         c.undo()
         tic = time.perf_counter()
         c.save(talk, {})
-        size = c.save_cache(talk)
+        size = sessions.save_cache(c, talk)
         save_s = time.perf_counter() - tic
         out = {"resume_tokens": len(c.tokens), "resume_cache_mb": size / 1e6, "resume_save_s": save_s}
         for label, use_cache in (("prefill", False), ("cache", True)):
             d = make()
             d.load(talk)
             tic = time.perf_counter()
-            if use_cache and d.restore_cache(talk) is not None:
+            if use_cache and sessions.restore_cache(d, talk) is not None:
                 raise runtime.MixtralError("the saved cache was refused")
             reply = d.ask("and now?")
             text = "".join(reply)
@@ -298,7 +299,7 @@ def resume_figures(model, tokenizer, opts) -> dict:
         if out.pop("resume_prefill_text") != out.pop("resume_cache_text"):
             raise runtime.MixtralError("the resumed reply differs from the prefilled one")
         out["resume_speedup"] = out["resume_prefill_ttft_s"] / out["resume_cache_ttft_s"]
-        session = chat.Session("bench", root=Path(tmp))
+        session = sessions.Session("bench", root=Path(tmp))
         session.save(d, {})  # the whole conversation once
         "".join(d.ask("one more"))
         tic = time.perf_counter()

@@ -12,26 +12,23 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import mlx.core as mx
-import numpy as np
 
 import folder
 import machine
 import mixtral
 import parallel
 import runtime
+import sessions
 from machine import MAX_POSITIONS
 from runtime import CtrlC, MixtralError
 
@@ -387,7 +384,7 @@ class Chat:
 
     def save(self, path: str, settings: dict):
         """Write the transcript as UTF-8 JSON, atomically: a failed write leaves any old file whole."""
-        write_json(path, {"messages": self.conversation(), "settings": settings, "seed": self.seed})
+        sessions.write_json(path, {"messages": self.conversation(), "settings": settings, "seed": self.seed})
 
     def load(self, path: str, text: Optional[str] = None):
         """Continue a transcript saved by /save (`text`: its contents, when already read). Exchanges
@@ -418,97 +415,6 @@ class Chat:
 
     # The KV cache saved beside a transcript (/save FILE, --resume FILE): resuming then prefills nothing.
 
-    def _cache_identity(self, n: int) -> dict:
-        """What a saved cache of the first n tokens belongs to: it is used only where all of it matches."""
-        group = self.model.group
-        return {
-            "format": CACHE_FORMAT,
-            "model": self.model_id,
-            "dtype": machine.dtype_name(self.model.dtype),
-            "rank": str(group.rank() if group else 0),
-            "ranks": str(group.size() if group else 1),
-            "tokens": str(n),
-            "tokens_sha256": tokens_sha256(self.tokens[:n]),
-        }
-
-    def save_cache(self, path) -> int:
-        """Write the cache of the conversation beside the transcript at `path` (cache_file(path)),
-        atomically; -> its size in bytes (0: nothing fed yet, and no file)."""
-        target = cache_file(path, self.model.group)
-        if not self.fed:
-            target.unlink(missing_ok=True)
-            return 0
-        return self._write_segment(target, 0, self.fed)
-
-    def restore_cache(self, path) -> Optional[str]:
-        """After load(path): fill the cache from the one saved beside it, when it belongs to this model,
-        dtype, rank count and transcript. -> None, or why it was not used (the next prefill feeds all)."""
-        return self.restore_segments([cache_file(path, self.model.group)])
-
-    def _write_segment(self, target: Path, a: int, b: int) -> int:
-        """The cache of tokens a:b as safetensors, what it belongs to in its metadata; -> bytes."""
-        arrays = {f"{i}.{k}": x[:, :, a:b] for i, c in enumerate(self.cache) for k, x in zip("kv", c.state)}
-        mx.eval(arrays)
-        meta = self._cache_identity(b) | {"start": str(a), "data_sha256": array_sha256(arrays)}
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.safetensors")
-        try:
-            with runtime.signals_held():  # a Ctrl-C lands once the file is whole
-                mx.save_safetensors(str(tmp), arrays, metadata=meta)
-            os.replace(tmp, target)
-        except (OSError, RuntimeError) as e:  # RuntimeError: MLX's own write failing (a full disk)
-            tmp.unlink(missing_ok=True)
-            raise MixtralError(
-                f"{target}: cannot write ({getattr(e, 'strerror', None) or e}); the previous one, if any, is unchanged"
-            ) from None
-        return target.stat().st_size
-
-    def restore_segments(self, files: List[Path]) -> Optional[str]:
-        """Fill the (empty) cache from segments that follow each other from token 0, as far as they
-        belong to this model, dtype, rank count and conversation. -> None when all were used, else why
-        not (the cache keeps the segments before; the next prefill feeds the rest). Under mlx.launch
-        the ranks agree: if one falls back, all do."""
-        why, fed = None, 0
-        for file in files:
-            why = self._read_segment(file, fed)
-            if why is not None:
-                break
-            fed = self.fed
-        group = self.model.group
-        if group is not None and (parallel.any_rank(why is not None, group) or parallel.from_rank0(fed, group) != fed):
-            why, fed = why or "another rank could not use its part", 0
-        for c in self.cache:
-            c.trim(c.offset - fed)
-        return why
-
-    def _read_segment(self, file: Path, start: int) -> Optional[str]:
-        if not file.is_file():
-            return f"no {file.name}"
-        try:
-            arrays, meta = mx.load(str(file), return_metadata=True)
-            n = int(meta.get("tokens", -1))
-            if int(meta.get("start", -1)) != start or not start < n <= len(self.tokens):
-                return f"{file.name} holds tokens {meta.get('start')} to {n}, not from {start}"
-            if meta.get("tokens_sha256") != self._cache_identity(n)["tokens_sha256"]:
-                return "it holds another conversation (the transcript was edited, or cut to fit --max-context)"
-            for key, want in self._cache_identity(n).items():
-                if meta.get(key) != want:
-                    return f"it was saved with another {key} ({meta.get(key)}, here {want})"
-            if meta.get("data_sha256") != array_sha256(arrays):
-                return "it is damaged (its checksum differs)"
-            for i, layer in enumerate(self.model.layers):
-                for x in (arrays[f"{i}.k"], arrays[f"{i}.v"]):
-                    heads, dtype = layer.attention.n_kv_heads, self.model.dtype
-                    if x.shape[2] != n - start or x.dtype != dtype or x.shape[1] != heads:
-                        return f"{file.name}: layer {i} has the wrong shape or dtype"
-            for i, c in enumerate(self.cache):
-                c.update_and_fetch(arrays[f"{i}.k"], arrays[f"{i}.v"])
-            mx.eval([c.state for c in self.cache])
-        except Exception as e:  # a truncated or foreign file: mx.load's error
-            return (
-                f"{file.name} is unreadable ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
-            )
-        return None
-
     def _check_tokens(self, i: int, tokens):
         """A saved reply's token ids: ints the vocabulary has (others would read garbage embeddings)."""
         if tokens is None:
@@ -516,30 +422,6 @@ class Chat:
         n = self.tokenizer.vocab_size
         if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < n for t in tokens):
             raise TypeError(f"message {i}: 'tokens' must be a list of token ids from 0 to {n - 1}")
-
-
-CACHE_FORMAT = "mixtral-mlx kv-cache 1"
-
-
-def cache_file(path, group=None) -> Path:
-    """Where /save FILE puts the conversation's KV cache: FILE's name with its suffix replaced by
-    .kv.safetensors (talk.json -> talk.kv.safetensors); under mlx.launch each rank writes its part on
-    its own machine, talk.rank1of2.kv.safetensors."""
-    p = Path(path)
-    part = f".rank{group.rank()}of{group.size()}" if group is not None else ""
-    return p.with_name(f"{p.stem}{part}.kv.safetensors")
-
-
-def tokens_sha256(tokens: List[int]) -> str:
-    return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
-
-
-def array_sha256(arrays: dict) -> str:
-    """A checksum of the arrays' bytes, in name order (safetensors has none of its own)."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        h.update(np.asarray(arrays[name].view(mx.uint8)).tobytes())
-    return h.hexdigest()
 
 
 def common_prefix(a: List[int], b: List[int]) -> int:
@@ -561,10 +443,6 @@ def read_transcript(path: str) -> str:
 # --------------------------------------------------------------------------- finding the model
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixtral-mlx"
-
-
 def resolve_model(path: str, log, tokenizer=None) -> Path:
     """A converted folder as it is; a Hugging Face folder or Hub id converted once into a cache."""
     p = Path(path)
@@ -583,7 +461,7 @@ def resolve_model(path: str, log, tokenizer=None) -> Path:
     # One conversion per source: the folder's resolved path (or the repo id) names its cache entry.
     key = str(p.resolve()) if is_hf_folder else path
     name = f"{(p.resolve().name if is_hf_folder else path.replace('/', '--'))}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-    target = cache_root() / name
+    target = folder.cache_root() / name
     if not (target / "config.json").is_file():
         log(f"converting {path} to MLX in {target} (once) ...")
         convert.supervise(
@@ -592,106 +470,6 @@ def resolve_model(path: str, log, tokenizer=None) -> Path:
             log=log,
         )
     return target
-
-
-# --------------------------------------------------------------------------- sessions
-
-
-SESSION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
-
-
-class Session:
-    """A named conversation kept in the cache folder and saved after every turn (--session NAME): its
-    transcript (talk.json) and its KV cache in segments, kv.START-END.safetensors, each holding the
-    tokens fed since the one before, so that a save writes only what is new. A save writes the new
-    segment, then the transcript, each atomically: a process killed at any moment leaves a transcript
-    whole, and segments that match it as far as they go (resuming prefills the rest). One chat at a
-    time holds a session: a second one is refused."""
-
-    def __init__(self, name: str, root: Optional[Path] = None):
-        if not SESSION_NAME.fullmatch(name) or ".." in name:
-            raise MixtralError(
-                f"session name {name!r}: use up to 64 letters, digits, '.', '_' and '-' (no '/', no '..')"
-            )
-        self.name, self.dir = name, (root or sessions_root()) / name
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.lock = open(self.dir / "lock", "w")
-        except OSError as e:
-            raise MixtralError(
-                f"{self.dir}: cannot write the sessions folder ({e.strerror}); set XDG_CACHE_HOME to a writable folder"
-            ) from None
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MixtralError(
-                f"session {name!r} is open in another chat; leave that one first (two would overwrite each other)"
-            ) from None
-        self.transcript = self.dir / "talk.json"
-        self.written = []  # (start, end, tokens_sha256 of the first `end` tokens, file) of the segments kept
-
-    def segments(self, group=None) -> List[Tuple[int, int, Path]]:
-        part = f".rank{group.rank()}of{group.size()}" if group is not None else ""
-        found = []
-        for f in self.dir.glob(f"kv.*{part}.safetensors"):
-            m = re.fullmatch(rf"kv\.(\d+)-(\d+){re.escape(part)}\.safetensors", f.name)
-            if m:
-                found.append((int(m[1]), int(m[2]), f))
-        return sorted(found)
-
-    def resume(self, chat: Chat, text: str) -> Optional[str]:
-        """Continue the saved conversation (`text`: its transcript, as rank 0 read it). -> why its
-        cache was not all used, or None."""
-        chat.load(self.transcript, text)
-        files = self.segments(chat.model.group)
-        why = chat.restore_segments([f for _, _, f in files]) if chat.tokens else None
-        self.written = [(a, b, tokens_sha256(chat.tokens[:b]), f) for a, b, f in files if b <= chat.fed]
-        return why
-
-    def save(self, chat: Chat, settings: dict, rank0: bool = True) -> int:
-        """Write what changed since the last save; -> bytes written."""
-        fed, kept, end = chat.fed, [], 0
-        for a, b, sha, f in self.written:  # the segments that still hold a prefix of the conversation
-            if a != end or b > fed or sha != tokens_sha256(chat.tokens[:b]):
-                break
-            kept.append((a, b, sha, f))
-            end = b
-        written = 0
-        if fed > end:
-            part = f".rank{chat.model.group.rank()}of{chat.model.group.size()}" if chat.model.group else ""
-            f = self.dir / f"kv.{end:08d}-{fed:08d}{part}.safetensors"
-            written = chat._write_segment(f, end, fed)
-            kept.append((end, fed, tokens_sha256(chat.tokens[:fed]), f))
-        if rank0:
-            chat.save(self.transcript, settings)
-            written += self.transcript.stat().st_size
-        for _, _, f in self.segments(chat.model.group):
-            if f not in {k[3] for k in kept}:
-                f.unlink(missing_ok=True)  # after the transcript: a kill before leaves them unmatched, not wrong
-        self.written = kept
-        return written
-
-
-def sessions_root() -> Path:
-    return cache_root() / "sessions"
-
-
-def list_sessions(root: Optional[Path] = None) -> str:
-    """One line per saved session: name, exchanges, tokens cached, last use, size on disk."""
-    root = root or sessions_root()
-    rows = []
-    for d in sorted(p for p in root.glob("*") if (p / "talk.json").is_file()):
-        try:
-            turns = len([m for m in json.loads((d / "talk.json").read_text())["messages"] if m["role"] == "user"])
-        except (OSError, ValueError, KeyError, TypeError):
-            turns = "?"
-        ends = [int(m[1]) for f in d.glob("kv.*.safetensors") if (m := re.match(r"kv\.\d+-(\d+)", f.name))]
-        size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "talk.json").stat().st_mtime))
-        rows.append(f"{d.name:<24} {turns!s:>5} {max(ends, default=0):>8} {used:>17} {size / 1e6:>9.1f} MB")
-    if not rows:
-        return f"no sessions yet in {root} (start one with --session NAME)"
-    return "\n".join([f"{'session':<24} {'turns':>5} {'tokens':>8} {'last used':>17} {'size':>12}", *rows])
 
 
 # --------------------------------------------------------------------------- the terminal
@@ -829,15 +607,17 @@ def command(chat: Chat, term: Terminal, ctrl_c: CtrlC, line: str, settings: dict
         tic = time.perf_counter()
         if term.rank0:  # the transcript is rank 0's, on rank 0's machine; each rank saves its part of the cache
             chat.save(arg, settings)
-        size = chat.save_cache(arg)
-        cache = f" and its {size / 1e6:.1f} MB cache ({cache_file(arg, chat.model.group).name})" if size else ""
+        size = sessions.save_cache(chat, arg)
+        cache = (
+            f" and its {size / 1e6:.1f} MB cache ({sessions.cache_file(arg, chat.model.group).name})" if size else ""
+        )
         term.remark(f"(saved {arg}{cache} in {time.perf_counter() - tic:.1f} s)")
     elif name == "/experts":
         if chat.experts is None:
             raise MixtralError("/experts: no reply yet to show the experts of")
         report = experts_report(chat.experts, chat.model.args.moe.num_experts)
         if arg and term.rank0:
-            write_json(arg, report)
+            sessions.write_json(arg, report)
         term.remark(f"(wrote {arg})" if arg else experts_table(report))
     else:
         raise MixtralError(f"unknown command {name}; /help lists them")
@@ -872,18 +652,6 @@ def experts_table(report: dict) -> str:
         p, r = layer["prompt"], layer["reply"]
         lines.append(f"{i:5d}  {heat(p, 'prompt')} | {heat(r, 'reply')}   {top(p, 'prompt')}, {top(r, 'reply')}")
     return "\n".join(lines)
-
-
-def write_json(path: str, data):
-    """UTF-8 JSON written atomically: a failed write leaves any old file whole."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise MixtralError(f"{path}: cannot write ({e.strerror}); the previous file, if any, is unchanged") from None
 
 
 def add_model_flags(p):
@@ -941,7 +709,7 @@ def main(argv=None):
 def run(args):
     """The program: the terminal, Ctrl-C's handler (rank 0 owns both), the model, then the loop."""
     if args.sessions:
-        return print(list_sessions())
+        return print(sessions.list_sessions())
     rank0 = mx.distributed.init().rank() == 0
     ctrl_c = CtrlC()
     if rank0:
@@ -960,7 +728,9 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
         raise MixtralError("--max-context must be at least 16 tokens")
     if args.session is not None and args.resume:
         raise MixtralError("--session and --resume: pick one (a session resumes itself)")
-    session = Session(args.session) if args.session is not None else None  # a bad name, one in use: before loading
+    session = (
+        sessions.Session(args.session) if args.session is not None else None
+    )  # a bad name, one in use: before loading
     model_path = resolve_model(args.model_path, term.remark, args.tokenizer)
     if args.verify:
         folder.verify(model_path)
@@ -990,7 +760,7 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
             why = session.resume(chat, text)
         else:
             chat.load(resume, text)
-            why = chat.restore_cache(resume) if chat.tokens else None
+            why = sessions.restore_cache(chat, resume) if chat.tokens else None
         if why:
             term.remark(
                 f"(not all of the saved cache of {resume} is used: {why}; the next message prefills "

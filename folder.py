@@ -10,6 +10,7 @@ convert.py writes it; mixtral.load_model, `mixtral.py --verify` and `--info` rea
 
 import hashlib
 import json
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -29,6 +30,11 @@ def shard_name(i: int) -> str:
 
 def shards(path: Path) -> List[Path]:
     return sorted(Path(path).glob(SHARDS))
+
+
+def cache_root() -> Path:
+    """Where converted models and sessions are kept."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mixtral-mlx"
 
 
 def identity(path: Path) -> str:

@@ -29,6 +29,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 import chat
 import mixtral
+import sessions
 from conftest import ROOT, assert_one_line_error, default_signals, examples, popen_script, run_script
 from synthetic import TOKENIZER
 
@@ -315,7 +316,7 @@ def saved_chat(tmp_path, model, tokenizer, **kw):
     for text in ("one", "two", "three"):
         "".join(c.ask(text))
     c.save(tmp_path / "t.json", {})
-    assert c.save_cache(tmp_path / "t.json") > 0
+    assert sessions.save_cache(c, tmp_path / "t.json") > 0
     return c
 
 
@@ -324,7 +325,7 @@ def test_a_saved_cache_resumes_without_a_prefill_and_replies_as_a_full_prefill(t
     d, fresh = new_chat(model, tokenizer, temp=0.0), new_chat(model, tokenizer, temp=0.0)
     d.load(tmp_path / "t.json")
     fresh.load(tmp_path / "t.json")
-    assert d.restore_cache(tmp_path / "t.json") is None and d.fed == c.fed and fresh.fed == 0
+    assert sessions.restore_cache(d, tmp_path / "t.json") is None and d.fed == c.fed and fresh.fed == 0
     assert_cache_is_conversation(model, tokenizer, d)
     reply, again = d.ask("four"), fresh.ask("four")
     assert "".join(reply) == "".join(again)
@@ -350,10 +351,10 @@ def damage_data(path):
 )
 def test_a_saved_cache_that_does_not_fit_is_refused_with_its_reason(tmp_path, model, tokenizer, change, reason):
     saved_chat(tmp_path, model, tokenizer)
-    change(tmp_path / "t.json", chat.cache_file(tmp_path / "t.json"))
+    change(tmp_path / "t.json", sessions.cache_file(tmp_path / "t.json"))
     d = new_chat(model, tokenizer, temp=0.0)
     d.load(tmp_path / "t.json")
-    assert reason in d.restore_cache(tmp_path / "t.json") and d.fed == 0
+    assert reason in sessions.restore_cache(d, tmp_path / "t.json") and d.fed == 0
     "".join(d.ask("four"))
     assert_cache_is_conversation(model, tokenizer, d)
 
@@ -362,7 +363,7 @@ def test_a_cache_saved_for_other_weights_is_refused(tmp_path, model, tokenizer):
     saved_chat(tmp_path, model, tokenizer, model_id="the weights of another model")
     d = new_chat(model, tokenizer, temp=0.0, model_id="these weights")
     d.load(tmp_path / "t.json")
-    assert "another model" in d.restore_cache(tmp_path / "t.json") and d.fed == 0
+    assert "another model" in sessions.restore_cache(d, tmp_path / "t.json") and d.fed == 0
 
 
 def test_experts_are_the_routers_top_2_in_transformers_for_the_message_and_the_reply(mlx_fp, hf_tiny, tokenizer):
@@ -459,7 +460,7 @@ def test_resume_with_the_saved_cache_prefills_only_the_new_message_and_replies_a
 
 
 def test_a_session_writes_only_the_new_tokens_each_turn_and_resumes_exactly(tmp_path, model, tokenizer):
-    session = chat.Session("demo", root=tmp_path)
+    session = sessions.Session("demo", root=tmp_path)
     c = new_chat(model, tokenizer, temp=0.0)
     "".join(c.ask("one"))
     session.save(c, {})
@@ -474,7 +475,7 @@ def test_a_session_writes_only_the_new_tokens_each_turn_and_resumes_exactly(tmp_
     assert [f for _, _, f in session.segments()][0] == first[0] and session.segments()[-1][1] == c.fed
     session.lock.close()
     d = new_chat(model, tokenizer, temp=0.0)
-    again = chat.Session("demo", root=tmp_path)
+    again = sessions.Session("demo", root=tmp_path)
     assert again.resume(d, again.transcript.read_text()) is None and d.fed == c.fed and d.tokens == c.tokens
     assert_cache_is_conversation(model, tokenizer, d)
 
@@ -487,7 +488,7 @@ def test_a_session_name_that_could_leave_the_sessions_folder_is_refused(tmp_path
 
 def test_a_second_chat_on_an_open_session_is_refused(tmp_path, mlx_q8):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    held = chat.Session("demo", root=tmp_path / "mixtral-mlx" / "sessions")
+    held = sessions.Session("demo", root=tmp_path / "mixtral-mlx" / "sessions")
     r = run_script("chat.py", "--model-path", mlx_q8, "--session", "demo", env=env, stdin="hi\n")
     assert_one_line_error(r, "session 'demo' is open in another chat")
     held.lock.close()
