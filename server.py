@@ -185,7 +185,7 @@ def parse_job(body, kind: str, model_name: str, system_prompt: str) -> Job:
 
 
 class Engine:
-    """The model, and the conversations whose caches we keep (chat.Chat, least recently used last),
+    """The model, and the conversations whose caches we keep (chat.Chat, least recently used first),
     bounded by `cache_bytes`. A request continues the conversation that shares the longest prefix of
     its tokens, or a new one."""
 
@@ -240,13 +240,13 @@ class Engine:
         return chat.Chat(self.model, self.tokenizer, system="", max_context=self.max_context, seed=0)
 
     def _keep(self, c: "chat.Chat"):
-        self.serial += 1
-        self.chats[self.serial] = c
-        while len(self.chats) > 1 and sum(x.cache_bytes() for x in self.chats.values()) > self.cache_bytes:
-            self.chats.popitem(last=False)
-        if not self.reuse:
-            self.chats.clear()
-        mx.clear_cache()
+        """Keep c as the most recent conversation; drop the least recent ones past cache_bytes."""
+        if self.reuse:
+            self.serial += 1
+            self.chats[self.serial] = c
+            while len(self.chats) > 1 and sum(x.cache_bytes() for x in self.chats.values()) > self.cache_bytes:
+                self.chats.popitem(last=False)
+        mx.clear_cache()  # what a dropped conversation held goes back to the system
 
 
 class StopStrings:
