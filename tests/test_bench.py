@@ -49,6 +49,7 @@ def test_synthetic_bench_reports_every_figure():
         "device",
         "decode_kernels_ms",
         "decode_python_ms",
+        "experts_cost",
     ):
         assert key in result
     assert result["prompt_tps"] > 0 and result["generation_tps"] > 0
