@@ -33,8 +33,12 @@ def cache_file(path, group=None) -> Path:
     .kv.safetensors (talk.json -> talk.kv.safetensors); under mlx.launch each rank writes its part on
     its own machine, talk.rank1of2.kv.safetensors."""
     p = Path(path)
-    part = f".rank{group.rank()}of{group.size()}" if group is not None else ""
-    return p.with_name(f"{p.stem}{part}.kv.safetensors")
+    return p.with_name(f"{p.stem}{rank_part(group)}.kv.safetensors")
+
+
+def rank_part(group) -> str:
+    """What names this rank's file under mlx.launch (".rank1of2"); nothing alone."""
+    return f".rank{group.rank()}of{group.size()}" if group is not None else ""
 
 
 def tokens_sha256(tokens: List[int]) -> str:
@@ -178,7 +182,8 @@ class Session:
         self.name, self.dir = name, (root or sessions_root()) / name
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.lock = open(self.dir / "lock", "w")
+            # One lock per rank: local ranks under mlx.launch share the folder, each with its own part.
+            self.lock = open(self.dir / f"lock{rank_part(parallel.world())}", "w")
         except OSError as e:
             raise MixtralError(
                 f"{self.dir}: cannot write the sessions folder ({e.strerror}); set XDG_CACHE_HOME to a writable folder"
@@ -193,7 +198,7 @@ class Session:
         self.written = []  # (start, end, tokens_sha256 of the first `end` tokens, file) of the segments kept
 
     def segments(self, group=None) -> List[Tuple[int, int, Path]]:
-        part = f".rank{group.rank()}of{group.size()}" if group is not None else ""
+        part = rank_part(group)
         found = []
         for f in self.dir.glob(f"kv.*{part}.safetensors"):
             m = re.fullmatch(rf"kv\.(\d+)-(\d+){re.escape(part)}\.safetensors", f.name)
@@ -220,8 +225,7 @@ class Session:
             end = b
         written = 0
         if fed > end:
-            part = f".rank{chat.model.group.rank()}of{chat.model.group.size()}" if chat.model.group else ""
-            f = self.dir / f"kv.{end:08d}-{fed:08d}{part}.safetensors"
+            f = self.dir / f"kv.{end:08d}-{fed:08d}{rank_part(chat.model.group)}.safetensors"
             written = write_segment(chat, f, end, fed)
             kept.append((end, fed, tokens_sha256(chat.tokens[:fed]), f))
         if rank0:

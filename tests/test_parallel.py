@@ -133,6 +133,17 @@ def test_each_rank_saves_and_resumes_its_part_of_the_cache_and_rank_0_reports_th
     assert fallback.stdout == resumed.stdout  # the same reply either way
 
 
+def test_a_session_over_two_ranks_keeps_each_ranks_part_and_resumes_with_no_prefill(tmp_path, converted, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the ranks inherit it
+    args = [ROOT / "chat.py", "--model-path", converted["8-bit input-major"], "--max-tokens", 6, "--temp", 0]
+    first = launch(2, *args, "--session", "demo", stdin="hello there\n/quit\n")
+    assert "Traceback" not in first.stderr and first.stdout.strip(), first.stderr[-3000:]
+    folder = tmp_path / "mixtral-mlx" / "sessions" / "demo"
+    assert {p.name.split(".")[-2] for p in folder.glob("kv.*.safetensors")} == {"rank0of2", "rank1of2"}
+    again = launch(2, *args, "--session", "demo", "--verbose", stdin="and then?\n/quit\n")
+    assert "of the saved cache" not in again.stderr and again.stdout.strip(), again.stderr[-3000:]
+
+
 def test_a_killed_rank_ends_every_rank_with_a_message(tmp_path, converted):
     model = converted["8-bit input-major"]
     proc = launch(
