@@ -26,6 +26,16 @@ settings.load_profile("project")
 examples = lambda n: n * max(HUNT, 1)
 
 
+# The converted forms every layer must work in: both quantized layouts at 8 and 4 bits, and none.
+LAYOUTS = {
+    "8-bit input-major": dict(q_bits=8, layout="input-major"),
+    "8-bit standard": dict(q_bits=8, layout="standard"),
+    "4-bit input-major": dict(q_bits=4, layout="input-major"),
+    "4-bit standard": dict(q_bits=4, layout="standard"),
+    "unquantized": dict(q_bits=None),
+}
+
+
 def default_signals():
     """In a child, before exec: SIGINT and SIGTERM do what they do by default, whatever pytest's own
     disposition is (a background job of a script, `cmd &`, inherits SIGINT ignored)."""

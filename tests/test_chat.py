@@ -66,12 +66,20 @@ def as_dicts(conv):
     return [{"role": r, "content": c} for r, c in conv]
 
 
+REFERENCE = MistralTokenizer.v1()
+
+
+def reference_ids(conv):
+    """mistral-common's token ids for [(role, content), ...]: the format's independent reference."""
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    return REFERENCE.encode_chat_completion(
+        ChatCompletionRequest(messages=[kinds[r](content=c) for r, c in conv])
+    ).tokens
+
+
 @pytest.mark.parametrize("conv", CONVERSATIONS)
 def test_encode_messages_matches_mistral_common(tokenizer, conv):
-    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-    request = ChatCompletionRequest(messages=[kinds[r](content=c) for r, c in conv])
-    reference = MistralTokenizer.v1().encode_chat_completion(request).tokens
-    assert chat.encode_messages(tokenizer, as_dicts(conv)) == reference
+    assert chat.encode_messages(tokenizer, as_dicts(conv)) == reference_ids(conv)
 
 
 def test_roles_out_of_order_are_an_error(tokenizer):
@@ -738,9 +746,6 @@ def test_ctrl_c_inside_a_triple_quote_block_drops_it_and_returns_to_the_prompt(t
 TOK = mixtral.Tokenizer(TOKENIZER)
 
 
-REFERENCE = MistralTokenizer.v1()
-
-
 # Text users type: any unicode, with whitespace, newlines and the format's own markers mixed in.
 text = st.one_of(
     st.text(min_size=1, max_size=40),
@@ -764,14 +769,11 @@ def conversations(draw):
 @settings(max_examples=examples(60))
 @given(conversations())
 def test_encode_messages_equals_mistral_common(conv):
-    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
     try:
-        reference = REFERENCE.encode_chat_completion(
-            ChatCompletionRequest(messages=[kinds[r](content=c) for r, c in conv])
-        ).tokens
+        reference = reference_ids(conv)
     except Exception:  # mistral-common refuses some requests (e.g. blank messages): nothing to compare
         assume(False)
-    assert chat.encode_messages(TOK, [{"role": r, "content": c} for r, c in conv]) == reference
+    assert chat.encode_messages(TOK, as_dicts(conv)) == reference
 
 
 def test_chat_sessions_keep_the_cache_equal_to_a_fresh_prefill(model, tmp_path):

@@ -23,7 +23,7 @@ from mlx.utils import tree_map
 import convert
 import mixtral
 import parallel
-from conftest import assert_one_line_error, copy_folder, examples, popen_script, run_script
+from conftest import LAYOUTS, assert_one_line_error, copy_folder, examples, popen_script, run_script
 from mixtral import MixtralError, ModelArgs
 from synthetic import TOKENIZER, write_hf_checkpoint
 
@@ -330,14 +330,9 @@ def test_a_seed_reproduces_a_whole_sampled_sequence(fp_model, tokenizer):
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory, hf_tiny):
     out = tmp_path_factory.mktemp("layouts")
-    kinds = {
-        "8-bit input-major": dict(q_bits=8, layout="input-major"),
-        "8-bit standard": dict(q_bits=8, layout="standard"),
-        "4-bit input-major": dict(q_bits=4, layout="input-major"),
-        "4-bit standard": dict(q_bits=4, layout="standard"),
-        "unquantized": dict(q_bits=None),
+    return {
+        k: convert.convert(hf_tiny, out / k.replace(" ", "-"), log=lambda s: None, **kw) for k, kw in LAYOUTS.items()
     }
-    return {k: convert.convert(hf_tiny, out / k.replace(" ", "-"), log=lambda s: None, **kw) for k, kw in kinds.items()}
 
 
 @pytest.mark.parametrize(

@@ -19,16 +19,8 @@ import pytest
 import convert
 import mixtral
 import parallel
-from conftest import ROOT
+from conftest import LAYOUTS, ROOT
 from synthetic import write_hf_checkpoint
-
-LAYOUTS = {
-    "8-bit input-major": dict(q_bits=8, layout="input-major"),
-    "8-bit standard": dict(q_bits=8, layout="standard"),
-    "4-bit input-major": dict(q_bits=4, layout="input-major"),
-    "4-bit standard": dict(q_bits=4, layout="standard"),
-    "unquantized": dict(q_bits=None),
-}
 
 
 @pytest.fixture(scope="module")
