@@ -346,6 +346,7 @@ class Chat:
         self.tokens += prompt
         turn = Turn("assistant", "", len(self.tokens), reply.ids)
         budget = min(self.max_tokens, self.max_context - len(self.tokens) - 1)
+        broken = True  # by an error: what the step left may never compute (a collective's peer is gone)
         try:
             # _feed has prefilled all but the last token of the block.
             yield from mixtral.complete(
@@ -361,6 +362,10 @@ class Chat:
                 top_p=self.top_p,
                 min_p=self.min_p,
             )
+            broken = False
+        except GeneratorExit:  # the reader stopped: an ordinary end
+            broken = False
+            raise
         finally:
             # However the reply ended, it is closed with EOS: fed already when sampled, else with the
             # next prefill. The cache keeps no more than the conversation (a step broken off half-way).
@@ -369,7 +374,10 @@ class Chat:
             turn.content = self.tokenizer.decode(reply.ids)
             self.turns.append(turn)
             if self.model.layers[0].feed_forward.log is not None:
-                self._keep_experts(mixtral.routing_choices(self.model), unfed, prompt if user else None, reply.ids)
+                if broken:  # nothing to show, and waiting on its arrays could be waiting forever
+                    self.model.log_routing()
+                else:
+                    self._keep_experts(mixtral.routing_choices(self.model), unfed, prompt if user else None, reply.ids)
             mx.clear_cache()  # between turns, hand back the step buffers MLX keeps (the soak test: flat RSS)
 
     def _keep_experts(self, choices, unfed: int, message: Optional[List[int]], reply_ids: List[int]):
