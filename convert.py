@@ -599,7 +599,7 @@ CONVERT_OUT_OF_MEMORY = (
 )
 
 
-def supervise(argv, out: Path, log=print, grace: float = 10.0):
+def supervise(argv, out: Path, log=print, grace: float = 5.0):
     """Convert in a child process, and answer for it. A process cannot report its own end when an
     allocation fails inside MLX's CPU backend (it does not check: SIGSEGV) or when the OOM killer
     picks it (SIGKILL). Its parent can, and can remove what it left. Ctrl-C and SIGTERM are passed on;
@@ -635,10 +635,10 @@ def supervise(argv, out: Path, log=print, grace: float = 10.0):
         for sig, owner in owners.items():
             signal.signal(sig, owner)
     code, last = child.returncode, held[0]
-    if code < 0:  # killed (by us, past the grace; by the OOM killer) or crashed: it removed nothing itself
+    if code != 0:  # killed, crashed, or ended stuck (runtime's watcher): it may have removed nothing itself
         remove_leftovers(out, log=lambda s: None)
-        if came:
-            code = 130 if came[0][0] == signal.SIGINT else 143
+    if code < 0 and came:  # killed by us, past the grace
+        code = 130 if came[0][0] == signal.SIGINT else 143
     if code == 0 or (code == 1 and not last.startswith("error: ")):  # done, or a bug of ours (its traceback)
         log(last.rstrip("\n"))
         if code:

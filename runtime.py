@@ -21,9 +21,15 @@ Ctrl-C (SIGINT) and SIGTERM, phase by phase:
    sure a Ctrl-C landing inside CPython's readline window is not left pending.
 5. A child process. convert.py converts in a child it answers for (`convert.supervise`): it passes
    signals on and reports the child's death (SIGSEGV, the OOM killer) in one line.
-6. Exit. Once the outcome is decided both signals are ignored. Every MLX array is freed, and we wait
-   until MLX's I/O threads have dropped their file reads, before the interpreter finalizes: a thread
-   that takes the GIL of a finalizing interpreter aborts the process.
+6. Stuck. Python runs a handler only when the main thread next runs Python code, and a main thread
+   inside MLX may never come back: an mx.eval waiting on a collective whose peer is gone can wait
+   forever. A watcher thread learns of each signal through Python's wakeup fd; a process that has
+   not decided its exit `TERM_GRACE` seconds after a SIGTERM ends at once, with the usual line and
+   143 (a write under signals_held is cut then: it leaves a temporary file, never a half-written one).
+7. Exit. Once the outcome is decided both signals are ignored, its line is printed, and the exit
+   is given `EXIT_GRACE` seconds (an mx.synchronize after a lost rank can wait forever, too). Every
+   MLX array is freed, and we wait until MLX's I/O threads have dropped their file reads, before the
+   interpreter finalizes: a thread that takes the GIL of a finalizing interpreter aborts the process.
 
 A signal's exception raised inside a C extension's import comes out as another exception (sentencepiece
 makes it "ImportError: initialization failed"); after a SIGTERM, any failure is the SIGTERM's.
@@ -52,6 +58,10 @@ class Terminated(BaseException):
     received = False
 
 
+TERM_GRACE = 10.0  # seconds from a SIGTERM to the end of the process, whatever the main thread is doing
+EXIT_GRACE = 10.0  # seconds the exit may take once its outcome is decided
+
+
 OUT_OF_MEMORY = (
     "free memory, or need less: a smaller --max-context, 4-bit weights, or several machines (README: Memory)"
 )
@@ -70,6 +80,7 @@ def run_program(body, *args, interrupted="interrupted", out_of_memory=OUT_OF_MEM
     signal.signal(signal.SIGTERM, _terminated)
     if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # as the import guard left it; chat.py has its own
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    _watch_signals()
     try:
         code, message = _outcome(body, args, interrupted, out_of_memory)
         _ignore_signals()  # the exit is decided: nothing may interrupt it now
@@ -81,14 +92,29 @@ def run_program(body, *args, interrupted="interrupted", out_of_memory=OUT_OF_MEM
         if not Terminated.received:
             raise
         code, message = 143, TERMINATED
+    _ending.acquire()  # the watcher's forced exit can no longer cut in: this one is bounded below
+    threading.Thread(target=_exit_within, args=(EXIT_GRACE, code), daemon=True).start()
+    if message:
+        _say(message)
+    with contextlib.suppress(OSError, ValueError):  # what is said is out before anything can hang
+        sys.stdout.flush()
     gc.collect()  # the handler is done: the frames that held the model are gone
     with contextlib.suppress(RuntimeError):  # MLX out of threads or memory: the outcome stands as it is
         mx.synchronize()
     _wait_for_npz_readers()
-    if message:
-        rank = mx.distributed.init().rank()
-        print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.__stderr__, flush=True)
     sys.exit(code)
+
+
+def _say(message: str):
+    """The program's last line, marked with the rank under mlx.launch (read from the environment: a
+    forced exit cannot wait on MLX to say it)."""
+    rank = next((int(os.environ[v]) for v in ("MLX_RANK", "OMPI_COMM_WORLD_RANK") if v in os.environ), 0)
+    print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.__stderr__, flush=True)
+
+
+def _exit_within(seconds: float, code: int):
+    time.sleep(seconds)
+    os._exit(code)
 
 
 def _wait_for_npz_readers(timeout: float = 2.0):
@@ -197,6 +223,34 @@ def _terminated(*_):
     raise Terminated
 
 
+_ending = threading.Lock()  # held by whoever ends the process: run_program, or the watcher
+_on_sigint = []  # CtrlC's kick, once installed
+
+
+def _watch_signals():
+    """Start the watcher thread (from the main thread, once): it learns of each signal through
+    Python's wakeup fd, which the C-level handler writes to even while the main thread is stuck."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    threading.Thread(target=_watch, args=(r,), name="signals", daemon=True).start()
+
+
+def _watch(fd: int):
+    while True:
+        came = os.read(fd, 256)
+        if signal.SIGTERM in came and not _ending.locked():
+            end = time.monotonic() + TERM_GRACE
+            while not _ending.locked() and time.monotonic() < end:
+                time.sleep(0.05)
+            if _ending.acquire(blocking=False):  # still undecided: the main thread is stuck, end without it
+                _say(TERMINATED)
+                os._exit(143)
+        if signal.SIGINT in came:
+            for kick in _on_sigint:
+                kick()
+
+
 def quiet_unless_rank0():
     """Under mlx.launch, only rank 0 prints; the others follow it and ignore Ctrl-C (rank 0 decides)."""
     if mx.distributed.init().rank() != 0:
@@ -229,10 +283,7 @@ class CtrlC:
         """Become the process's SIGINT handler (rank 0 only: the others follow its decisions)."""
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGUSR1, lambda *_: None)  # only interrupts a blocking call
-        r, w = os.pipe()
-        os.set_blocking(w, False)
-        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, args=(r, threading.main_thread().ident), daemon=True).start()
+        _on_sigint.append(self._kick)
         atexit.register(setattr, self, "exiting", True)
 
     def _handle(self, *_):
@@ -241,17 +292,14 @@ class CtrlC:
             raise KeyboardInterrupt
         self.pressed.append(True)
 
-    def _watch(self, fd, main_thread):
-        while True:
-            if signal.SIGINT not in os.read(fd, 256):
-                continue
-            # Kick only while the handler has not run since the last SIGINT we saw (usually it has
-            # by the time we read the byte), and never into a process that is exiting.
-            end = time.monotonic() + 1  # the window is microseconds; a long mx.eval runs it on return
-            while self.handled == self.accounted and time.monotonic() < end and not self.exiting:
-                signal.pthread_kill(main_thread, signal.SIGUSR1)
-                time.sleep(0.02)
-            self.accounted = self.handled
+    def _kick(self):
+        # Kick only while the handler has not run since the last SIGINT we saw (usually it has by the
+        # time we read the byte), and never into a process that is exiting.
+        end = time.monotonic() + 1  # the window is microseconds; a long mx.eval runs it on return
+        while self.handled == self.accounted and time.monotonic() < end and not self.exiting:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+            time.sleep(0.02)
+        self.accounted = self.handled
 
     @contextlib.contextmanager
     def stops(self):

@@ -22,6 +22,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 import convert
 import folder
 import mixtral
+import runtime
 from conftest import ROOT, assert_one_line_error, popen_script, run_script
 from synthetic import TOKENIZER, write_hf_checkpoint
 
@@ -181,14 +182,19 @@ def test_a_conversion_that_dies_is_reported_in_one_line_and_leaves_nothing(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_conversion_stuck_inside_mlx_is_killed_after_ctrl_c_and_leaves_nothing(tmp_path, hf_big):
+@pytest.mark.parametrize(
+    "sig, code, line",
+    [(signal.SIGINT, 130, "interrupted: nothing was written"), (signal.SIGTERM, 143, runtime.TERMINATED)],
+)
+def test_a_conversion_stuck_inside_mlx_is_killed_after_a_signal_and_leaves_nothing(tmp_path, hf_big, sig, code, line):
     # MLX can hang when it cannot start a thread (under a tight ulimit -v): a signal then never reaches
-    # Python code. A stopped child stands for it; the converter kills it 10 s after passing Ctrl-C on.
+    # Python code. A stopped child stands for it; the converter kills it 5 s after passing the signal on,
+    # before its own SIGTERM deadline (runtime.TERM_GRACE) could end it with the child's folder left.
     proc, child = converting(tmp_path, hf_big)
     os.kill(child, signal.SIGSTOP)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     err = proc.stderr.read()
-    assert proc.wait(timeout=60) == 130 and err.splitlines()[-1] == "interrupted: nothing was written", err
+    assert proc.wait(timeout=60) == code and err.splitlines()[-1] == line, err
     assert list(tmp_path.iterdir()) == []
 
 
