@@ -580,7 +580,7 @@ def serve(engine: Engine, jobs: "queue.Queue[Job]", group, thread: threading.Thr
                 job.send("error", f"the server is shutting down ({why})")
         server.should_exit = True
         thread.join(timeout=10)
-        if group is not None:
+        if group is not None and not runtime.is_lost_peer(e):  # a gone rank would never take it
             parallel.text_from_rank0("quit", group)
         raise
 

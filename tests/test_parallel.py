@@ -295,12 +295,7 @@ def test_server_over_two_ranks_answers_as_one_process_and_stops_on_sigterm(conve
     model = converted["8-bit input-major"]
     proc = launch(2, ROOT / "server.py", "--model-path", model, "--port", 0, wait=False)
     try:
-        line = ""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not line.startswith("serving "):
-            line = proc.stderr.readline()
-            assert line, "the server ended before serving"
-        client = OpenAI(base_url=line.split(" on ")[1].split()[0], api_key="-", timeout=60, max_retries=0)
+        client = OpenAI(base_url=serving(proc), api_key="-", timeout=60, max_retries=0)
         alone, tokenizer = mixtral.load_model(model)
         messages, ours = [], []  # as sent, and with each reply's ids (as chat.py and the server keep them)
         for text in ("Hello there.", "And then?"):  # the second turn continues rank 0's and rank 1's caches
@@ -325,6 +320,42 @@ def test_server_over_two_ranks_answers_as_one_process_and_stops_on_sigterm(conve
             for pid in rank_pids(model):
                 os.kill(pid, signal.SIGKILL)
     assert "Traceback" not in err and not rank_pids(model), err
+
+
+def test_a_killed_rank_ends_the_server_and_its_stream_with_a_message(converted):
+    import httpx
+
+    model = converted["8-bit input-major"]
+    proc = launch(2, ROOT / "server.py", "--model-path", model, "--port", 0, wait=False)
+    try:
+        url = serving(proc)
+        body = {"messages": [{"role": "user", "content": "Talk forever."}], "max_tokens": 100000, "stream": True}
+        events = []
+        with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                    if len(events) == 3:
+                        os.kill(rank_pids(model)[1], signal.SIGKILL)
+        assert '"error"' in events[-1] and "shutting down" in events[-1], events[-3:]
+        proc.wait(timeout=runtime.TERM_GRACE + 30)
+        err = proc.stderr.read()
+    finally:
+        for pid in rank_pids(model):
+            os.kill(pid, signal.SIGKILL)
+    ours = [line for line in err.splitlines() if not line.startswith(("[ring]", "\x1b["))]  # MLX's and the launcher's
+    assert ours and ours[-1].startswith(("error: another rank stopped", runtime.TERMINATED)), err
+    assert "Traceback" not in err
+
+
+def serving(proc) -> str:
+    """The base URL of a server under mlx.launch, once it serves."""
+    line = ""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not line.startswith("serving "):
+        line = proc.stderr.readline()
+        assert line, "the server ended before serving"
+    return line.split(" on ")[1].split()[0]
 
 
 def rank_pids(model) -> list:
