@@ -14,8 +14,10 @@ import argparse
 import contextlib
 import hashlib
 import json
+import queue
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -488,6 +490,7 @@ class Terminal:
 
     def __init__(self, interactive: bool, rank0: bool = True):
         self.interactive, self.readline, self.rank0 = interactive, None, rank0
+        self.lines = None  # under mlx.launch, rank 0's messages as its reader thread reads them
         self.history_file = Path.home() / ".mixtral_chat_history"
         if interactive:
             with (
@@ -508,8 +511,30 @@ class Terminal:
             print(text, file=sys.stderr, flush=True)
 
     def read_shared(self, group) -> Optional[str]:
-        """The next line on every rank: rank 0 reads it, the others receive it."""
-        return parallel.text_from_rank0(self.read() if self.rank0 else None, group)
+        """The next message on every rank: rank 0 reads it, the others receive it. Under mlx.launch
+        rank 0 reads in a thread of its own, so that the others can sleep while it waits
+        (parallel.lead); its stdin is the launcher's pipe, never a terminal to edit lines on."""
+        if group is None:
+            return self.read()
+        if not self.rank0:
+            return parallel.follow(group)
+        if self.lines is None:
+            self.lines = queue.Queue()
+            threading.Thread(target=self._read_ahead, daemon=True).start()
+        got = parallel.lead(lambda timeout: self.lines.get(timeout=timeout), group)
+        if isinstance(got, BaseException):
+            raise got
+        return parallel.text_from_rank0(got, group)
+
+    def _read_ahead(self):
+        while True:
+            try:
+                line = self.read()
+            except BaseException as e:  # for the main thread to raise
+                line = e
+            self.lines.put(line)
+            if not isinstance(line, str):
+                return
 
     def read(self) -> Optional[str]:
         """The next message (a \"\"\" block may span lines); None to leave (end of input, or Ctrl-C

@@ -560,10 +560,10 @@ def serve(engine: Engine, jobs: "queue.Queue[Job]", group, thread: threading.Thr
     try:
         while thread.is_alive():
             try:
-                current = jobs.get(timeout=0.1)
+                current = jobs.get(timeout=parallel.IDLE_POLL)
             except queue.Empty:
                 if group is not None:
-                    parallel.text_from_rank0("", group)  # the other ranks wait for the next job
+                    parallel.text_from_rank0("", group)  # "nothing yet": the other ranks sleep (parallel.follow)
                 continue
             if not current.cancelled:  # a client that left while queued costs nothing
                 if group is not None:
@@ -596,9 +596,8 @@ def drain(jobs) -> list:
 
 def follow(engine: Engine, group):
     """Another rank's loop under mlx.launch: run what rank 0 runs, token for token."""
-    while (text := parallel.text_from_rank0(None, group)) != "quit":
-        if text:
-            answer(engine, Job(**json.loads(text)), group)
+    while (text := parallel.follow(group)) != "quit":
+        answer(engine, Job(**json.loads(text)), group)
 
 
 def answer(engine: Engine, job: Job, group):

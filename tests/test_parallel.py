@@ -161,6 +161,35 @@ def test_a_killed_rank_ends_every_rank_with_a_message(tmp_path, converted):
     assert "Traceback" not in ours
 
 
+@pytest.mark.parametrize("program", ["chat.py", "server.py"])
+def test_ranks_waiting_for_a_line_or_a_request_leave_the_cores_idle(converted, program):
+    # The ring backend's collectives poll their sockets: a rank waiting in one for rank 0's next line
+    # used 70-100% of a core (chat.py; 30% for server.py) before rank 0 told them "nothing yet".
+    model = converted["8-bit input-major"]
+    port = ["--port", 0] if program == "server.py" else []
+    proc = launch(2, ROOT / program, "--model-path", model, *port, wait=False)
+    try:
+        line = proc.stderr.readline()  # chat.py's remark for piped input, or the server's first line
+        while line and program == "server.py" and not line.startswith("serving "):
+            line = proc.stderr.readline()
+        assert line, "the program ended at once"
+        time.sleep(1)
+        pids = rank_pids(model)
+        before, tic = [cpu_seconds(pid) for pid in pids], time.monotonic()
+        time.sleep(4)
+        busy = [(cpu_seconds(pid) - b) / (time.monotonic() - tic) for pid, b in zip(pids, before)]
+        assert max(busy) < 0.4, busy
+    finally:
+        for pid in rank_pids(model):
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def stuck_rank(mode: str):
     """Rank 0 of tests/stuck_rank.py once it waits on a sum that rank 1 never joins."""
     proc = launch(2, ROOT / "tests" / "stuck_rank.py", mode, wait=False)
