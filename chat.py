@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import queue
 import random
 import sys
@@ -490,7 +491,7 @@ class Terminal:
 
     def __init__(self, interactive: bool, rank0: bool = True):
         self.interactive, self.readline, self.rank0 = interactive, None, rank0
-        self.lines = None  # under mlx.launch, rank 0's messages as its reader thread reads them
+        self.lines, self.group = None, None  # under mlx.launch: rank 0's lines, read ahead; the ranks
         self.history_file = Path.home() / ".mixtral_chat_history"
         if interactive:
             with (
@@ -512,29 +513,30 @@ class Terminal:
 
     def read_shared(self, group) -> Optional[str]:
         """The next message on every rank: rank 0 reads it, the others receive it. Under mlx.launch
-        rank 0 reads in a thread of its own, so that the others can sleep while it waits
-        (parallel.lead); its stdin is the launcher's pipe, never a terminal to edit lines on."""
-        if group is None:
-            return self.read()
-        if not self.rank0:
+        (where rank 0's stdin is the launcher's pipe, never a terminal) a thread reads rank 0's lines
+        ahead, so that it can tell the others "nothing yet" while it waits and they sleep (parallel.lead)."""
+        if group is not None and not self.rank0:
             return parallel.follow(group)
-        if self.lines is None:
+        if group is not None and self.lines is None:
             self.lines = queue.Queue()
-            threading.Thread(target=self._read_ahead, daemon=True).start()
-        got = parallel.lead(lambda timeout: self.lines.get(timeout=timeout), group)
-        if isinstance(got, BaseException):
-            raise got
-        return parallel.text_from_rank0(got, group)
+            threading.Thread(target=self._read_lines, args=(sys.stdin.fileno(),), daemon=True).start()
+        self.group = group
+        return parallel.text_from_rank0(self.read(), group)
 
-    def _read_ahead(self):
-        while True:
-            try:
-                line = self.read()
-            except BaseException as e:  # for the main thread to raise
-                line = e
-            self.lines.put(line)
-            if not isinstance(line, str):
-                return
+    def _read_lines(self, fd: int):
+        # Off the file descriptor: a thread blocked inside sys.stdin holds its lock, and the
+        # interpreter aborts at exit when it cannot take it ("Fatal Python error: _enter_buffered_busy").
+        pending = b""
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    self.lines.put(line.decode("utf-8", "surrogateescape"))  # as main() decodes sys.stdin
+            if pending:
+                self.lines.put(pending.decode("utf-8", "surrogateescape"))
+            self.lines.put(None)
+        except OSError as e:
+            self.lines.put(e)
 
     def read(self) -> Optional[str]:
         """The next message (a \"\"\" block may span lines); None to leave (end of input, or Ctrl-C
@@ -574,10 +576,17 @@ class Terminal:
 
     def _input(self, prompt: str) -> Optional[str]:
         while True:
-            try:
-                line = input(prompt)
-            except EOFError:
-                return None
+            if self.lines is not None:  # read ahead by _read_lines
+                line = parallel.lead(lambda timeout: self.lines.get(timeout=timeout), self.group)
+                if isinstance(line, OSError):
+                    raise MixtralError(f"cannot read the input ({line.strerror})")
+                if line is None:
+                    return None
+            else:
+                try:
+                    line = input(prompt)
+                except EOFError:
+                    return None
             try:
                 line.encode("utf-8")
                 return line

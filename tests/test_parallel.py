@@ -54,7 +54,10 @@ def launch(n, *args, stdin=None, timeout=180, wait=True):
     cmd = [sys.executable, "-c", launcher, "-n", str(n), "--backend", "ring", sys.executable, *map(str, args)]
     if not wait:
         return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout)
+    # mlx.launch exits 0 whatever the ranks did: a rank that crashed (aborted, killed) shows here.
+    assert "Fatal Python error" not in r.stderr and "exited with code -" not in r.stderr, r.stderr[-3000:]
+    return r
 
 
 def run_ranks(tmp_path, model, n=2, temp=0.0):
