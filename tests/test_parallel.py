@@ -175,10 +175,10 @@ def test_ranks_waiting_for_a_line_or_a_request_leave_the_cores_idle(converted, p
     port = ["--port", 0] if program == "server.py" else []
     proc = launch(2, ROOT / program, "--model-path", model, *port, wait=False)
     try:
-        line = proc.stderr.readline()  # chat.py's remark for piped input, or the server's first line
-        while line and program == "server.py" and not line.startswith("serving "):
-            line = proc.stderr.readline()
-        assert line, "the program ended at once"
+        if program == "server.py":
+            serving(proc)
+        else:
+            assert proc.stderr.readline(), "chat.py ended at once"  # its remark for piped input
         time.sleep(1)
         pids = rank_pids(model)
         before, tic = [cpu_seconds(pid) for pid in pids], time.monotonic()
