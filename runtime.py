@@ -77,10 +77,10 @@ def run_program(body, *args, interrupted="interrupted", out_of_memory=OUT_OF_MEM
     on an MLX thread that needs the GIL of a finalizing interpreter, and the process aborts
     ("terminate called without an active exception", 1 exit in 5 after loading, on a loaded machine).
     """
+    _watch_signals()  # first: a Ctrl-C while the thread starts still meets the import guard's default action
     signal.signal(signal.SIGTERM, _terminated)
     if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:  # as the import guard left it; chat.py has its own
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    _watch_signals()
     try:
         code, message = _outcome(body, args, interrupted, out_of_memory)
         _ignore_signals()  # the exit is decided: nothing may interrupt it now
