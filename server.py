@@ -20,6 +20,7 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
 import argparse
 import asyncio
 import hmac
+import ipaddress
 import json
 import queue
 import sys
@@ -34,6 +35,8 @@ from typing import List, Optional
 import mlx.core as mx
 import uvicorn
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -48,6 +51,7 @@ from runtime import MixtralError
 
 MAX_BODY = 4 * 2**20  # bytes of one request: a 32k-token conversation is about 150 KB of text
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # names that always mean this machine
 
 
 # --------------------------------------------------------------------------- requests
@@ -194,9 +198,11 @@ class Engine:
         self.cache_bytes, self.reuse = cache_bytes, reuse
         self.chats: "OrderedDict[int, chat.Chat]" = OrderedDict()
         self.serial = 0
+        self.generations = 0  # requests run, for /health (and the tests that prove a refused one never ran)
 
     def run(self, job: Job, should_stop):
         """Generate job's reply; its text goes to job.send as it comes. -> (Reply, prompt tokens)."""
+        self.generations += 1
         if job.seed is not None:
             mx.random.seed(job.seed)
         prompt = job.prompt if job.kind == "chat" else self.tokenizer.encode(job.prompt)
@@ -283,29 +289,103 @@ def error_event(message: str) -> str:
     )
 
 
+class Guard:
+    """Keeps other web pages out, before any other work (the outermost ASGI middleware). A page the user
+    visits can send requests to 127.0.0.1 from their browser:
+    - a "simple" cross-site POST (Content-Type text/plain) goes without asking first (no CORS preflight):
+      so a POST must say application/json (415), and on /v1 a request whose Origin is neither this
+      server's own nor --cors-origin is refused (403). Clients that send no Origin (curl, SDKs) pass;
+    - a page whose name it rebinds to 127.0.0.1 (DNS rebinding) is same-origin to the browser and can
+      read the answers; its requests carry its own name in Host, so Host must name this server (403).
+    """
+
+    def __init__(self, app, listen_host: str, allowed_hosts: List[str], cors_origin: Optional[str]):
+        self.app, self.cors_origin = app, cors_origin
+        self.hosts = {bare_host(h) for h in (*LOOPBACK, listen_host, *allowed_hosts)}
+        # Listening on every address: any address may name it (a rebinding page can only send a name).
+        self.any_address = listen_host in ("0.0.0.0", "::", "")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (refusal := self.refusal(scope)):
+            return await refusal.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope) -> Optional[BadRequest]:
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        if not self.names_us(bare_host(host)):
+            return BadRequest(
+                f"the Host header {host[:100]!r} does not name this server; to serve that name, start it with "
+                "--allowed-host NAME",
+                status=403,
+                code="host_not_allowed",
+            )
+        origin = headers.get("origin")
+        own = origin is not None and origin.partition("://")[2].lower() == host.lower()
+        if origin is not None and scope["path"].startswith("/v1/") and not own and origin != self.cors_origin:
+            return BadRequest(
+                f"requests from the web page at {origin[:100]!r} are refused: only this server's own page, or the "
+                "origin given with --cors-origin, may use /v1",
+                status=403,
+                code="origin_not_allowed",
+            )
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        if scope["method"] == "POST" and media != "application/json":
+            return BadRequest(
+                f"the body must be JSON: send Content-Type: application/json (got {media[:100] or 'none'!r})",
+                status=415,
+                code="unsupported_media_type",
+            )
+        return None
+
+    def names_us(self, host: str) -> bool:
+        if host in self.hosts:
+            return True
+        try:
+            return self.any_address and bool(ipaddress.ip_address(host))
+        except ValueError:
+            return False
+
+
+def bare_host(host: str) -> str:
+    """A Host header or a host name without its port, brackets or final dot, lowercase: `[::1]:8080` -> `::1`."""
+    host = host.strip().lower()
+    host = host[1:].partition("]")[0] if host.startswith("[") else host if host.count(":") > 1 else host.split(":")[0]
+    return host.rstrip(".")
+
+
 class Api:
     """The HTTP side: checks each request, queues it for the main thread, and answers with what comes back."""
 
-    def __init__(self, model_name: str, jobs: "queue.Queue[Job]", api_key: Optional[str], system_prompt: str):
+    def __init__(
+        self, model_name: str, jobs: "queue.Queue[Job]", api_key: Optional[str], system_prompt: str, generations
+    ):
         self.model_name, self.jobs, self.api_key, self.system_prompt = model_name, jobs, api_key, system_prompt
+        self.generations = generations  # -> how many requests the model has run (for /health)
         self.created = int(time.time())
 
-    def app(self, cors_origin: Optional[str]) -> Starlette:
+    def app(self, listen_host: str, allowed_hosts: List[str], cors_origin: Optional[str]) -> Starlette:
         routes = [
             Route("/health", self.health),
             Route("/v1/models", self.models),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ]
-        app = Starlette(routes=routes, exception_handlers={404: self.not_found, 405: self.not_allowed})
+        middleware = [Middleware(Guard, listen_host=listen_host, allowed_hosts=allowed_hosts, cors_origin=cors_origin)]
         if cors_origin:
-            app.add_middleware(
-                CORSMiddleware,
-                allow_origins=[cors_origin],
-                allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type"],
+            middleware.append(
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=[cors_origin],
+                    allow_methods=["GET", "POST"],
+                    allow_headers=["Authorization", "Content-Type"],
+                )
             )
-        return app
+        return Starlette(
+            routes=routes,
+            middleware=middleware,
+            exception_handlers={404: self.not_found, 405: self.not_allowed},
+        )
 
     async def not_found(self, request, exc):
         return BadRequest(f"no such endpoint: {request.method} {request.url.path}", status=404).response()
@@ -314,7 +394,7 @@ class Api:
         return BadRequest(f"{request.method} is not allowed on {request.url.path}", status=405).response()
 
     async def health(self, request):
-        return JSONResponse({"status": "ok", "queued": self.jobs.qsize()})
+        return JSONResponse({"status": "ok", "queued": self.jobs.qsize(), "generations": self.generations()})
 
     async def models(self, request):
         if refused := self.refused(request):
@@ -492,6 +572,14 @@ def build_parser():
     )
     p.add_argument("--no-cache-reuse", action="store_true", help="prefill every request whole (to measure the reuse)")
     p.add_argument("--cors-origin", help="allow browser pages from this origin (default: no CORS)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header is NAME: a reverse proxy's or a LAN name (repeatable; default: "
+        "127.0.0.1, localhost, [::1] and --host)",
+    )
     return p
 
 
@@ -527,8 +615,9 @@ def run(args):
         return follow(engine, group)
     name = Path(str(args.model_path).rstrip("/")).name
     jobs = queue.Queue(maxsize=args.max_queue)
-    api = Api(name, jobs, args.api_key, args.system_prompt)
-    config = uvicorn.Config(api.app(args.cors_origin), log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
+    api = Api(name, jobs, args.api_key, args.system_prompt, lambda: engine.generations)
+    app = api.app(args.host, args.allowed_host, args.cors_origin)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()

@@ -17,6 +17,7 @@ from openai import OpenAI
 
 import chat
 import mixtral
+import runtime
 from conftest import assert_one_line_error, popen_script, run_script
 
 KEY = "test-key"
@@ -26,15 +27,14 @@ CONTEXT = 512
 class Server:
     """server.py on a free loopback port, until stop()."""
 
-    def __init__(self, model_path, *args):
+    def __init__(self, model_path, *args, key=KEY):
         self.proc = popen_script(
             "server.py",
             "--model-path",
             model_path,
             "--port",
             0,
-            "--api-key",
-            KEY,
+            *(["--api-key", key] if key else []),
             *args,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -51,7 +51,7 @@ class Server:
         self.url = line.split(" on ")[1].split()[0]  # http://127.0.0.1:PORT/v1
         self.reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
         self.reader.start()
-        self.client = OpenAI(base_url=self.url, api_key=KEY, timeout=60, max_retries=0)
+        self.client = OpenAI(base_url=self.url, api_key=key or "-", timeout=60, max_retries=0)
         self.http = httpx.Client(base_url=self.url.removesuffix("/v1"), timeout=60)
 
     def post(self, path, body=None, content=None, key=KEY):
@@ -222,8 +222,12 @@ def test_a_client_that_leaves_mid_stream_frees_the_server_at_once(server):
     assert time.monotonic() - tic < 15
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_ends_the_streams_with_an_error_event_and_the_server_quietly(mlx_q8, sig, code):
+@pytest.mark.parametrize(
+    "sig, code, says",
+    [(signal.SIGTERM, 143, runtime.TERMINATED_ALONE), (signal.SIGINT, 130, "interrupted: the server stopped")],
+    ids=["SIGTERM", "SIGINT"],
+)
+def test_a_signal_ends_the_streams_with_an_error_event_and_the_server_quietly(mlx_q8, sig, code, says):
     s = Server(mlx_q8)
     body = {"messages": [{"role": "user", "content": "Talk forever."}], "max_tokens": 100000, "stream": True}
     events = []
@@ -239,7 +243,7 @@ def test_a_signal_ends_the_streams_with_an_error_event_and_the_server_quietly(ml
     assert '"error"' in events[-1] and "shutting down" in events[-1], events[-3:]
     s.proc.wait(timeout=30)  # on its own: no second signal
     returncode, log = s.stop()
-    assert returncode == code and "Traceback" not in log, log
+    assert returncode == code and "Traceback" not in log and log.splitlines()[-1] == says, log
 
 
 def test_a_port_in_use_is_a_one_line_error(mlx_q8):
@@ -248,3 +252,95 @@ def test_a_port_in_use_is_a_one_line_error(mlx_q8):
         taken.listen()
         r = run_script("server.py", "--model-path", mlx_q8, "--port", taken.getsockname()[1])
     assert_one_line_error(r, "cannot listen on 127.0.0.1:", "--port")
+
+
+# --------------------------------------------------------------------------- other web pages
+
+
+@pytest.fixture(scope="module")
+def keyless(mlx_q8):
+    """A server as started with defaults (no key, 127.0.0.1), plus a LAN name and a CORS origin."""
+    s = Server(mlx_q8, "--max-context", CONTEXT, "--allowed-host", "mixtral.lan", "--cors-origin", CORS, key=None)
+    yield s
+    s.stop()
+
+
+CORS = "https://chat.example"
+HELLO = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+
+
+def generations(server) -> int:
+    return server.http.get("/health").json()["generations"]
+
+
+def send(server, headers, path="/v1/chat/completions", body=HELLO) -> httpx.Response:
+    """A POST with exactly these headers (httpx adds Host and Content-Length unless given)."""
+    return server.http.post(path, content=body, headers=headers)
+
+
+def refused_before_any_work(server, headers, status, code, **kw):
+    """The request gets `status` in OpenAI's shape, and the model runs nothing for it (a request that
+    passes the same way runs once: the count is live)."""
+    before = generations(server)
+    r = send(server, headers, **kw)
+    assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+    assert generations(server) == before
+    ok = send(server, {"Content-Type": "application/json"})
+    assert ok.status_code == 200 and generations(server) == before + 1, ok.text
+
+
+def test_a_cross_site_simple_post_is_refused_before_any_work(keyless):
+    # What any page can send with fetch() or a form, no preflight: text/plain from another origin. It ran
+    # a generation and answered 200.
+    refused_before_any_work(
+        keyless, {"Content-Type": "text/plain", "Origin": "http://evil.example"}, 403, "origin_not_allowed"
+    )
+
+
+@pytest.mark.parametrize("kind", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None])
+def test_a_post_whose_body_is_not_declared_json_gets_415_before_any_work(keyless, kind):
+    refused_before_any_work(keyless, {"Content-Type": kind} if kind else {}, 415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "127.0.0.1.evil.example", "localhost.evil"])
+def test_a_host_header_that_names_another_server_gets_403_before_any_work(keyless, host):
+    # DNS rebinding (Ollama's CVE-2024-28224): a page on evil.example whose name now points at 127.0.0.1
+    # is same-origin to the browser; only its Host header gives it away.
+    refused_before_any_work(keyless, {"Host": host, "Content-Type": "application/json"}, 403, "host_not_allowed")
+    assert keyless.http.get("/v1/models", headers={"Host": host}).status_code == 403
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost:{port}", "LOCALHOST", "[::1]:{port}", "mixtral.lan:80"])
+def test_this_machines_names_and_an_allowed_host_are_served(keyless, host):
+    port = keyless.url.split(":")[-1].split("/")[0]
+    r = send(keyless, {"Host": host.format(port=port), "Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None, r.text
+
+
+def test_the_servers_own_page_and_the_cors_origin_are_served_and_others_refused(keyless):
+    own = keyless.url.removesuffix("/v1")  # what a browser sends on a page this server served
+    for origin, status in ((own, 200), (CORS, 200), ("http://evil.example", 403), ("null", 403)):
+        r = send(keyless, {"Origin": origin, "Content-Type": "application/json"})
+        assert r.status_code == status, (origin, r.text)
+    preflight = keyless.http.options(
+        "/v1/chat/completions",
+        headers={
+            "Origin": CORS,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == CORS
+
+
+def test_curl_and_the_openai_client_still_work(keyless):
+    # Neither sends an Origin; curl sends Host 127.0.0.1:PORT, as README's example does.
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", "60", f"{keyless.url}/chat/completions", "-H", "Content-Type: application/json"]
+        + ["-d", HELLO.decode()],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert json.loads(out.stdout)["choices"][0]["message"]["content"] is not None, out.stdout + out.stderr
+    assert ask(keyless, [{"role": "user", "content": "hi"}], 2).choices[0].message.content is not None
