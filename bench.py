@@ -395,7 +395,26 @@ def main(argv=None):
     runtime.run_program(run, build_parser().parse_args(argv))
 
 
+# The lowest value of each count flag: a run with less has nothing to measure (or divides by it).
+LEAST = dict(
+    dim=1, hidden_dim=1, n_layers=1, n_experts=1, top_k=1, n_heads=1, n_kv_heads=1, head_dim=1, vocab_size=2,
+    q_group_size=1, prompt_tokens=1, gen_tokens=1, chat_turns=1, turn_tokens=1, reply_tokens=1, repeat=1,
+    cpu_threads=1, resume_tokens=0,
+)  # fmt: skip
+
+
+def check_flags(opts):
+    """Each count flag in its range, before anything loads: one line, as the other programs say it."""
+    for name, least in LEAST.items():
+        value = getattr(opts, name)
+        if value is not None and value < least:
+            raise runtime.MixtralError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    if opts.top_k > opts.n_experts:
+        raise runtime.MixtralError(f"--top-k ({opts.top_k}) cannot exceed --n-experts ({opts.n_experts})")
+
+
 def run(opts):
+    check_flags(opts)
     if opts.server and not opts.model_path:
         raise runtime.MixtralError("--server needs --model-path: a converted folder for server.py to load")
     mx.random.seed(0)  # the same prompts on every rank

@@ -9,6 +9,7 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -524,8 +525,20 @@ def loading_bar(total: int, show: bool):
     from tqdm import tqdm
 
     fmt = "loading  {n:.1f}/{total:.1f} GB  {rate_fmt}  {remaining} left"
+    try:  # a terminal that reports no size (a new pseudo-terminal is 0x0) counts as 80x24: tqdm shows nothing in 0
+        columns, lines = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        columns = lines = 0
     return tqdm(
-        total=total / 1e9, unit="GB", bar_format=fmt, disable=not show, leave=False, file=sys.stderr, mininterval=0.2
+        total=total / 1e9,
+        unit="GB",
+        bar_format=fmt,
+        disable=not show,
+        leave=False,
+        file=sys.stderr,
+        mininterval=0.2,
+        ncols=columns or 80,
+        nrows=lines or 24,
     )
 
 

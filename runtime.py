@@ -91,7 +91,7 @@ def run_program(body, *args, interrupted="interrupted", out_of_memory=OUT_OF_MEM
         _ignore_signals()
         if not Terminated.received:
             raise
-        code, message = 143, TERMINATED
+        code, message = 143, terminated_line()
     _ending.acquire()  # the watcher's forced exit can no longer cut in: this one is bounded below
     threading.Thread(target=_exit_within, args=(EXIT_GRACE, code), daemon=True).start()
     if message:
@@ -108,8 +108,13 @@ def run_program(body, *args, interrupted="interrupted", out_of_memory=OUT_OF_MEM
 def _say(message: str):
     """The program's last line, marked with the rank under mlx.launch (read from the environment: a
     forced exit cannot wait on MLX to say it)."""
-    rank = next((int(os.environ[v]) for v in ("MLX_RANK", "OMPI_COMM_WORLD_RANK") if v in os.environ), 0)
-    print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.__stderr__, flush=True)
+    rank = launched_rank()
+    print(message if not rank else f"[rank {rank}] {message}", file=sys.__stderr__, flush=True)
+
+
+def launched_rank():
+    """This process's rank under mlx.launch (or mpirun), from the environment; None when run alone."""
+    return next((int(os.environ[v]) for v in ("MLX_RANK", "OMPI_COMM_WORLD_RANK") if v in os.environ), None)
 
 
 def _exit_within(seconds: float, code: int):
@@ -131,7 +136,12 @@ def _wait_for_npz_readers(timeout: float = 2.0):
         time.sleep(0.002)
 
 
-TERMINATED = "stopped (SIGTERM: another rank failed, or the run was ended)"
+TERMINATED = "stopped (SIGTERM: another rank failed, or the run was ended)"  # under mlx.launch
+TERMINATED_ALONE = "stopped (SIGTERM)"  # a process of its own: there is no other rank to blame
+
+
+def terminated_line() -> str:
+    return TERMINATED if launched_rank() is not None else TERMINATED_ALONE
 
 
 def _outcome(body, args, interrupted, out_of_memory):
@@ -155,7 +165,7 @@ def _outcome(body, args, interrupted, out_of_memory):
             return 1, f"error: {e}"
         if isinstance(e, RuntimeError):
             return 1, f"error: another rank stopped ({e}); the run is over: see that rank's message"
-        return (130, interrupted) if isinstance(e, KeyboardInterrupt) else (143, TERMINATED)
+        return (130, interrupted) if isinstance(e, KeyboardInterrupt) else (143, terminated_line())
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -244,7 +254,7 @@ def _watch(fd: int):
             while not _ending.locked() and time.monotonic() < end:
                 time.sleep(0.05)
             if _ending.acquire(blocking=False):  # still undecided: the main thread is stuck, end without it
-                _say(TERMINATED)
+                _say(terminated_line())
                 os._exit(143)
         if signal.SIGINT in came:
             for kick in _on_sigint:

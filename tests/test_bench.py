@@ -2,7 +2,9 @@
 
 import json
 
-from conftest import run_script
+import pytest
+
+from conftest import assert_one_line_error, run_script
 
 TINY = [
     "--dim",
@@ -65,3 +67,17 @@ def test_bench_measures_the_server_through_http(mlx_q8):
     result = run_bench("--model-path", mlx_q8, "--server", *TINY[-10:])
     for key in ("server_reuse_ttft_ratio", "server_no_reuse_ttft_ratio", "server_16_clients_tokens_per_s"):
         assert result[key] > 0, result
+
+
+@pytest.mark.parametrize(
+    "flag, value, says",
+    [
+        ("--chat-turns", 0, "--chat-turns must be at least 1, got 0"),
+        ("--gen-tokens", -1, "--gen-tokens must be at least 1, got -1"),
+        ("--repeat", 0, "--repeat must be at least 1, got 0"),
+        ("--top-k", 9, "--top-k (9) cannot exceed --n-experts (8)"),
+    ],
+)
+def test_a_count_flag_out_of_range_is_a_one_line_error(flag, value, says):
+    # --chat-turns 0 ended in an IndexError from statistics.median, after the model had loaded.
+    assert_one_line_error(run_script("bench.py", "--synthetic", *TINY, flag, value), says)

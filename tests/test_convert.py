@@ -184,7 +184,7 @@ def test_a_conversion_that_dies_is_reported_in_one_line_and_leaves_nothing(tmp_p
 
 @pytest.mark.parametrize(
     "sig, code, line",
-    [(signal.SIGINT, 130, "interrupted: nothing was written"), (signal.SIGTERM, 143, runtime.TERMINATED)],
+    [(signal.SIGINT, 130, "interrupted: nothing was written"), (signal.SIGTERM, 143, runtime.TERMINATED_ALONE)],
 )
 def test_a_conversion_stuck_inside_mlx_is_killed_after_a_signal_and_leaves_nothing(tmp_path, hf_big, sig, code, line):
     # MLX can hang when it cannot start a thread (under a tight ulimit -v): a signal then never reaches

@@ -667,8 +667,8 @@ def test_ctrl_c_during_one_shot_generation_exits_130_without_a_traceback(mlx_q8)
 # --------------------------------------------------------------------------- the loading line
 
 
-def on_a_terminal(*args, timeout=120) -> str:
-    """Run mixtral.py with stdout and stderr on a pseudo-terminal; -> all it printed there."""
+def on_a_terminal(*args, size=(24, 100), timeout=120) -> str:
+    """Run mixtral.py with stdout and stderr on a pseudo-terminal of size (rows, columns); -> all it printed there."""
     import fcntl
     import os
     import pty
@@ -678,7 +678,7 @@ def on_a_terminal(*args, timeout=120) -> str:
     import time
 
     fd, tty = pty.openpty()
-    fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's size (a new pty has 0x0)
+    fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
     p = popen_script("mixtral.py", *args, stdin=subprocess.DEVNULL, stdout=tty, stderr=tty)
     os.close(tty)
     out, end = b"", time.monotonic() + timeout
@@ -703,3 +703,9 @@ def test_loading_shows_one_line_on_a_terminal_and_nothing_in_a_pipe(mlx_q8):
     assert "loading  " in shown and " GB " in shown and "left" in shown and "\r" in shown, shown
     piped = run_script("mixtral.py", "--model-path", mlx_q8, "--prompt", "hi", "--max-tokens", 2)
     assert piped.returncode == 0 and "loading" not in piped.stderr and "\r" not in piped.stderr, piped.stderr
+
+
+def test_loading_shows_its_line_on_a_terminal_that_reports_no_size(mlx_q8):
+    # A new pseudo-terminal reports 0x0 (some CI terminals and `script` do): tqdm trimmed the line to nothing.
+    shown = on_a_terminal("--model-path", mlx_q8, "--prompt", "hi", "--max-tokens", 2, size=(0, 0))
+    assert "loading  " in shown and " GB " in shown and "left" in shown, shown
