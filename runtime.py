@@ -23,13 +23,15 @@ Ctrl-C (SIGINT) and SIGTERM, phase by phase:
    signals on and reports the child's death (SIGSEGV, the OOM killer) in one line.
 6. Stuck. Python runs a handler only when the main thread next runs Python code, and a main thread
    inside MLX may never come back: an mx.eval waiting on a collective whose peer is gone can wait
-   forever. A watcher thread learns of each signal through Python's wakeup fd; a process that has
-   not decided its exit `TERM_GRACE` seconds after a SIGTERM ends at once, with the usual line and
-   143 (a write under signals_held is cut then: it leaves a temporary file, never a half-written one).
-7. Exit. Once the outcome is decided both signals are ignored, its line is printed, and the exit
-   is given `EXIT_GRACE` seconds (an mx.synchronize after a lost rank can wait forever, too). Every
-   MLX array is freed, and we wait until MLX's I/O threads have dropped their file reads, before the
-   interpreter finalizes: a thread that takes the GIL of a finalizing interpreter aborts the process.
+   forever. A watcher thread learns of each signal through Python's wakeup fd. As a SIGTERM comes it
+   does what was asked with `at_end` (server.py: every open stream's final event); a process that
+   has not decided its exit `TERM_GRACE` seconds after it ends at once, with the usual line and 143
+   (a write under signals_held is cut then: it leaves a temporary file, never a half-written one).
+7. Exit. Once the outcome is decided both signals are ignored, what was asked with `at_end` is done
+   (again), its line is printed, and the exit is given `EXIT_GRACE` seconds (an mx.synchronize after
+   a lost rank can wait forever, too). Every MLX array is freed, and we wait until MLX's I/O threads
+   have dropped their file reads, before the interpreter finalizes: a thread that takes the GIL of a
+   finalizing interpreter aborts the process.
 
 A signal's exception raised inside a C extension's import comes out as another exception (sentencepiece
 makes it "ImportError: initialization failed"); after a SIGTERM, any failure is the SIGTERM's.
@@ -94,6 +96,7 @@ def run_program(body, *args, interrupted="interrupted", out_of_memory=OUT_OF_MEM
         code, message = 143, terminated_line()
     _ending.acquire()  # the watcher's forced exit can no longer cut in: this one is bounded below
     threading.Thread(target=_exit_within, args=(EXIT_GRACE, code), daemon=True).start()
+    _run_at_end(message or "the program ended")
     if message:
         _say(message)
     with contextlib.suppress(OSError, ValueError):  # what is said is out before anything can hang
@@ -234,6 +237,23 @@ def _terminated(*_):
 
 
 _ending = threading.Lock()  # held by whoever ends the process: run_program, or the watcher
+_at_end = []  # what must be done before the process ends, however it ends (at_end)
+
+
+def at_end(fn):
+    """Have fn(why) run once the process's end is decided, before it exits: from run_program's exit
+    path (why: the line it ends on), and as soon as a SIGTERM comes (why: "SIGTERM"), from the watcher
+    thread, even while the main thread is stuck inside MLX. server.py gives every open stream its final
+    event this way. fn may run more than once, on either thread, and must bound its wait."""
+    _at_end.append(fn)
+
+
+def _run_at_end(line: str):
+    for fn in _at_end:
+        with contextlib.suppress(Exception):  # the exit goes on whatever a hook does
+            fn(line)
+
+
 _on_sigint = []  # CtrlC's kick, once installed
 
 
@@ -250,6 +270,10 @@ def _watch(fd: int):
     while True:
         came = os.read(fd, 256)
         if signal.SIGTERM in came and not _ending.locked():
+            # The process ends on it, whatever the main thread does: what must be done before the end
+            # (server.py: every open stream's final event) is done now. A main thread stuck in a
+            # collective whose peer is gone would otherwise hold it until the deadline below.
+            _run_at_end("SIGTERM")
             end = time.monotonic() + TERM_GRACE
             while not _ending.locked() and time.monotonic() < end:
                 time.sleep(0.05)

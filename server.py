@@ -19,6 +19,7 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -69,7 +70,7 @@ class BadRequest(Exception):
         return JSONResponse({"error": error}, status_code=self.status)
 
 
-@dataclass
+@dataclass(eq=False)  # each job is itself: kept in a set while its answer is open
 class Job:
     """One request on its way through the queue: what to generate, and where its events go."""
 
@@ -363,6 +364,7 @@ class Api:
         self.model_name, self.jobs, self.api_key, self.system_prompt = model_name, jobs, api_key, system_prompt
         self.generations = generations  # -> how many requests the model has run (for /health)
         self.created = int(time.time())
+        self.open: set = set()  # jobs whose answer is not yet written out whole (queued, running or sending)
 
     def app(self, listen_host: str, allowed_hosts: List[str], cors_origin: Optional[str]) -> Starlette:
         routes = [
@@ -428,25 +430,55 @@ class Api:
         try:
             body = await read_json(request)
             job = parse_job(body, kind, self.model_name, self.system_prompt)
-            job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
-            try:
-                self.jobs.put_nowait(job)
-            except queue.Full:
-                raise BadRequest(
-                    "the server is busy: too many requests are waiting; try again shortly",
-                    status=503,
-                    kind="server_error",
-                    code="queue_full",
-                ) from None
         except BadRequest as e:
             return e.response()
-        ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
+        self.open.add(job)  # before the main thread can see it: end_all must miss no job
+        try:
+            response = await self.respond(request, body, job)
+        except BaseException:
+            self.open.discard(job)
+            raise
+
+        async def written(scope, receive, send):
+            try:
+                await response(scope, receive, send)
+            finally:
+                self.open.discard(job)  # written out to its last byte, or the client left
+
+        return written
+
+    async def respond(self, request: Request, body: dict, job: Job):
+        """Queue the job; its answer, streamed or whole."""
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            return BadRequest(
+                "the server is busy: too many requests are waiting; try again shortly",
+                status=503,
+                kind="server_error",
+                code="queue_full",
+            ).response()
+        ident = f"{'chatcmpl' if job.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         if body.get("stream"):
             usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage") is True
             return StreamingResponse(
                 self.stream(job, ident, usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
         return await self.whole(request, job, ident)
+
+    def end_all(self, why: str, wait: float = 3.0):
+        """Give every request not yet answered whole its final error event (an error answer, if not
+        streamed), and wait until they are written out, at most `wait` seconds. From any thread: the
+        main thread when it stops serving, or runtime's exit path whatever ends the process (a SIGTERM
+        that cut into that, the watcher's forced exit), so that no client's stream ends mid-chunk."""
+        live = [job for job in list(self.open) if not job.loop.is_closed()]
+        for job in live:
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile: nothing left to write
+                job.send("error", f"the server is shutting down ({why})")
+        end = time.monotonic() + wait
+        while any(job in self.open and not job.loop.is_closed() for job in live) and time.monotonic() < end:
+            time.sleep(0.01)
 
     def chunk(self, job: Job, ident: str, text=None, finish=None, role=False) -> dict:
         created, model = int(time.time()), self.model_name
@@ -625,7 +657,8 @@ def run(args):
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log(f"warning: listening on {args.host} without --api-key: anyone who can reach this machine can use the model")
     log(f"serving {name} on http://{host}:{port}/v1 (context {max_context} tokens; Ctrl-C stops)")
-    serve(engine, jobs, group, thread, server)
+    runtime.at_end(api.end_all)  # whatever ends the process, even while the main thread is stuck in MLX
+    serve(engine, api, group, thread, server)
 
 
 def listen(host: str, port: int):
@@ -643,44 +676,31 @@ def listen(host: str, port: int):
     return sock
 
 
-def serve(engine: Engine, jobs: "queue.Queue[Job]", group, thread: threading.Thread, server: uvicorn.Server):
+def serve(engine: Engine, api: Api, group, thread: threading.Thread, server: uvicorn.Server):
     """Rank 0's loop: one request at a time, in arrival order, until Ctrl-C or SIGTERM."""
-    current = None
     try:
         while thread.is_alive():
             try:
-                current = jobs.get(timeout=parallel.IDLE_POLL)
+                job = api.jobs.get(timeout=parallel.IDLE_POLL)
             except queue.Empty:
                 if group is not None:
                     parallel.text_from_rank0("", group)  # "nothing yet": the other ranks sleep (parallel.follow)
                 continue
-            if not current.cancelled:  # a client that left while queued costs nothing
+            if not job.cancelled:  # a client that left while queued costs nothing
                 if group is not None:
-                    parallel.text_from_rank0(current.describe(), group)
-                answer(engine, current, group)
-            current = None
+                    parallel.text_from_rank0(job.describe(), group)
+                answer(engine, job, group)
         raise MixtralError("the HTTP server stopped unexpectedly")
     except BaseException as e:
         why = (
             "Ctrl-C" if isinstance(e, KeyboardInterrupt) else "SIGTERM" if isinstance(e, runtime.Terminated) else str(e)
         )
-        for job in [current] + drain(jobs):
-            if job is not None:
-                job.send("error", f"the server is shutting down ({why})")
+        api.end_all(why)  # the running request and the queued ones
         server.should_exit = True
         thread.join(timeout=10)
         if group is not None and not runtime.is_lost_peer(e):  # a gone rank would never take it
             parallel.text_from_rank0("quit", group)
         raise
-
-
-def drain(jobs) -> list:
-    out = []
-    while True:
-        try:
-            out.append(jobs.get_nowait())
-        except queue.Empty:
-            return out
 
 
 def follow(engine: Engine, group):

@@ -2,6 +2,8 @@
 
 stuck_rank.py eval   rank 0 blocks in mx.eval (a SIGTERM's handler cannot run)
 stuck_rank.py exit   rank 0 fails with a MixtralError, the sum still pending: its exit waits on it
+
+Rank 0 asks runtime.at_end to say `at the end: WHY`.
 """
 
 import sys
@@ -20,6 +22,7 @@ def body(mode: str):
     if group.rank() != 0:
         time.sleep(120)  # alive, and never in the sum
         return
+    runtime.at_end(lambda why: print(f"at the end: {why}", file=sys.stderr, flush=True))
     total = mx.distributed.all_sum(mx.ones(4), group=group)
     print("waiting", file=sys.stderr, flush=True)
     if mode == "eval":

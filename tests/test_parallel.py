@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,8 +54,12 @@ def launch(n, *args, stdin=None, timeout=180, wait=True):
     # What the mlx.launch command runs (its module has no __main__ of its own).
     launcher = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
     cmd = [sys.executable, "-c", launcher, "-n", str(n), "--backend", "ring", sys.executable, *map(str, args)]
-    if not wait:
-        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:  # marked, so that rank_pids finds this run's ranks and no other's
+        mark = uuid.uuid4().hex
+        pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, **pipes, text=True, env=os.environ | {LAUNCH_MARK: mark})
+        proc.mark = mark
+        return proc
     r = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout)
     # mlx.launch exits 0 whatever the ranks did: a rank that crashed (aborted, killed) shows here. Its own
     # SIGTERM (-15) can end a rank still importing, before it has a handler, when another rank failed.
@@ -153,7 +158,7 @@ def test_a_killed_rank_ends_every_rank_with_a_message(tmp_path, converted):
     proc.stdin.flush()
     # The reply has started (it can be short: then rank 0 is back at its prompt, rank 1 in a collective).
     assert select.select([proc.stdout], [], [], 120)[0], "no reply"
-    ranks = rank_pids(model)
+    ranks = rank_pids(proc)
     assert len(ranks) == 2, ranks
     os.kill(ranks[1], signal.SIGKILL)
     tic = time.time()
@@ -180,13 +185,13 @@ def test_ranks_waiting_for_a_line_or_a_request_leave_the_cores_idle(converted, p
         else:
             assert proc.stderr.readline(), "chat.py ended at once"  # its remark for piped input
         time.sleep(1)
-        pids = rank_pids(model)
+        pids = rank_pids(proc)
         before, tic = [cpu_seconds(pid) for pid in pids], time.monotonic()
         time.sleep(4)
         busy = [(cpu_seconds(pid) - b) / (time.monotonic() - tic) for pid, b in zip(pids, before)]
         assert max(busy) < 0.4, busy
     finally:
-        for pid in rank_pids(model):
+        for pid in rank_pids(proc):
             os.kill(pid, signal.SIGKILL)
         proc.communicate(timeout=60)
 
@@ -200,7 +205,7 @@ def stuck_rank(mode: str):
     """Rank 0 of tests/stuck_rank.py once it waits on a sum that rank 1 never joins."""
     proc = launch(2, ROOT / "tests" / "stuck_rank.py", mode, wait=False)
     assert proc.stderr.readline() == "waiting\n"  # rank 1 is asleep by now, rank 0 in (or past) the sum
-    return proc, rank_pids(ROOT / "tests" / "stuck_rank.py")
+    return proc, rank_pids(proc)
 
 
 def test_a_sigterm_ends_a_rank_stuck_inside_mlx_within_the_grace():
@@ -208,6 +213,8 @@ def test_a_sigterm_ends_a_rank_stuck_inside_mlx_within_the_grace():
     proc, ranks = stuck_rank("eval")
     os.kill(ranks[0], signal.SIGTERM)
     tic = time.time()
+    # What must be done before the end (server.py: each stream's final event) is done as the SIGTERM comes.
+    assert select.select([proc.stderr], [], [], 5)[0] and proc.stderr.readline() == "at the end: SIGTERM\n"
     proc.wait(timeout=runtime.TERM_GRACE + 30)
     assert time.time() - tic < runtime.TERM_GRACE + 5
     err = proc.stderr.read()  # communicate() would miss what readline() has buffered
@@ -347,14 +354,14 @@ def test_server_over_two_ranks_answers_as_one_process_and_stops_on_sigterm(conve
             ours.append({**messages[-1], "tokens": out})
     finally:
         # mlx.launch passes no signal on: stop rank 0, which tells the others (and never leave one behind).
-        for pid in rank_pids(model)[:1]:
+        for pid in rank_pids(proc)[:1]:
             os.kill(pid, signal.SIGTERM)
         try:
             _, err = proc.communicate(timeout=60)
         finally:
-            for pid in rank_pids(model):
+            for pid in rank_pids(proc):
                 os.kill(pid, signal.SIGKILL)
-    assert "Traceback" not in err and not rank_pids(model), err
+    assert "Traceback" not in err and not rank_pids(proc), err
 
 
 def test_a_killed_rank_ends_the_server_and_its_stream_with_a_message(converted):
@@ -371,12 +378,17 @@ def test_a_killed_rank_ends_the_server_and_its_stream_with_a_message(converted):
                 if line.startswith("data: "):
                     events.append(line)
                     if len(events) == 3:
-                        os.kill(rank_pids(model)[1], signal.SIGKILL)
+                        os.kill(rank_pids(proc)[1], signal.SIGKILL)
+                        tic = time.monotonic()
+        # At once, even when rank 0's main thread is stuck in a collective that will never end (1 run in 2
+        # here; the watcher then ends the process TERM_GRACE after mlx.launch's SIGTERM). It used to cut
+        # the stream mid-chunk then: "peer closed connection without sending complete message body".
         assert '"error"' in events[-1] and "shutting down" in events[-1], events[-3:]
+        assert time.monotonic() - tic < 5
         proc.wait(timeout=runtime.TERM_GRACE + 30)
         err = proc.stderr.read()
     finally:
-        for pid in rank_pids(model):
+        for pid in rank_pids(proc):
             os.kill(pid, signal.SIGKILL)
     ours = [line for line in err.splitlines() if not line.startswith(("[ring]", "\x1b["))]  # MLX's and the launcher's
     assert ours and ours[-1].startswith(("error: another rank stopped", runtime.TERMINATED)), err
@@ -393,13 +405,19 @@ def serving(proc) -> str:
     return line.split(" on ")[1].split()[0]
 
 
-def rank_pids(model) -> list:
-    """The pids of the ranks running on `model`, rank 0 first."""
-    found = subprocess.run(["pgrep", "-f", str(model)], capture_output=True, text=True).stdout.split()
+LAUNCH_MARK = "MIXTRAL_TEST_LAUNCH"  # in the environment of a launch's ranks: which launch they belong to
+
+
+def rank_pids(proc) -> list:
+    """The pids of the ranks that `proc` (a launch(..., wait=False)) started and that still run, rank 0
+    first. By the launch's own mark in their environment: a rank left over by another test on the same
+    model, or one whose launcher is gone, is never mistaken for one of these."""
+    mine = f"{LAUNCH_MARK}={proc.mark}".encode()
     ranks = {}
-    for pid in map(int, found):
+    for environ in Path("/proc").glob("[0-9]*/environ"):
         with contextlib.suppress(OSError):
-            env = Path(f"/proc/{pid}/environ").read_bytes()
-            if b"MLX_RANK=" in env:
-                ranks[int(env.split(b"MLX_RANK=")[1].split(b"\0")[0])] = pid
+            env = environ.read_bytes().split(b"\0")
+            rank = next((v[len(b"MLX_RANK=") :] for v in env if v.startswith(b"MLX_RANK=")), None)
+            if mine in env and rank is not None:
+                ranks[int(rank)] = int(environ.parent.name)
     return [ranks[r] for r in sorted(ranks)]
