@@ -60,7 +60,15 @@ def launch(n, *args, stdin=None, timeout=180, wait=True):
         proc = subprocess.Popen(cmd, **pipes, text=True, env=os.environ | {LAUNCH_MARK: mark})
         proc.mark = mark
         return proc
-    r = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout)
+    # Standard input that stays open: at the end of its input mlx.launch's loop spins on a core (select()
+    # says readable, read() gets nothing), and a 2-rank run on 2 cores took 10x as long.
+    inp, keep = os.pipe()
+    os.write(keep, (stdin or "").encode())  # a few lines: they fit in the pipe's buffer
+    try:
+        r = subprocess.run(cmd, stdin=inp, capture_output=True, text=True, timeout=timeout)
+    finally:
+        os.close(inp)
+        os.close(keep)
     # mlx.launch exits 0 whatever the ranks did: a rank that crashed (aborted, killed) shows here. Its own
     # SIGTERM (-15) can end a rank still importing, before it has a handler, when another rank failed.
     crashed = re.search(r"exited with code -(?!15\b)\d+", r.stderr)
