@@ -6,6 +6,7 @@ import ast
 import importlib.metadata
 import re
 import sys
+import tomllib
 
 from conftest import ROOT
 
@@ -44,15 +45,23 @@ def declared(path) -> set:
         line = line.split("#")[0].strip()
         if line.startswith(("-r ", "--requirement ")):
             names |= declared(path.parent / line.split(None, 1)[1])
-        elif line and not line.startswith("-"):
+        elif line and not line.startswith(("-", ".", "/")):  # a path is a project of ours (./kernels)
             names.add(normal(re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line)[0]))
     return names
+
+
+def built_with(pyproject) -> set:
+    """What a project of ours (kernels/) names to build and to run: its pyproject.toml's requirements."""
+    data = tomllib.loads(pyproject.read_text())
+    names = data.get("build-system", {}).get("requires", []) + data.get("project", {}).get("dependencies", [])
+    return {normal(re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", n)[0]) for n in names}
 
 
 def test_every_third_party_module_imported_is_named_in_a_requirements_file():
     files = sources()
     ours = {p.stem for p in files} | {p.parent.name for p in files if p.name == "__init__.py"}
     named = set().union(*(declared(p) for p in ROOT.glob("requirements*.txt")))
+    named |= set().union(*(built_with(p) for p in ROOT.glob("*/pyproject.toml")))
     providers = importlib.metadata.packages_distributions()
     missing = []
     for module, where in sorted(imported(files).items()):

@@ -1,0 +1,29 @@
+// Python bindings of the kernels (nanobind, as MLX's own; its version must match the one mlx was built with).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include "qmm.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mk = mixtral_kernels;
+
+NB_MODULE(_ext, m) {
+  m.doc() = "Quantized projections for Mixtral on the CPU: SIMD, threads inside the op.";
+  m.def(
+      "qmm",
+      [](const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+         const std::optional<mx::array>& indices, int group_size, int bits, int path, mx::StreamOrDevice s) {
+        return mk::qmm(x, w, scales, biases, indices, group_size, bits, static_cast<mk::Path>(path), s);
+      },
+      "x"_a, "w"_a, "scales"_a, "biases"_a, "indices"_a = nb::none(), nb::kw_only(), "group_size"_a = 64,
+      "bits"_a = 8, "path"_a = 0, "stream"_a = nb::none(),
+      "x @ dequantize(w).T (w: (N, K) or, with indices, stacked experts (E, N, K)); path 0 exact, 1 int16.");
+  m.def("set_threads", &mk::set_threads, "n"_a, "Threads each projection runs on.");
+  m.def("threads", &mk::threads);
+  m.def("simd", &mk::simd);
+  m.def("accepts_arrays", [](const mx::array& a) { return a.ndim() >= 0; },
+        "True: MLX's arrays reach this module (a nanobind that differs from mlx's own refuses them).");
+}

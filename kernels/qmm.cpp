@@ -1,0 +1,427 @@
+// The CPU kernels behind mixtral_kernels.qmm. One weight row at a time: its integers are widened in
+// registers and dotted with every row of x in a tile (prefill reads each weight once per tile, not
+// once per row), the outputs split over a small pool of threads inside the op.
+#include "qmm.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <sched.h>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "mlx/backend/cpu/encoder.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MK_AVX2 1
+#endif
+
+namespace mixtral_kernels {
+
+// --------------------------------------------------------------------------- threads
+
+// A fixed set of workers that the caller joins: run(n, f) calls f(0..n-1) on n threads and returns
+// when all are done. A second caller at once (another MLX stream) runs its work on its own thread.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool pool;
+    return pool;
+  }
+
+  int size = 1;
+
+  void run(int n, const std::function<void(int)>& f) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (n <= 1 || !busy.owns_lock()) {
+      for (int i = 0; i < n; ++i)
+        f(i);
+      return;
+    }
+    grow(n - 1);
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      job_ = &f;
+      active_ = n - 1;
+      pending_ = n - 1;
+      ++generation_;
+    }
+    wake_.notify_all();
+    f(0);
+    std::unique_lock<std::mutex> lock(m_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      stop_ = true;
+      ++generation_;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_)
+      t.join();
+  }
+
+ private:
+  Pool() {
+    cpu_set_t set;
+    size = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+    size = std::max(1, std::min(size, 64));
+  }
+
+  void grow(int n) {
+    while ((int)workers_.size() < n) {
+      int id = workers_.size() + 1;
+      workers_.emplace_back([this, id] { work(id); });
+    }
+  }
+
+  void work(int id) {
+    long seen = 0;
+    while (true) {
+      const std::function<void(int)>* job;
+      {
+        std::unique_lock<std::mutex> lock(m_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_)
+          return;
+        if (id > active_)
+          continue;
+        job = job_;
+      }
+      (*job)(id);
+      std::lock_guard<std::mutex> lock(m_);
+      if (--pending_ == 0)
+        done_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex m_, busy_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* job_ = nullptr;
+  long generation_ = 0;
+  int active_ = 0, pending_ = 0;
+  bool stop_ = false;
+};
+
+void set_threads(int n) {
+  Pool::get().size = std::max(1, n);
+}
+
+int threads() {
+  return Pool::get().size;
+}
+
+std::string simd() {
+#ifdef MK_AVX2
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+// --------------------------------------------------------------------------- one row's dot products
+
+constexpr int XBLOCK = 32; // activations per int16 scale (int16 path)
+
+// The integer at position k of a packed weight row (MLX packs from the low bits up).
+static inline int q_at(const uint8_t* w, int k, int bits) {
+  return bits == 8 ? w[k] : (w[k >> 1] >> ((k & 1) * 4)) & 0xF;
+}
+
+struct Row {
+  const uint8_t* w; // the packed weight row
+  const float* scales; // its groups' scales and biases
+  const float* biases;
+};
+
+#ifdef MK_AVX2
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 weights from position k on, as floats.
+template <int BITS>
+static inline __m256 widen8(const uint8_t* w, int k) {
+  if constexpr (BITS == 8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + k))));
+  } else {
+    uint32_t word;
+    std::memcpy(&word, w + k / 2, 4);
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), _mm256_set1_epi32(0xF));
+    return _mm256_cvtepi32_ps(q);
+  }
+}
+
+// 16 weights from position k on, as int16.
+template <int BITS>
+static inline __m256i widen16(const uint8_t* w, int k) {
+  if constexpr (BITS == 8) {
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(w + k)));
+  } else {
+    __m128i b = _mm_loadl_epi64((const __m128i*)(w + k / 2));
+    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+    return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi));
+  }
+}
+#endif
+
+// exact: sum over groups of scale * (x . q) + bias * sum(x), all float32.
+template <int BITS>
+static float dot_exact(const Row& r, const float* x, const float* xsum, int K, int G) {
+  float total = 0;
+#ifdef MK_AVX2
+  __m256 tot = _mm256_setzero_ps();
+  for (int g = 0, k = 0; k < K; ++g) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int end = k + G; k < end; k += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), widen8<BITS>(r.w, k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), widen8<BITS>(r.w, k + 8), a1);
+    }
+    tot = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(r.scales[g]), tot);
+    total += r.biases[g] * xsum[g];
+  }
+  return total + hsum(tot);
+#else
+  for (int g = 0; g < K / G; ++g) {
+    float acc = 0;
+    for (int k = g * G; k < (g + 1) * G; ++k)
+      acc += x[k] * q_at(r.w, k, BITS);
+    total += r.scales[g] * acc + r.biases[g] * xsum[g];
+  }
+  return total;
+#endif
+}
+
+// int16: sum over groups of scale * (sum over blocks of xscale * (xq . q)) + bias * sum(x).
+template <int BITS>
+static float dot_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int K, int G) {
+  float total = 0;
+#ifdef MK_AVX2
+  __m256 tot = _mm256_setzero_ps();
+  for (int g = 0, k = 0; k < K; ++g) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int end = k + G; k < end; k += XBLOCK) {
+      __m256i p0 = _mm256_madd_epi16(widen16<BITS>(r.w, k), _mm256_loadu_si256((const __m256i*)(xq + k)));
+      __m256i p1 = _mm256_madd_epi16(widen16<BITS>(r.w, k + 16), _mm256_loadu_si256((const __m256i*)(xq + k + 16)));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), _mm256_set1_ps(xs[k / XBLOCK]), acc);
+    }
+    tot = _mm256_fmadd_ps(acc, _mm256_set1_ps(r.scales[g]), tot);
+    total += r.biases[g] * xsum[g];
+  }
+  return total + hsum(tot);
+#else
+  for (int g = 0; g < K / G; ++g) {
+    float acc = 0;
+    for (int b = g * G; b < (g + 1) * G; b += XBLOCK) {
+      int32_t i = 0;
+      for (int k = b; k < b + XBLOCK; ++k)
+        i += int32_t(xq[k]) * q_at(r.w, k, BITS);
+      acc += xs[b / XBLOCK] * float(i);
+    }
+    total += r.scales[g] * acc + r.biases[g] * xsum[g];
+  }
+  return total;
+#endif
+}
+
+// --------------------------------------------------------------------------- the whole product
+
+struct Problem {
+  const float* x; // (rows, K)
+  const uint8_t* w; // (experts, N, K * bits / 8)
+  const float* scales; // (experts, N, K / G)
+  const float* biases;
+  const uint32_t* expert; // one per batch element
+  float* out; // (rows, N)
+  int64_t batches, rows_per_batch, N, K;
+  int G, bits;
+  Path path;
+};
+
+// x's per-group sums (the biases' term), and for the int16 path x rounded to int16 per block of 32
+// (to nearest, ties to even: |error| <= scale / 2).
+struct Prepared {
+  std::vector<float> xsum, xs;
+  std::vector<int16_t> xq;
+};
+
+static Prepared allocate(const Problem& p) {
+  int64_t rows = p.batches * p.rows_per_batch;
+  Prepared q;
+  q.xsum.resize(rows * (p.K / p.G));
+  if (p.path == Path::int16) {
+    q.xq.resize(rows * p.K);
+    q.xs.resize(rows * (p.K / XBLOCK));
+  }
+  return q;
+}
+
+static void prepare(const Problem& p, Prepared& q, int64_t r0, int64_t r1) {
+  const int64_t groups = p.K / p.G, blocks = p.K / XBLOCK;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* x = p.x + r * p.K;
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0;
+      for (int64_t k = g * p.G; k < (g + 1) * p.G; ++k)
+        s += x[k];
+      q.xsum[r * groups + g] = s;
+    }
+    if (p.path != Path::int16)
+      continue;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = x + b * XBLOCK;
+      float top = 0;
+      for (int k = 0; k < XBLOCK; ++k)
+        top = std::max(top, std::fabs(xb[k]));
+      const float inverse = top > 0 ? 32767.0f / top : 0.0f;
+      q.xs[r * blocks + b] = top / 32767.0f;
+      for (int k = 0; k < XBLOCK; ++k)
+        q.xq[r * p.K + b * XBLOCK + k] = int16_t(std::nearbyint(xb[k] * inverse));
+    }
+  }
+}
+
+template <int BITS>
+static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
+  const int64_t row_bytes = p.K * BITS / 8, groups = p.K / p.G, blocks = p.K / XBLOCK;
+  // Rows of x dotted with one weight row while it sits in L1: a tile of x that fits in L2.
+  const int64_t x_bytes = p.path == Path::int16 ? 2 : 4;
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(64, (256 << 10) / (p.K * x_bytes)));
+  for (int64_t b0 = 0; b0 < p.batches;) {
+    int64_t b1 = b0 + 1; // a run of batch elements with the same expert: one weight read
+    while (b1 < p.batches && p.expert[b1] == p.expert[b0])
+      ++b1;
+    const int64_t e = p.expert[b0], r_begin = b0 * p.rows_per_batch, r_end = b1 * p.rows_per_batch;
+    for (int64_t t0 = r_begin; t0 < r_end; t0 += tile) {
+      const int64_t t1 = std::min(r_end, t0 + tile);
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t wr = e * p.N + n;
+        Row row{p.w + wr * row_bytes, p.scales + wr * groups, p.biases + wr * groups};
+        for (int64_t r = t0; r < t1; ++r) {
+          p.out[r * p.N + n] = p.path == Path::int16
+              ? dot_int16<BITS>(row, q.xq.data() + r * p.K, q.xs.data() + r * blocks, q.xsum.data() + r * groups, p.K, p.G)
+              : dot_exact<BITS>(row, p.x + r * p.K, q.xsum.data() + r * groups, p.K, p.G);
+        }
+      }
+    }
+    b0 = b1;
+  }
+}
+
+static void run(const Problem& p) {
+  Prepared q = allocate(p);
+  const int64_t rows = p.batches * p.rows_per_batch;
+  const int m = std::max<int64_t>(1, std::min<int64_t>(Pool::get().size, rows / 16)); // many rows: threads
+  Pool::get().run(m, [&](int t) { prepare(p, q, rows * t / m, rows * (t + 1) / m); });
+  // Outputs cut over the threads in whole multiples of 8 rows (no two threads share a cache line of
+  // a one-row output).
+  int n = std::max<int64_t>(1, std::min<int64_t>(Pool::get().size, p.N / 8));
+  Pool::get().run(n, [&](int t) {
+    int64_t n0 = p.N * t / n / 8 * 8, n1 = t + 1 == n ? p.N : p.N * (t + 1) / n / 8 * 8;
+    p.bits == 8 ? compute<8>(p, q, n0, n1) : compute<4>(p, q, n0, n1);
+  });
+}
+
+// --------------------------------------------------------------------------- the op
+
+static void require(bool ok, const std::string& what) {
+  if (!ok)
+    throw std::invalid_argument("[mixtral_kernels.qmm] " + what);
+}
+
+mx::array qmm(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    const std::optional<mx::array>& indices,
+    int group_size,
+    int bits,
+    Path path,
+    mx::StreamOrDevice s) {
+  require(bits == 4 || bits == 8, "bits must be 4 or 8");
+  require(group_size == 32 || group_size == 64 || group_size == 128, "group_size must be 32, 64 or 128");
+  require(x.dtype() == mx::float32 && scales.dtype() == mx::float32 && biases.dtype() == mx::float32,
+          "x, scales and biases must be float32");
+  require(w.dtype() == mx::uint32 && x.ndim() >= 2, "w must be uint32 and x at least 2-D");
+  const int K = x.shape(-1), M = x.shape(-2), N = w.shape(-2);
+  require(int64_t(w.shape(-1)) * 32 / bits == K, "x's last axis must match w's packed inputs");
+  require(scales.shape(-1) * group_size == K && scales.shape(-2) == N && biases.shape() == scales.shape(),
+          "scales and biases must have one value per group of each weight row");
+  auto stream = mx::to_stream(s);
+  mx::Shape batch(x.shape().begin(), x.shape().end() - 2);
+  mx::array rows = x, expert = mx::zeros({1}, mx::uint32, stream);
+  if (indices) {
+    require(w.ndim() == 3 && scales.ndim() == 3, "with indices, w must be stacked experts (E, N, K)");
+    batch = mx::broadcast_shapes(batch, indices->shape());
+    mx::Shape full = batch;
+    full.insert(full.end(), {M, K});
+    rows = mx::broadcast_to(x, full, stream);
+    expert = mx::flatten(mx::broadcast_to(mx::astype(*indices, mx::uint32, stream), batch, stream), stream);
+  } else {
+    require(w.ndim() == 2 && scales.ndim() == 2, "without indices, w must be one matrix (N, K)");
+  }
+  int64_t batches = indices ? expert.size() : 1, rows_per_batch = indices ? M : x.size() / K;
+  rows = mx::reshape(rows, {int(batches * rows_per_batch), K}, stream);
+  auto contiguous = [&](const mx::array& a) { return mx::contiguous(a, false, stream); };
+  mx::Shape out_shape = batch;
+  out_shape.insert(out_shape.end(), {M, N});
+  auto out = mx::array(
+      {int(batches * rows_per_batch), N},
+      mx::float32,
+      std::make_shared<QuantizedMatmul>(stream, int(rows_per_batch), group_size, bits, path),
+      {contiguous(rows), contiguous(w), contiguous(scales), contiguous(biases), contiguous(expert)});
+  return mx::reshape(out, out_shape, stream);
+}
+
+void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs)
+    encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  const auto& x = inputs[0];
+  Problem p{
+      x.data<float>(),
+      reinterpret_cast<const uint8_t*>(inputs[1].data<uint32_t>()),
+      inputs[2].data<float>(),
+      inputs[3].data<float>(),
+      inputs[4].data<uint32_t>(),
+      out.data<float>(),
+      int64_t(inputs[4].size()),
+      rows_per_batch_,
+      int64_t(inputs[1].shape(-2)),
+      int64_t(x.shape(-1)),
+      group_size_,
+      bits_,
+      path_};
+  encoder.dispatch([p, keep = inputs, out = mx::array::unsafe_weak_copy(out)]() { run(p); });
+}
+
+void QuantizedMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[mixtral_kernels.qmm] runs on the CPU only; use mx.quantized_matmul on a GPU");
+}
+
+bool QuantizedMatmul::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const QuantizedMatmul&>(other);
+  return rows_per_batch_ == o.rows_per_batch_ && group_size_ == o.group_size_ && bits_ == o.bits_ && path_ == o.path_;
+}
+
+} // namespace mixtral_kernels

@@ -1,0 +1,147 @@
+"""Our CPU kernels (kernels/, mixtral_kernels.qmm) against MLX's quantized_matmul and gather_qmm.
+
+Bounds, for one output y = sum_k x_k w_k over K inputs (w the dequantized weights):
+- exact path: both sides sum K float32 products of float32 dequantized weights (scale * q + bias: two
+  roundings), in different orders; each is within gamma_K * sum |x_k w_k| of the true sum (recursive
+  summation, gamma_K = K eps / (1 - K eps)), so they differ by at most 2 (K + 3) eps sum |x_k w_k|.
+- int16 path: x is rounded to int16 in blocks of 32 with the scale max|x_block| / 32767, so each x_k
+  moves by at most max|x_block| / 65534; y moves by at most sum_k |w_k| max|x_block(k)| / 65534, plus
+  the exact path's rounding (the integer sums themselves are exact).
+"""
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import convert
+import mixtral
+from conftest import LAYOUTS, examples
+
+EPS = np.finfo(np.float32).eps
+
+
+def test_the_kernels_are_built_and_chosen_where_ci_runs(kernels):
+    # CI must exercise them: a build that failed quietly (no compiler) would leave only MLX's kernels.
+    line = kernels("auto")
+    assert line.startswith("kernels: ours, int16 path") or not os.environ.get("CI"), line
+
+
+def ours():
+    import mixtral_kernels  # a test that needs them fails without them: it never skips
+
+    return mixtral_kernels
+
+
+def problem(seed, bits, group, K, N, batch, rows, experts=0):
+    rng = np.random.default_rng(seed)
+    lead = (experts,) if experts else ()
+    w = mx.array(rng.standard_normal((*lead, N, K)).astype(np.float32))
+    q = mx.quantize(w, group, bits)
+    x = mx.array((rng.standard_normal((*batch, rows, K)) * rng.uniform(0.1, 10)).astype(np.float32))
+    return x, q, np.array(mx.dequantize(*q, group, bits))
+
+
+def bounds(x, wd, idx=None):
+    """(exact bound, int16 extra) per output, as the module docstring derives them."""
+    x = np.array(x, np.float64)
+    blocks = np.abs(x).reshape(*x.shape[:-1], -1, 32).max(-1).repeat(32, -1)  # max|x_block(k)| per k
+    w = np.abs(wd.astype(np.float64))
+    w = w[np.array(idx)] if idx is not None else w  # each batch element's expert
+    K = x.shape[-1]
+    absdot = np.einsum("...k,...nk->...n", np.abs(x), w) if idx is not None else np.abs(x) @ w.T
+    moved = np.einsum("...k,...nk->...n", blocks, w) if idx is not None else blocks @ w.T
+    return 2 * (K + 3) * EPS * absdot, moved / 65534
+
+
+shapes = dict(
+    seed=st.integers(0, 2**16),
+    bits=st.sampled_from([4, 8]),
+    group=st.sampled_from([32, 64, 128]),
+    k_groups=st.integers(1, 6),
+    N=st.integers(1, 80),
+    rows=st.integers(1, 9),
+)
+
+
+@settings(max_examples=examples(40))
+@given(**shapes, batch=st.lists(st.integers(1, 3), max_size=2))
+def test_a_dense_projection_equals_mlx_quantized_matmul(seed, bits, group, k_groups, N, rows, batch):
+    mk = ours()
+    x, q, wd = problem(seed, bits, group, group * k_groups, N, tuple(batch), rows)
+    ref = np.array(mx.quantized_matmul(x, *q, transpose=True, group_size=group, bits=bits))
+    exact, moved = bounds(x, wd)
+    got = np.array(mk.qmm(x, *q, None, group_size=group, bits=bits, path=mk.EXACT))
+    assert got.shape == ref.shape and np.all(np.abs(got - ref) <= exact), np.abs(got - ref).max()
+    fast = np.array(mk.qmm(x, *q, None, group_size=group, bits=bits, path=mk.INT16))
+    assert np.all(np.abs(fast - got) <= 2 * exact + moved), np.abs(fast - got).max()
+
+
+@settings(max_examples=examples(40))
+@given(**shapes, experts=st.integers(1, 8), chosen=st.integers(1, 3), sort=st.booleans())
+def test_a_gathered_projection_equals_mlx_gather_qmm(seed, bits, group, k_groups, N, rows, experts, chosen, sort):
+    mk = ours()
+    # As the model calls it: decode, x (B, 1, 1, K) against indices (B, k); prefill, rows sorted by expert.
+    x, q, wd = problem(seed, bits, group, group * k_groups, N, (rows, 1), 1, experts)
+    idx = np.random.default_rng(seed).integers(0, experts, (rows, chosen))
+    if sort:
+        idx, x = np.sort(idx.ravel()), mx.broadcast_to(x, (rows, chosen, 1, x.shape[-1])).reshape(-1, 1, x.shape[-1])
+    idx = mx.array(idx.astype(np.uint32))
+    ref = mx.gather_qmm(x, *q, rhs_indices=idx, transpose=True, group_size=group, bits=bits, sorted_indices=sort)
+    ref = np.array(ref)
+    got = np.array(mk.qmm(x, *q, idx, group_size=group, bits=bits, path=mk.EXACT))
+    xb = np.broadcast_to(np.array(x), (*ref.shape[:-1], x.shape[-1]))
+    exact, moved = bounds(xb, wd, np.broadcast_to(np.array(idx)[..., None], ref.shape[:-1]))
+    assert got.shape == ref.shape and np.all(np.abs(got - ref) <= exact), np.abs(got - ref).max()
+    fast = np.array(mk.qmm(x, *q, idx, group_size=group, bits=bits, path=mk.INT16))
+    assert np.all(np.abs(fast - got) <= 2 * exact + moved), np.abs(fast - got).max()
+
+
+@pytest.mark.parametrize("rows", [1, 513])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_ragged_shapes_and_one_expert_for_every_row(rows, bits):
+    mk = ours()
+    N, K, group = 37, 96, 32  # outputs not a multiple of 8 (the vector width), inputs 3 groups
+    x, q, wd = problem(rows, bits, group, K, N, (rows,), 1, experts=4)
+    idx = mx.full((rows,), 2, mx.uint32)  # every row to expert 2
+    ref = np.array(mx.gather_qmm(x, *q, rhs_indices=idx, transpose=True, group_size=group, bits=bits))
+    exact, _ = bounds(np.array(x), wd, np.full((rows, 1), 2))
+    for path in (mk.EXACT, mk.INT16):
+        got = np.array(mk.qmm(x, *q, idx, group_size=group, bits=bits, path=path))
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= (exact.max() if path == mk.EXACT else 1e-3 * np.abs(ref).max())
+
+
+def test_a_bad_shape_is_refused_with_a_message():
+    mk = ours()
+    x, q, _ = problem(0, 8, 64, 128, 16, (), 2)
+    with pytest.raises(ValueError, match="x's last axis must match"):
+        mk.qmm(x[..., :64], *q, None, group_size=64, bits=8, path=mk.EXACT)
+
+
+@pytest.fixture(scope="module")
+def standard(tmp_path_factory, hf_tiny):
+    out = tmp_path_factory.mktemp("standard")
+    return {
+        bits: convert.convert(hf_tiny, out / str(bits), log=lambda s: None, **LAYOUTS[f"{bits}-bit standard"])
+        for bits in (8, 4)
+    }
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_greedy_ids_of_the_exact_path_equal_mlx_kernels(standard, bits, kernels):
+    ids = {}
+    for name in ("mlx", "exact"):
+        kernels(name)
+        model, tokenizer = mixtral.load_model(standard[bits])
+        prompt = tokenizer.encode("[INST] Tell me about the sea. [/INST]")
+        out = []
+        for y in mixtral.generate(model, prompt):
+            out.append(y)
+            if len(out) == 24:
+                break
+        ids[name] = out
+    assert ids["exact"] == ids["mlx"]
