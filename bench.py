@@ -25,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_map
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
 
 import chat
 import machine
@@ -59,7 +60,7 @@ def synthetic_model(opts, dtype):
             model,
             opts.q_group_size,
             opts.q_bits,
-            input_major=machine.on_cpu(),
+            input_major=machine.on_cpu() and mixtral.KERNELS["module"] is None,  # the layout MLX's kernels want
             keep=lambda p: not p.endswith("feed_forward.gate"),
         )
         model.update(
@@ -69,6 +70,7 @@ def synthetic_model(opts, dtype):
 
 
 def load(opts):
+    mixtral.use_kernels(opts.kernels)
     tic = time.perf_counter()
     if opts.synthetic:
         dtype = mixtral.compute_dtype(opts.dtype)
@@ -80,6 +82,26 @@ def load(opts):
     else:
         model, tokenizer = mixtral.load_model(opts.model_path, opts.dtype, cpu_threads=opts.cpu_threads)
     return model, tokenizer, time.perf_counter() - tic
+
+
+def weights_per_token(model) -> int:
+    """Bytes of weights one decoded token reads: all but the experts, and top_k of every num_experts of those."""
+    moe = model.args.moe
+    experts = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if ".experts." in k)
+    return machine.weight_bytes(model) - experts + experts * moe.num_experts_per_tok // moe.num_experts
+
+
+def read_bandwidth(gb: float = 0.5) -> float:
+    """The machine's memory read rate, GB/s: numpy summing an array larger than any cache, best of 3."""
+    a = np.ones(int(gb * GB) // 4, np.float32)
+    best = min(timed(a.sum) for _ in range(3))
+    return a.nbytes / GB / best
+
+
+def timed(f) -> float:
+    tic = time.perf_counter()
+    f()
+    return time.perf_counter() - tic
 
 
 def prompt_and_decode(model, opts):
@@ -371,7 +393,14 @@ def build_parser():
     p.add_argument(
         "--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)"
     )
-    p.add_argument("--cpu-threads", type=int, help="CPU streams (default: all cores on the CPU)")
+    p.add_argument("--cpu-threads", type=int, help="CPU threads (default: all cores on the CPU)")
+    p.add_argument(
+        "--kernels",
+        choices=mixtral.KERNEL_CHOICES,
+        default="auto",
+        help="the quantized projections' kernels: ours (int16 or exact path) or MLX's (default: %(default)s, as "
+        "MIXTRAL_KERNELS or int16 where built)",
+    )
     p.add_argument("--mlx-lm-model", help="also run mlx-lm's benchmark on this mlx-lm model and report ratios")
     p.add_argument("--mlx-lm-python", default=sys.executable, help="the Python that has mlx-lm (default: this one)")
     p.add_argument(
@@ -428,7 +457,10 @@ def run(opts):
         "device": str(mx.default_device()),
         "device_name": mx.device_info().get("device_name", ""),
         "compute_dtype": mixtral.dtype_name(model.dtype),
-        "cpu_threads": next((len(m.streams) for m in model.modules() if isinstance(m, parallel.SplitOutputs)), 1),
+        "kernels": mixtral.KERNELS["line"],
+        "cpu_threads": mixtral.KERNELS["module"].threads()
+        if mixtral.KERNELS["module"]
+        else next((len(m.streams) for m in model.modules() if isinstance(m, parallel.SplitOutputs)), 1),
         "model": opts.model_path
         or f"synthetic {opts.dim}x{opts.hidden_dim}, {opts.n_layers} layers, {opts.n_experts} experts, {opts.q_bits or 'no'}-bit",
         "load_s": load_s,
@@ -439,6 +471,9 @@ def run(opts):
         "ttft_turn1_s": statistics.median(t[0] for t in turns),
         f"ttft_turn{opts.chat_turns}_s": statistics.median(t[-1] for t in turns),
         "decode_step_ms": 1000 / gen_tps,
+        "weight_gb_per_token": weights_per_token(model) / GB,
+        "decode_weight_gbps": weights_per_token(model) / GB * gen_tps,
+        "read_gbps_1_thread": read_bandwidth(),
         "decode_kernels_ms": run_ms,
         "decode_python_ms": build_ms,
         "peak_memory_gb": mx.get_peak_memory() / GB,

@@ -777,6 +777,8 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
     if args.verify:
         folder.verify(model_path)
     model, tokenizer = mixtral.load_model(model_path, args.dtype)
+    if args.verbose:
+        term.remark(mixtral.KERNELS["line"])
     group = model.group
     # Every rank must make the same decisions: the context size and the transcript are rank 0's.
     max_context = parallel.from_rank0(args.max_context or machine.default_context(model), group)

@@ -31,7 +31,7 @@ from mlx.utils import tree_flatten
 import folder
 from folder import sha256
 from machine import GB, on_cpu
-from mixtral import DTYPES, Mixtral, ModelArgs, Tokenizer, check_vocabulary
+from mixtral import DTYPES, Mixtral, ModelArgs, Tokenizer, check_vocabulary, our_kernels
 from runtime import MixtralError, Terminated, run_program, signals_held
 
 # Source module -> our module; each holds .weight (and .scales/.biases when the source is quantized).
@@ -341,9 +341,10 @@ def convert(
     if q_bits not in (None, 4, 8):
         raise MixtralError(f"--q-bits {q_bits}: use 8 or 4")
     q_group_size = q_group_size or (quant["group_size"] if quant else 64)
-    if layout == "auto":  # for the machine converting (usually the one that runs the model), but
-        # an already quantized source keeps its layout: input-major would round a second time.
-        layout = "input-major" if on_cpu() and not quant else "standard"
+    if layout == "auto":  # for the machine converting (usually the one that runs the model): the usual
+        # layout, unless only MLX's own CPU kernels are there (5x faster on input-major); an already
+        # quantized source keeps its layout: input-major would round a second time.
+        layout = "input-major" if on_cpu() and not quant and our_kernels()[0] is None else "standard"
     elif layout == "input-major" and quant and q_bits:
         log(
             "note: input-major from an already quantized source rounds each weight a second time (the report "
@@ -558,8 +559,8 @@ def build_parser():
         "--layout",
         choices=["auto", "standard", "input-major"],
         default="auto",
-        help="quantized layout: input-major runs ~5x faster on MLX's CPU backend, standard suits GPUs; "
-        "auto picks for this machine (default: %(default)s)",
+        help="quantized layout: standard, the usual (our CPU kernels and Metal run it fastest); input-major "
+        "runs ~5x faster than standard on MLX's own CPU kernels; auto picks for this machine (default: %(default)s)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # the child of supervise()

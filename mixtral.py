@@ -183,20 +183,7 @@ class SwitchLinear(nn.Module):
         return mx.gather_mm(x, self["weight"].swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
     def to_quantized(self, group_size: int = 64, bits: int = 8, mode: str = "affine"):
-        return QuantizedSwitchLinear(self, group_size, bits, mode)
-
-
-class QuantizedSwitchLinear(nn.Module):
-    def __init__(self, linear: SwitchLinear, group_size: int, bits: int, mode: str = "affine"):
-        super().__init__()
-        self.group_size, self.bits, self.mode = group_size, bits, mode
-        self.weight, self.scales, self.biases = mx.quantize(linear.weight, group_size, bits, mode=mode)
-        self.freeze()
-
-    def __call__(self, x, indices, sorted_indices=False):
-        w = self["weight"], self["scales"], self["biases"]
-        args = dict(transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
-        return mx.gather_qmm(x, *w, rhs_indices=indices, sorted_indices=sorted_indices, **args)
+        return QuantizedLinear(*mx.quantize(self.weight, group_size, bits), group_size, bits)
 
 
 class FeedForward(nn.Module):
@@ -298,7 +285,24 @@ class Mixtral(nn.Module):
         return [inds for layer in self.layers for inds in layer.feed_forward.log or []]
 
 
-# --------------------------------------------------------------------------- quantized layouts
+# --------------------------------------------------------------------------- quantized projections
+
+
+class QuantizedLinear(nn.Module):
+    """A quantized projection in the usual layout: (..., out, in), packed and grouped along `in`. One
+    matrix, or experts stacked in front, each row of x using the expert `indices` names (gather)."""
+
+    input_major = False
+
+    def __init__(self, weight, scales, biases, group_size: int, bits: int):
+        super().__init__()
+        self.group_size, self.bits = group_size, bits
+        self.weight, self.scales, self.biases = weight, scales, biases
+        self.freeze()
+
+    def __call__(self, x, indices=None, sorted_indices=False):
+        w = self["weight"], self["scales"], self["biases"]
+        return qmm(x, *w, self.group_size, self.bits, indices, sorted_indices)
 
 
 class InputMajorLinear(nn.Module):
@@ -306,7 +310,8 @@ class InputMajorLinear(nn.Module):
 
     MLX's CPU kernel for x @ W runs about 5x faster than the one for x @ W.T that the usual
     (out, in) layout needs (measured on x86, for 8-bit mat-vecs and matrix products alike), so
-    convert.py writes this layout for CPU machines. Experts are stacked in front as usual.
+    convert.py wrote this layout for CPU machines before our own kernels (kernels/) made the usual
+    layout the fastest. Experts are stacked in front as usual.
     """
 
     input_major = True
@@ -321,21 +326,79 @@ class InputMajorLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x, indices=None, sorted_indices=False):
-        w, args = (self["weight"], self["scales"], self["biases"]), dict(group_size=self.group_size, bits=self.bits)
-        if indices is None:
-            return mx.quantized_matmul(x, *w, transpose=False, **args)
-        return mx.gather_qmm(x, *w, rhs_indices=indices, transpose=False, sorted_indices=sorted_indices, **args)
+        w = self["weight"], self["scales"], self["biases"]
+        return qmm(x, *w, self.group_size, self.bits, indices, sorted_indices, transpose=False)
+
+
+def qmm(x, w, scales, biases, group_size, bits, indices=None, sorted_indices=False, transpose=True):
+    """x @ dequantize(w).T (transpose, the usual layout) or x @ dequantize(w) (input-major); with
+    indices, w holds stacked experts and each batch element of x uses the one indices names. The one
+    place where the kernel is chosen: ours on the CPU (kernels/, see use_kernels), else MLX's."""
+    fast, path = KERNELS["module"], KERNELS["path"]
+    if fast is not None and transpose and x.dtype == mx.float32 and scales.dtype == mx.float32:
+        return fast.qmm(x, w, scales, biases, indices, group_size=group_size, bits=bits, path=path)
+    args = dict(transpose=transpose, group_size=group_size, bits=bits)
+    if indices is None:
+        return mx.quantized_matmul(x, w, scales, biases, **args)
+    return mx.gather_qmm(x, w, scales, biases, rhs_indices=indices, sorted_indices=sorted_indices, **args)
+
+
+KERNEL_CHOICES = ("auto", "int16", "exact", "mlx")
+KERNELS = {"name": None, "module": None, "path": None, "line": ""}  # what qmm runs: use_kernels, or at load
+
+
+def our_kernels():
+    """-> (mixtral_kernels, None) where they are built and MLX computes on the CPU, else (None, why not)."""
+    if not on_cpu():
+        return None, "MLX computes on the GPU"
+    try:
+        import mixtral_kernels
+    except ImportError as e:
+        return None, f"{e}; pip install ./kernels builds them (a C++ compiler and cmake needed)"
+    return mixtral_kernels, None
+
+
+def use_kernels(choice: Optional[str] = None) -> str:
+    """Choose the kernels of the quantized projections in the usual layout:
+    - "int16": ours (kernels/, the CPU only), activations rounded to int16 in blocks of 32, integer
+      dot products: the CPU default (its error against transformers equals the exact path's);
+    - "exact": ours, float32 products and sums (MLX's arithmetic, in another order);
+    - "mlx": MLX's own quantized_matmul and gather_qmm (on a GPU, always);
+    - "auto" or None: $MIXTRAL_KERNELS if set, else int16 where ours are built and MLX computes on the CPU.
+    -> one line that says which kernels run, and how to get the fast ones when they cannot."""
+    choice = choice or os.environ.get("MIXTRAL_KERNELS") or "auto"
+    if choice not in KERNEL_CHOICES:
+        raise MixtralError(f"MIXTRAL_KERNELS={choice!r}: choose one of {', '.join(KERNEL_CHOICES)}")
+    module, why = our_kernels() if choice != "mlx" else (None, "not asked for (MIXTRAL_KERNELS=mlx)")
+    if module is None:
+        if choice in ("int16", "exact") and on_cpu():
+            raise MixtralError(f"MIXTRAL_KERNELS={choice}: our CPU kernels are not available ({why})")
+        line = f"kernels: MLX's own ({why})"
+        KERNELS.update(name="mlx", module=None, path=None, line=line)
+        return line
+    name = "int16" if choice == "auto" else choice
+    path = module.INT16 if name == "int16" else module.EXACT
+    line = f"kernels: ours, {name} path, {module.simd()}, {module.threads()} threads inside each projection"
+    KERNELS.update(name=name, module=module, path=path, line=line)
+    return line
 
 
 def quantize_model(model: "Mixtral", group_size: int, bits: int, input_major: bool, keep=lambda path: True):
     """Quantize the projections for which keep(path) holds, as convert.py writes them: input-major
     when asked and the outputs fill whole groups, the usual (out, in) layout otherwise."""
     nn.quantize(model, group_size, bits, class_predicate=lambda p, m: hasattr(m, "to_quantized") and keep(p))
+
+    def ours(m):  # MLX's QuantizedLinear -> ours, where the kernel is chosen
+        if not isinstance(m, nn.QuantizedLinear):
+            return m
+        return QuantizedLinear(m["weight"], m["scales"], m["biases"], group_size, bits)
+
+    model.update_modules(tree_map(ours, model.leaf_modules(), is_leaf=nn.Module.is_module))
     if not input_major:
         return
 
     def to_input_major(m):
-        if not isinstance(m, (nn.QuantizedLinear, QuantizedSwitchLinear)) or m["weight"].shape[-2] % group_size:
+        if not isinstance(m, QuantizedLinear) or m["weight"].shape[-2] % group_size:
             return m
         w = mx.dequantize(m["weight"], m["scales"], m["biases"], group_size, bits)  # lazy
         new = InputMajorLinear(w.shape[-1], w.shape[-2], w.shape[0] if w.ndim == 3 else 0, group_size, bits)
@@ -489,9 +552,15 @@ def place(model: Mixtral, group="world", cpu_threads: Optional[int] = None, grou
                 f"{', '.join(map(str, fit))} ranks; launch one of those"
             )
         parallel.shard(model, group)
-    cpu_threads = default_cpu_threads() if cpu_threads is None else cpu_threads
+    if KERNELS["name"] is None:
+        use_kernels()
+    if cpu_threads is None:  # every core; ranks on one machine share its cores
+        cpu_threads = max(1, default_cpu_threads() // parallel.ranks_here(group))
+    if KERNELS["module"] is not None:  # our kernels thread inside each projection: no cut over streams
+        KERNELS["module"].set_threads(cpu_threads)
     if cpu_threads > 1:
-        parallel.use_cpu_threads(model, cpu_threads)
+        ours = lambda layer: KERNELS["module"] is not None and isinstance(layer, QuantizedLinear)
+        parallel.use_cpu_threads(model, cpu_threads, threaded=ours)
     if not on_cpu():
         machine.keep_resident(model, "the model")
 
@@ -742,7 +811,8 @@ def run(args):
     if args.info:
         model_args, quantization = read_config(Path(args.model_path))
         kv = machine.kv_bytes_per_token(model_args, default_dtype())
-        return print(folder.describe(args.model_path, model_args, quantization, kv, dtype_name(default_dtype())))
+        text = folder.describe(args.model_path, model_args, quantization, kv, dtype_name(default_dtype()))
+        return print(f"{text}\n{use_kernels()}")
     if args.verify:
         folder.verify(args.model_path)
         print(f"{args.model_path}: every file is intact", file=sys.stderr)
@@ -761,7 +831,7 @@ def run(args):
     tic = time.perf_counter()
     model, tokenizer = load_model(args.model_path, args.dtype)
     prompt = parallel.text_from_rank0(prompt, model.group)
-    print(f"[load] {time.perf_counter() - tic:.1f} s, dtype {model.dtype}", file=sys.stderr)
+    print(f"[load] {time.perf_counter() - tic:.1f} s, dtype {model.dtype}; {KERNELS['line']}", file=sys.stderr)
 
     prompt_ids = tokenizer.encode(prompt)
     machine.check_memory(model, len(prompt_ids) + args.max_tokens, "--max-tokens", args.model_path)

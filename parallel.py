@@ -21,7 +21,9 @@ proportion.
 
 import copy
 import queue
+import socket
 import time
+import zlib
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -104,12 +106,13 @@ class HeadParallel:
         return mx.concatenate(outs, axis=1)
 
 
-def use_cpu_threads(model, n: int):
-    """Cut attention by heads, and each projection with enough outputs, over n CPU streams."""
+def use_cpu_threads(model, n: int, threaded=lambda layer: False):
+    """Cut attention by heads, and each projection with enough outputs, over n CPU streams; not the
+    projections whose kernel runs threads of its own (`threaded`: mixtral's kernels/)."""
     streams = [mx.new_stream(mx.cpu) for _ in range(n)]
 
     def split(parent, name):
-        if out_dims(parent[name]) >= SplitOutputs.min_outputs:
+        if out_dims(parent[name]) >= SplitOutputs.min_outputs and not threaded(parent[name]):
             setattr(parent, name, SplitOutputs(parent[name], streams))
 
     for layer in model.layers:
@@ -128,6 +131,15 @@ def world():
     """The group of ranks mlx.launch started; None when this process runs alone."""
     group = mx.distributed.init()
     return group if group.size() > 1 else None
+
+
+def ranks_here(group) -> int:
+    """How many of the group's ranks run on this machine: they share its cores (local ranks, in tests)."""
+    if group is None:
+        return 1
+    me = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF
+    hosts = mx.distributed.all_gather(mx.array([me], dtype=mx.int32), group=group)
+    return int((hosts == me).sum())
 
 
 def ranks_that_fit(args, group_size: int = 1) -> list:

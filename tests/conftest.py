@@ -36,6 +36,14 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture
+def kernels():
+    """Choose the quantized projections' kernels for one test (mixtral.use_kernels), then restore."""
+    before = dict(mixtral.KERNELS)
+    yield mixtral.use_kernels
+    mixtral.KERNELS.update(before)
+
+
 def default_signals():
     """In a child, before exec: SIGINT and SIGTERM do what they do by default, whatever pytest's own
     disposition is (a background job of a script, `cmd &`, inherits SIGINT ignored)."""

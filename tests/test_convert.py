@@ -58,7 +58,8 @@ def test_output_layout_config_and_shard_budget(tmp_path, hf_tiny):
         if s.stat().st_size > 0.004 * 1e9 * 1.01:
             assert len(mx.load(str(s))) <= 3
     config = json.loads((out / "config.json").read_text())
-    layout = "input-major" if mx.default_device() == mx.cpu else "standard"  # --layout auto
+    # --layout auto: the usual layout wherever our CPU kernels or Metal run; input-major for MLX's CPU kernels.
+    layout = "input-major" if mx.default_device() == mx.cpu and mixtral.our_kernels()[0] is None else "standard"
     assert config["quantization"] == {
         "group_size": 64,
         "bits": 8,
@@ -345,7 +346,7 @@ def fidelity(tmp_path_factory):
     """RMS logit error against transformers (float32), 17 teacher-forced positions, averaged over three
     held-out checkpoints that route every token to all 8 experts (so no expert choice can flip and
     the figure measures rounding alone)."""
-    errors = {"standard": [], "input-major": [], "mlx-lm": []}
+    errors = {"standard": [], "input-major": [], "mlx-lm": []} | {f"{b}-bit {k}": [] for b in (8, 4) for k in PATHS}
     for seed in (20, 21, 22):
         d = tmp_path_factory.mktemp(f"fidelity{seed}")
         hf = write_hf_checkpoint(
@@ -365,9 +366,28 @@ def fidelity(tmp_path_factory):
         rms = lambda x: float(np.sqrt(np.mean((x - ref) ** 2)))
         for layout in ("standard", "input-major"):
             convert.convert(hf, d / layout, q_bits=8, layout=layout, log=lambda s: None)
-            errors[layout].append(rms(logits_of_ours(d / layout, ids)))
+            errors[layout].append(rms(logits_of_ours(d / layout, ids)))  # the default kernels
+        convert.convert(hf, d / "4-bit", q_bits=4, layout="standard", log=lambda s: None)
+        before = dict(mixtral.KERNELS)
+        try:
+            for bits, path in ((8, d / "standard"), (4, d / "4-bit")):
+                for kernels in PATHS:  # each kernel path on the same checkpoint
+                    mixtral.use_kernels(kernels)
+                    errors[f"{bits}-bit {kernels}"].append(rms(logits_of_ours(path, ids)))
+        finally:
+            mixtral.KERNELS.update(before)
         errors["mlx-lm"].append(rms(logits_of_mlx_lm(mlx_lm_checkpoint(hf, d / "lm", 8), ids)))
     return {k: float(np.mean(v)) for k, v in errors.items()}
+
+
+PATHS = ("int16", "exact", "mlx")  # our kernels' two paths, and MLX's own
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_default_int16_path_is_as_faithful_as_the_exact_one(fidelity, bits):
+    # The CPU default rounds activations to int16 (blocks of 32): it may cost at most 10% more error.
+    assert fidelity[f"{bits}-bit int16"] <= 1.10 * fidelity[f"{bits}-bit exact"], fidelity
+    assert fidelity[f"{bits}-bit exact"] <= 1.01 * fidelity[f"{bits}-bit mlx"], fidelity  # the same arithmetic
 
 
 def test_8bit_standard_layout_is_as_faithful_as_mlx_lm(fidelity):
@@ -433,7 +453,8 @@ def mlx_lm_folder(request, tmp_path_factory, hf_tiny):
 
 
 @pytest.mark.parametrize("naming", ["stacked", "per-expert"])
-def test_mlx_lm_checkpoint_repacks_without_loss(tmp_path, mlx_lm_folder, naming):
+def test_mlx_lm_checkpoint_repacks_without_loss(tmp_path, mlx_lm_folder, naming, kernels):
+    kernels("mlx")  # mlx-lm's own kernels on both sides: then any difference is the repacking's
     src = mlx_lm_folder if naming == "stacked" else per_expert_names(mlx_lm_folder, tmp_path / "old")
     out = convert.convert(src, tmp_path / "ours", tokenizer=TOKENIZER, log=lambda s: None)
     config = json.loads((out / "config.json").read_text())

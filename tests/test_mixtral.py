@@ -49,7 +49,7 @@ def dense_expert_weights(layer, e):
     """Expert e's (w1, w2, w3) as float arrays, dequantized when the layer is quantized."""
     out = []
     for lin in (layer.w1, layer.w2, layer.w3):
-        if isinstance(lin, mixtral.QuantizedSwitchLinear):
+        if isinstance(lin, mixtral.QuantizedLinear):
             out.append(mx.dequantize(lin.weight[e], lin.scales[e], lin.biases[e], lin.group_size, lin.bits))
         else:
             out.append(lin.weight[e])
@@ -90,7 +90,8 @@ def moe():
 
 @pytest.mark.parametrize("tokens", [1, 300])
 @pytest.mark.parametrize("bits", [None, 8, 4])
-def test_vectorized_moe_equals_per_token_loop(moe, tokens, bits):
+def test_vectorized_moe_equals_per_token_loop(moe, tokens, bits, kernels):
+    kernels("exact")  # float32 arithmetic, as the loop's (the int16 path's error is test_kernels.py's)
     layer = moe
     if bits:
         layer = mixtral.MOEFeedForward(tiny_args())
@@ -225,18 +226,15 @@ def test_layout_is_recorded_and_loaded(dense_routing):
     assert im == {"group_size": 64, "bits": 8, "layout": "input-major"} and "layout" not in std
     model, _ = mixtral.load_model(dense_routing["q8-input-major"], cpu_threads=1)
     assert isinstance(model.layers[0].feed_forward.experts.w1, mixtral.InputMajorLinear)
-    assert isinstance(model.layers[0].attention.wk, nn.QuantizedLinear)  # 32 outputs: not whole groups
+    assert isinstance(model.layers[0].attention.wk, mixtral.QuantizedLinear)  # 32 outputs: not whole groups
 
 
 def test_router_stays_unquantized_and_experts_use_gather_qmm(mlx_q8):
     model, _ = mixtral.load_model(mlx_q8, cpu_threads=1)
     moe = model.layers[0].feed_forward
-    assert isinstance(moe.gate, nn.Linear) and not isinstance(moe.gate, nn.QuantizedLinear)
-    assert (
-        isinstance(moe.experts.w1, (mixtral.QuantizedSwitchLinear, mixtral.InputMajorLinear))
-        and moe.experts.w1.bits == 8
-    )
-    assert isinstance(model.output, (nn.QuantizedLinear, mixtral.InputMajorLinear))
+    assert isinstance(moe.gate, nn.Linear) and not isinstance(moe.gate, mixtral.QuantizedLinear)
+    assert isinstance(moe.experts.w1, (mixtral.QuantizedLinear, mixtral.InputMajorLinear)) and moe.experts.w1.bits == 8
+    assert isinstance(model.output, (mixtral.QuantizedLinear, mixtral.InputMajorLinear))
 
 
 def test_default_compute_dtype_is_float32_on_cpu_and_overridable(mlx_q8):
@@ -338,7 +336,10 @@ def layouts(tmp_path_factory, hf_tiny):
 @pytest.mark.parametrize(
     "kind", ["8-bit input-major", "8-bit standard", "4-bit input-major", "4-bit standard", "unquantized"]
 )
-def test_splitting_projections_and_heads_over_cpu_streams_changes_no_logit(monkeypatch, layouts, kind, tokenizer):
+def test_splitting_projections_and_heads_over_cpu_streams_changes_no_logit(
+    monkeypatch, layouts, kind, tokenizer, kernels
+):
+    kernels("mlx")  # ours thread inside each projection instead (the next test)
     ids = mx.array([tokenizer.encode("The same numbers, computed by three threads instead of one.")])
     one, _ = mixtral.load_model(layouts[kind], cpu_threads=1)
     monkeypatch.setattr(parallel.SplitOutputs, "min_outputs", 1)  # split even the tiny model's projections
@@ -346,6 +347,18 @@ def test_splitting_projections_and_heads_over_cpu_streams_changes_no_logit(monke
     assert isinstance(three.layers[0].feed_forward.experts.w1, parallel.SplitOutputs)
     assert len(three.layers[0].attention.sdpa.streams) == 2  # the 2 KV heads, one stream each
     np.testing.assert_allclose(np.array(three(ids)[0]), np.array(one(ids)[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["exact", "int16"])
+@pytest.mark.parametrize("kind", ["8-bit standard", "4-bit standard"])
+def test_our_kernels_threads_inside_each_projection_change_no_logit(layouts, kind, path, tokenizer, kernels):
+    kernels(path)
+    ids = mx.array([tokenizer.encode("The same numbers, computed by three threads instead of one.")])
+    one, _ = mixtral.load_model(layouts[kind], cpu_threads=1)
+    expected = np.array(one(ids)[0])
+    three, _ = mixtral.load_model(layouts[kind], cpu_threads=3)  # each output is one thread's: bit for bit
+    assert not isinstance(three.layers[0].feed_forward.experts.w1, parallel.SplitOutputs)
+    np.testing.assert_array_equal(np.array(three(ids)[0]), expected)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -88,7 +88,10 @@ def run_ranks(tmp_path, model, n=2, temp=0.0):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_two_ranks_give_the_logits_and_greedy_tokens_of_one_process(tmp_path, converted, layout):
+def test_two_ranks_give_the_logits_and_greedy_tokens_of_one_process(tmp_path, converted, layout, monkeypatch):
+    # The exact kernels: the ranks' partial sums add up in another order, and the int16 path's rounding
+    # of activations would turn those float32 differences into 1e-3 ones (it is tested in test_kernels.py).
+    monkeypatch.setenv("MIXTRAL_KERNELS", "exact")
     ranks, one = run_ranks(tmp_path, converted[layout])
     assert [r["size"] for r in ranks] == [2, 2]
     for r in ranks:
