@@ -4,6 +4,7 @@ the package without its module: the model then runs on MLX's own kernels and say
 
 import shutil
 import sys
+from pathlib import Path
 
 from setuptools import setup
 
@@ -19,7 +20,10 @@ def cmdclass():
 
     class OptionalBuild(extension.CMakeBuild):
         def run(self):
-            shutil.rmtree(self.build_temp, ignore_errors=True)  # a CMake cache from another build env misleads
+            # Nothing from an earlier build: its CMake cache names another build env, its module another mlx.
+            shutil.rmtree(self.build_temp, ignore_errors=True)
+            for ext in self.extensions:
+                Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
             try:
                 super().run()
             except Exception as e:  # no compiler, no cmake: install what we can
