@@ -22,6 +22,9 @@
 #include <immintrin.h>
 #define MK_AVX2 1
 #endif
+#if defined(MK_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define MK_AVX512 1
+#endif
 
 namespace mixtral_kernels {
 
@@ -124,7 +127,11 @@ int threads() {
 }
 
 std::string simd() {
-#ifdef MK_AVX2
+#if defined(MK_AVX512) && defined(__AVX512VNNI__)
+  return "avx512-vnni";
+#elif defined(MK_AVX512)
+  return "avx512";
+#elif defined(MK_AVX2)
   return "avx2";
 #else
   return "scalar";
@@ -133,7 +140,6 @@ std::string simd() {
 
 // --------------------------------------------------------------------------- one row's dot products
 
-constexpr int XBLOCK = 32; // activations per int16 scale (int16 path)
 
 // The integer at position k of a packed weight row (MLX packs from the low bits up).
 static inline int q_at(const uint8_t* w, int k, int bits) {
@@ -209,33 +215,61 @@ static float dot_exact(const Row& r, const float* x, const float* xsum, int K, i
 #endif
 }
 
-// int16: sum over groups of scale * (sum over blocks of xscale * (xq . q)) + bias * sum(x).
+#ifdef MK_AVX512
+// 32 weights from position k on, as int16.
+template <int BITS>
+static inline __m512i widen32(const uint8_t* w, int k) {
+  if constexpr (BITS == 8) {
+    return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + k)));
+  } else {
+    __m128i b = _mm_loadu_si128((const __m128i*)(w + k / 2));
+    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+    return _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)));
+  }
+}
+#endif
+
+// int16: x rounded to int16 with one scale per weight group, so each group's dot product is exact in
+// integers: sum over groups of scale * xscale * (xq . q) + bias * sum(x).
 template <int BITS>
 static float dot_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int K, int G) {
   float total = 0;
-#ifdef MK_AVX2
+#if defined(MK_AVX512)
+  __m512 tot = _mm512_setzero_ps();
+  for (int g = 0, k = 0; k < K; ++g) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int end = k + G; k < end; k += 32) {
+      __m512i x = _mm512_loadu_si512((const void*)(xq + k));
+#ifdef __AVX512VNNI__
+      acc = _mm512_dpwssd_epi32(acc, widen32<BITS>(r.w, k), x);
+#else
+      acc = _mm512_add_epi32(acc, _mm512_madd_epi16(widen32<BITS>(r.w, k), x));
+#endif
+    }
+    tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(r.scales[g] * xs[g]), tot);
+    total += r.biases[g] * xsum[g];
+  }
+  return total + _mm512_reduce_add_ps(tot);
+#elif defined(MK_AVX2)
   __m256 tot = _mm256_setzero_ps();
   for (int g = 0, k = 0; k < K; ++g) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int end = k + G; k < end; k += XBLOCK) {
-      __m256i p0 = _mm256_madd_epi16(widen16<BITS>(r.w, k), _mm256_loadu_si256((const __m256i*)(xq + k)));
-      __m256i p1 = _mm256_madd_epi16(widen16<BITS>(r.w, k + 16), _mm256_loadu_si256((const __m256i*)(xq + k + 16)));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), _mm256_set1_ps(xs[k / XBLOCK]), acc);
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    for (int end = k + G; k < end; k += 32) {
+      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(widen16<BITS>(r.w, k), _mm256_loadu_si256((const __m256i*)(xq + k))));
+      a1 = _mm256_add_epi32(
+          a1, _mm256_madd_epi16(widen16<BITS>(r.w, k + 16), _mm256_loadu_si256((const __m256i*)(xq + k + 16))));
     }
-    tot = _mm256_fmadd_ps(acc, _mm256_set1_ps(r.scales[g]), tot);
+    tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)), _mm256_set1_ps(r.scales[g] * xs[g]), tot);
     total += r.biases[g] * xsum[g];
   }
   return total + hsum(tot);
 #else
   for (int g = 0; g < K / G; ++g) {
-    float acc = 0;
-    for (int b = g * G; b < (g + 1) * G; b += XBLOCK) {
-      int32_t i = 0;
-      for (int k = b; k < b + XBLOCK; ++k)
-        i += int32_t(xq[k]) * q_at(r.w, k, BITS);
-      acc += xs[b / XBLOCK] * float(i);
-    }
-    total += r.scales[g] * acc + r.biases[g] * xsum[g];
+    int32_t i = 0;
+    for (int k = g * G; k < (g + 1) * G; ++k)
+      i += int32_t(xq[k]) * q_at(r.w, k, BITS);
+    total += r.scales[g] * xs[g] * float(i) + r.biases[g] * xsum[g];
   }
   return total;
 #endif
@@ -255,8 +289,8 @@ struct Problem {
   Path path;
 };
 
-// x's per-group sums (the biases' term), and for the int16 path x rounded to int16 per block of 32
-// (to nearest, ties to even: |error| <= scale / 2).
+// x's per-group sums (the biases' term), and for the int16 path x rounded to int16 with one scale per
+// weight group, max|x| / 32767 (to nearest, ties to even: |error| <= scale / 2).
 struct Prepared {
   std::vector<float> xsum, xs;
   std::vector<int16_t> xq;
@@ -268,39 +302,35 @@ static Prepared allocate(const Problem& p) {
   q.xsum.resize(rows * (p.K / p.G));
   if (p.path == Path::int16) {
     q.xq.resize(rows * p.K);
-    q.xs.resize(rows * (p.K / XBLOCK));
+    q.xs.resize(rows * (p.K / p.G));
   }
   return q;
 }
 
 static void prepare(const Problem& p, Prepared& q, int64_t r0, int64_t r1) {
-  const int64_t groups = p.K / p.G, blocks = p.K / XBLOCK;
+  const int64_t groups = p.K / p.G;
   for (int64_t r = r0; r < r1; ++r) {
-    const float* x = p.x + r * p.K;
     for (int64_t g = 0; g < groups; ++g) {
-      float s = 0;
-      for (int64_t k = g * p.G; k < (g + 1) * p.G; ++k)
-        s += x[k];
-      q.xsum[r * groups + g] = s;
-    }
-    if (p.path != Path::int16)
-      continue;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = x + b * XBLOCK;
-      float top = 0;
-      for (int k = 0; k < XBLOCK; ++k)
-        top = std::max(top, std::fabs(xb[k]));
+      const float* x = p.x + r * p.K + g * p.G;
+      float sum = 0, top = 0;
+      for (int k = 0; k < p.G; ++k) {
+        sum += x[k];
+        top = std::max(top, std::fabs(x[k]));
+      }
+      q.xsum[r * groups + g] = sum;
+      if (p.path != Path::int16)
+        continue;
       const float inverse = top > 0 ? 32767.0f / top : 0.0f;
-      q.xs[r * blocks + b] = top / 32767.0f;
-      for (int k = 0; k < XBLOCK; ++k)
-        q.xq[r * p.K + b * XBLOCK + k] = int16_t(std::nearbyint(xb[k] * inverse));
+      q.xs[r * groups + g] = top / 32767.0f;
+      for (int k = 0; k < p.G; ++k)
+        q.xq[r * p.K + g * p.G + k] = int16_t(std::nearbyint(x[k] * inverse));
     }
   }
 }
 
 template <int BITS>
 static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
-  const int64_t row_bytes = p.K * BITS / 8, groups = p.K / p.G, blocks = p.K / XBLOCK;
+  const int64_t row_bytes = p.K * BITS / 8, groups = p.K / p.G;
   // Rows of x dotted with one weight row while it sits in L1: a tile of x that fits in L2.
   const int64_t x_bytes = p.path == Path::int16 ? 2 : 4;
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(64, (256 << 10) / (p.K * x_bytes)));
@@ -316,7 +346,7 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
         Row row{p.w + wr * row_bytes, p.scales + wr * groups, p.biases + wr * groups};
         for (int64_t r = t0; r < t1; ++r) {
           p.out[r * p.N + n] = p.path == Path::int16
-              ? dot_int16<BITS>(row, q.xq.data() + r * p.K, q.xs.data() + r * blocks, q.xsum.data() + r * groups, p.K, p.G)
+              ? dot_int16<BITS>(row, q.xq.data() + r * p.K, q.xs.data() + r * groups, q.xsum.data() + r * groups, p.K, p.G)
               : dot_exact<BITS>(row, p.x + r * p.K, q.xsum.data() + r * groups, p.K, p.G);
         }
       }

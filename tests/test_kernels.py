@@ -4,8 +4,8 @@ Bounds, for one output y = sum_k x_k w_k over K inputs (w the dequantized weight
 - exact path: both sides sum K float32 products of float32 dequantized weights (scale * q + bias: two
   roundings), in different orders; each is within gamma_K * sum |x_k w_k| of the true sum (recursive
   summation, gamma_K = K eps / (1 - K eps)), so they differ by at most 2 (K + 3) eps sum |x_k w_k|.
-- int16 path: x is rounded to int16 in blocks of 32 with the scale max|x_block| / 32767, so each x_k
-  moves by at most max|x_block| / 65534; y moves by at most sum_k |w_k| max|x_block(k)| / 65534, plus
+- int16 path: x is rounded to int16 with one scale per weight group, max|x_group| / 32767, so each x_k
+  moves by at most max|x_group| / 65534; y moves by at most sum_k |w_k| max|x_group(k)| / 65534, plus
   the exact path's rounding (the integer sums themselves are exact).
 """
 
@@ -45,10 +45,10 @@ def problem(seed, bits, group, K, N, batch, rows, experts=0):
     return x, q, np.array(mx.dequantize(*q, group, bits))
 
 
-def bounds(x, wd, idx=None):
+def bounds(x, wd, group, idx=None):
     """(exact bound, int16 extra) per output, as the module docstring derives them."""
     x = np.array(x, np.float64)
-    blocks = np.abs(x).reshape(*x.shape[:-1], -1, 32).max(-1).repeat(32, -1)  # max|x_block(k)| per k
+    blocks = np.abs(x).reshape(*x.shape[:-1], -1, group).max(-1).repeat(group, -1)  # max|x_group(k)| per k
     w = np.abs(wd.astype(np.float64))
     w = w[np.array(idx)] if idx is not None else w  # each batch element's expert
     K = x.shape[-1]
@@ -73,7 +73,7 @@ def test_a_dense_projection_equals_mlx_quantized_matmul(seed, bits, group, k_gro
     mk = ours()
     x, q, wd = problem(seed, bits, group, group * k_groups, N, tuple(batch), rows)
     ref = np.array(mx.quantized_matmul(x, *q, transpose=True, group_size=group, bits=bits))
-    exact, moved = bounds(x, wd)
+    exact, moved = bounds(x, wd, group)
     got = np.array(mk.qmm(x, *q, None, group_size=group, bits=bits, path=mk.EXACT))
     assert got.shape == ref.shape and np.all(np.abs(got - ref) <= exact), np.abs(got - ref).max()
     fast = np.array(mk.qmm(x, *q, None, group_size=group, bits=bits, path=mk.INT16))
@@ -94,7 +94,7 @@ def test_a_gathered_projection_equals_mlx_gather_qmm(seed, bits, group, k_groups
     ref = np.array(ref)
     got = np.array(mk.qmm(x, *q, idx, group_size=group, bits=bits, path=mk.EXACT))
     xb = np.broadcast_to(np.array(x), (*ref.shape[:-1], x.shape[-1]))
-    exact, moved = bounds(xb, wd, np.broadcast_to(np.array(idx)[..., None], ref.shape[:-1]))
+    exact, moved = bounds(xb, wd, group, np.broadcast_to(np.array(idx)[..., None], ref.shape[:-1]))
     assert got.shape == ref.shape and np.all(np.abs(got - ref) <= exact), np.abs(got - ref).max()
     fast = np.array(mk.qmm(x, *q, idx, group_size=group, bits=bits, path=mk.INT16))
     assert np.all(np.abs(fast - got) <= 2 * exact + moved), np.abs(fast - got).max()
@@ -108,7 +108,7 @@ def test_ragged_shapes_and_one_expert_for_every_row(rows, bits):
     x, q, wd = problem(rows, bits, group, K, N, (rows,), 1, experts=4)
     idx = mx.full((rows,), 2, mx.uint32)  # every row to expert 2
     ref = np.array(mx.gather_qmm(x, *q, rhs_indices=idx, transpose=True, group_size=group, bits=bits))
-    exact, _ = bounds(np.array(x), wd, np.full((rows, 1), 2))
+    exact, _ = bounds(np.array(x), wd, group, np.full((rows, 1), 2))
     for path in (mk.EXACT, mk.INT16):
         got = np.array(mk.qmm(x, *q, idx, group_size=group, bits=bits, path=path))
         assert got.shape == ref.shape
