@@ -360,8 +360,8 @@ def our_kernels():
 
 def use_kernels(choice: Optional[str] = None) -> str:
     """Choose the kernels of the quantized projections in the usual layout:
-    - "int16": ours (kernels/, the CPU only), activations rounded to int16 in blocks of 32, integer
-      dot products: the CPU default (its error against transformers equals the exact path's);
+    - "int16": ours (kernels/, the CPU only), activations rounded to int16 with one scale per weight
+      group, integer dot products: the CPU default (its error against transformers equals the exact path's);
     - "exact": ours, float32 products and sums (MLX's arithmetic, in another order);
     - "mlx": MLX's own quantized_matmul and gather_qmm (on a GPU, always);
     - "auto" or None: $MIXTRAL_KERNELS if set, else int16 where ours are built and MLX computes on the CPU.
@@ -373,14 +373,20 @@ def use_kernels(choice: Optional[str] = None) -> str:
     if module is None:
         if choice in ("int16", "exact") and on_cpu():
             raise MixtralError(f"MIXTRAL_KERNELS={choice}: our CPU kernels are not available ({why})")
-        line = f"kernels: MLX's own ({why})"
-        KERNELS.update(name="mlx", module=None, path=None, line=line)
-        return line
+        KERNELS.update(name="mlx", module=None, path=None, line=f"kernels: MLX's own ({why})")
+        return KERNELS["line"]
     name = "int16" if choice == "auto" else choice
-    path = module.INT16 if name == "int16" else module.EXACT
-    line = f"kernels: ours, {name} path, {module.simd()}, {module.threads()} threads inside each projection"
-    KERNELS.update(name=name, module=module, path=path, line=line)
-    return line
+    KERNELS.update(name=name, module=module, path=module.INT16 if name == "int16" else module.EXACT)
+    return set_kernel_threads(module.threads())
+
+
+def set_kernel_threads(n: int) -> str:
+    """Our kernels' threads inside each projection, when they run. -> the line that says which kernels run."""
+    if KERNELS["module"] is not None:
+        KERNELS["module"].set_threads(n)
+        simd = KERNELS["module"].simd()
+        KERNELS["line"] = f"kernels: ours, {KERNELS['name']} path, {simd}, {n} threads inside each projection"
+    return KERNELS["line"]
 
 
 def quantize_model(model: "Mixtral", group_size: int, bits: int, input_major: bool, keep=lambda path: True):
@@ -556,8 +562,7 @@ def place(model: Mixtral, group="world", cpu_threads: Optional[int] = None, grou
         use_kernels()
     if cpu_threads is None:  # every core; ranks on one machine share its cores
         cpu_threads = max(1, default_cpu_threads() // parallel.ranks_here(group))
-    if KERNELS["module"] is not None:  # our kernels thread inside each projection: no cut over streams
-        KERNELS["module"].set_threads(cpu_threads)
+    set_kernel_threads(cpu_threads)  # ours thread inside each projection: no cut over streams
     if cpu_threads > 1:
         ours = lambda layer: KERNELS["module"] is not None and isinstance(layer, QuantizedLinear)
         parallel.use_cpu_threads(model, cpu_threads, threaded=ours)
