@@ -354,7 +354,7 @@ def our_kernels():
     try:
         import mixtral_kernels
     except ImportError as e:
-        return None, f"{e}; pip install ./kernels builds them (a C++ compiler and cmake needed)"
+        return None, f"{e}; pip install ./kernels builds them (a C++ compiler needed)"
     return mixtral_kernels, None
 
 

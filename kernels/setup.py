@@ -29,7 +29,7 @@ def cmdclass():
             except Exception as e:  # no compiler, no cmake: install what we can
                 print(
                     f"warning: mixtral_kernels: the fast CPU kernels were not built ({e}); the model will run on "
-                    "MLX's own kernels. Install a C++ compiler and cmake, then pip install ./kernels again.",
+                    "MLX's own kernels. Install a C++ compiler, then pip install ./kernels again.",
                     file=sys.stderr,
                 )
 
