@@ -275,6 +275,37 @@ static float dot_int16(const Row& r, const int16_t* xq, const float* xs, const f
 #endif
 }
 
+#ifdef MK_AVX512
+// dot_int16 of one weight row with two rows of x (prefill): the weights are widened once for both, and
+// the two chains run side by side; each output takes dot_int16's operations in its order (same bits).
+template <int BITS>
+static void dot2_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G,
+                       int64_t groups, float* out, int64_t N) {
+  __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+  float s0 = 0, s1 = 0;
+  for (int g = 0, k = 0; k < K; ++g) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+    for (int end = k + G; k < end; k += 32) {
+      const __m512i w = widen32<BITS>(r.w, k);
+      const __m512i x0 = _mm512_loadu_si512((const void*)(xq + k)), x1 = _mm512_loadu_si512((const void*)(xq + K + k));
+#ifdef __AVX512VNNI__
+      a0 = _mm512_dpwssd_epi32(a0, w, x0);
+      a1 = _mm512_dpwssd_epi32(a1, w, x1);
+#else
+      a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(w, x0));
+      a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(w, x1));
+#endif
+    }
+    t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_set1_ps(r.scales[g] * xs[g]), t0);
+    t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_set1_ps(r.scales[g] * xs[groups + g]), t1);
+    s0 += r.biases[g] * xsum[g];
+    s1 += r.biases[g] * xsum[groups + g];
+  }
+  out[0] = s0 + _mm512_reduce_add_ps(t0);
+  out[N] = s1 + _mm512_reduce_add_ps(t1);
+}
+#endif
+
 // --------------------------------------------------------------------------- the whole product
 
 struct Problem {
@@ -344,7 +375,13 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t wr = e * p.N + n;
         Row row{p.w + wr * row_bytes, p.scales + wr * groups, p.biases + wr * groups};
-        for (int64_t r = t0; r < t1; ++r) {
+        int64_t r = t0;
+#ifdef MK_AVX512
+        for (; p.path == Path::int16 && r + 2 <= t1; r += 2)
+          dot2_int16<BITS>(row, q.xq.data() + r * p.K, q.xs.data() + r * groups, q.xsum.data() + r * groups, p.K, p.G,
+                           groups, p.out + r * p.N + n, p.N);
+#endif
+        for (; r < t1; ++r) {
           p.out[r * p.N + n] = p.path == Path::int16
               ? dot_int16<BITS>(row, q.xq.data() + r * p.K, q.xs.data() + r * groups, q.xsum.data() + r * groups, p.K, p.G)
               : dot_exact<BITS>(row, p.x + r * p.K, q.xsum.data() + r * groups, p.K, p.G);
