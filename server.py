@@ -654,7 +654,7 @@ def run(args):
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     host, port = listener.getsockname()[:2]
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in LOOPBACK and not args.api_key:
         log(f"warning: listening on {args.host} without --api-key: anyone who can reach this machine can use the model")
     log(f"serving {name} on http://{host}:{port}/v1 (context {max_context} tokens; Ctrl-C stops)")
     runtime.at_end(api.end_all)  # whatever ends the process, even while the main thread is stuck in MLX
