@@ -4,7 +4,6 @@
 #include "qmm.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
