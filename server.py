@@ -41,15 +41,29 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 import chat
 import machine
 import mixtral
 import parallel
 import runtime
+import sessions
 from runtime import MixtralError
 
+WEB = Path(__file__).resolve().parent / "web"  # the chat page (README: Chat in the browser)
+# Every answer: the page may run only its own files (no inline script or style), load nothing from
+# elsewhere, be framed by no one, and send no Referer; browsers must not guess content types.
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        b"object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
 MAX_BODY = 4 * 2**20  # bytes of one request: a 32k-token conversation is about 150 KB of text
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # names that always mean this machine
@@ -82,6 +96,7 @@ class Job:
     min_p: float
     stop: List[str]
     seed: Optional[int]
+    experts: bool = False  # the final chunk carries the experts the router chose (as /experts FILE writes)
     events: asyncio.Queue = None
     loop: asyncio.AbstractEventLoop = None
     cancelled: bool = False  # the client left: stop within a token
@@ -94,7 +109,7 @@ class Job:
 
     def describe(self) -> str:
         """The job as rank 0 sends it to the other ranks."""
-        fields = ("kind", "prompt", "max_tokens", "temp", "top_p", "min_p", "stop", "seed")
+        fields = ("kind", "prompt", "max_tokens", "temp", "top_p", "min_p", "stop", "seed", "experts")
         return json.dumps({k: getattr(self, k) for k in fields})
 
 
@@ -149,6 +164,8 @@ def parse_job(body, kind: str, model_name: str, system_prompt: str) -> Job:
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise BadRequest("'seed' must be an integer", param="seed")
+    if not isinstance(body.get("experts", False), bool):
+        raise BadRequest("'experts' must be true or false", param="experts")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     job = Job(
         kind=kind,
@@ -159,6 +176,7 @@ def parse_job(body, kind: str, model_name: str, system_prompt: str) -> Job:
         min_p=number(body, "min_p", 0.0, 0, 1),
         stop=stop,
         seed=seed,
+        experts=body.get("experts", False),
     )
     if kind == "completion":
         if not isinstance(body.get("prompt"), str):
@@ -202,12 +220,15 @@ class Engine:
         self.generations = 0  # requests run, for /health (and the tests that prove a refused one never ran)
 
     def run(self, job: Job, should_stop):
-        """Generate job's reply; its text goes to job.send as it comes. -> (Reply, prompt tokens)."""
+        """Generate job's reply; its text goes to job.send as it comes. -> (Reply, prompt tokens, the
+        experts report when the job asks for it, else None)."""
         self.generations += 1
         if job.seed is not None:
             mx.random.seed(job.seed)
         prompt = job.prompt if job.kind == "chat" else self.tokenizer.encode(job.prompt)
         c = self._conversation(prompt)
+        self.model.log_routing(job.experts)  # the log costs nothing more than its small arrays
+        c.experts = None
         c.temp, c.top_p, c.min_p = job.temp, job.top_p, job.min_p
         c.max_tokens = job.max_tokens or chat.DEFAULT_MAX_TOKENS
         reply, n = c.respond(prompt, should_stop) if job.kind == "chat" else c.continue_ids(prompt, should_stop)
@@ -233,7 +254,8 @@ class Engine:
         finally:
             reply.close()
             self._keep(c)
-        return reply, n
+        experts = chat.experts_report(c.experts, self.model.args.moe.num_experts) if c.experts else None
+        return reply, n, experts
 
     def _conversation(self, prompt) -> "chat.Chat":
         """The kept conversation whose cache holds most of this prompt (taken out of the store; the most
@@ -298,6 +320,7 @@ class Guard:
       server's own nor --cors-origin is refused (403). Clients that send no Origin (curl, SDKs) pass;
     - a page whose name it rebinds to 127.0.0.1 (DNS rebinding) is same-origin to the browser and can
       read the answers; its requests carry its own name in Host, so Host must name this server (403).
+    Every answer, refusals included, carries SECURITY_HEADERS.
     """
 
     def __init__(self, app, listen_host: str, allowed_hosts: List[str], cors_origin: Optional[str]):
@@ -307,9 +330,17 @@ class Guard:
         self.any_address = listen_host in ("0.0.0.0", "::", "")
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and (refusal := self.refusal(scope)):
-            return await refusal.response()(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_guarded(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        if refusal := self.refusal(scope):
+            return await refusal.response()(scope, receive, send_guarded)
+        await self.app(scope, receive, send_guarded)
 
     def refusal(self, scope) -> Optional[BadRequest]:
         headers = Headers(scope=scope)
@@ -359,10 +390,18 @@ class Api:
     """The HTTP side: checks each request, queues it for the main thread, and answers with what comes back."""
 
     def __init__(
-        self, model_name: str, jobs: "queue.Queue[Job]", api_key: Optional[str], system_prompt: str, generations
+        self,
+        model_name: str,
+        jobs: "queue.Queue[Job]",
+        api_key: Optional[str],
+        system_prompt: str,
+        generations,
+        props: Optional[dict] = None,
+        webui: bool = True,
     ):
         self.model_name, self.jobs, self.api_key, self.system_prompt = model_name, jobs, api_key, system_prompt
         self.generations = generations  # -> how many requests the model has run (for /health)
+        self.props, self.webui = {"model": model_name, **(props or {})}, webui
         self.created = int(time.time())
         self.open: set = set()  # jobs whose answer is not yet written out whole (queued, running or sending)
 
@@ -372,7 +411,12 @@ class Api:
             Route("/v1/models", self.models),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/props", self.get_props),
+            Route("/v1/sessions", self.sessions),
+            Route("/v1/sessions/{name}", self.session),
         ]
+        if self.webui:  # the page and its files, no key needed; last, so that /v1 comes first
+            routes.append(Mount("/", StaticFiles(directory=WEB, html=True)))
         middleware = [Middleware(Guard, listen_host=listen_host, allowed_hosts=allowed_hosts, cors_origin=cors_origin)]
         if cors_origin:
             middleware.append(
@@ -403,6 +447,22 @@ class Api:
             return refused
         model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mixtral-mlx"}
         return JSONResponse({"object": "list", "data": [model]})
+
+    async def get_props(self, request):
+        """What a client (the web page) needs to know: the model's shape, context and defaults."""
+        return self.refused(request) or JSONResponse(self.props)
+
+    async def sessions(self, request):
+        """The named sessions that chat.py --session saved (read only: chat.py holds a session's lock)."""
+        return self.refused(request) or JSONResponse({"object": "list", "data": sessions.session_rows()})
+
+    async def session(self, request):
+        if refused := self.refused(request):
+            return refused
+        name = request.path_params["name"]
+        if (data := sessions.read_session(name)) is None:
+            return BadRequest(f"no saved session named {name[:100]!r} (GET /v1/sessions lists them)", 404).response()
+        return JSONResponse({"name": name, **data})
 
     def refused(self, request) -> Optional[JSONResponse]:
         """401 unless the request carries the key (compared in constant time)."""
@@ -510,7 +570,10 @@ class Api:
                     )
                     return
                 else:
-                    yield f"data: {json.dumps(self.chunk(job, ident, finish=value['finish_reason']))}\n\n"
+                    final = self.chunk(job, ident, finish=value["finish_reason"])
+                    if "experts" in value:
+                        final["experts"] = value["experts"]
+                    yield f"data: {json.dumps(final)}\n\n"
                     if include_usage:
                         final = self.chunk(job, ident) | {"choices": [], "usage": value["usage"]}
                         yield f"data: {json.dumps(final)}\n\n"
@@ -555,16 +618,15 @@ class Api:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": value["finish_reason"]}
             obj = "text_completion"
-        return JSONResponse(
-            {
-                "id": ident,
-                "object": obj,
-                "created": created,
-                "model": self.model_name,
-                "choices": [choice],
-                "usage": value["usage"],
-            }
-        )
+        answer = {
+            "id": ident,
+            "object": obj,
+            "created": created,
+            "model": self.model_name,
+            "choices": [choice],
+            "usage": value["usage"],
+        }
+        return JSONResponse(answer | ({"experts": value["experts"]} if "experts" in value else {}))
 
 
 async def read_json(request: Request):
@@ -603,6 +665,7 @@ def build_parser():
         "--cache-gb", type=float, help="KV caches of recent conversations kept, in GB (default: half of what fits)"
     )
     p.add_argument("--no-cache-reuse", action="store_true", help="prefill every request whole (to measure the reuse)")
+    p.add_argument("--no-webui", action="store_true", help="serve no chat page at / (only the API)")
     p.add_argument("--cors-origin", help="allow browser pages from this origin (default: no CORS)")
     p.add_argument(
         "--allowed-host",
@@ -647,7 +710,21 @@ def run(args):
         return follow(engine, group)
     name = Path(str(args.model_path).rstrip("/")).name
     jobs = queue.Queue(maxsize=args.max_queue)
-    api = Api(name, jobs, args.api_key, args.system_prompt, lambda: engine.generations)
+    a = model.args
+    props = {
+        "max_context": max_context,
+        "persona": args.system_prompt or chat.DEFAULT_SYSTEM_PROMPT,  # the page's default; '' in a request: none
+        "layers": a.n_layers,
+        "experts": a.moe.num_experts,
+        "experts_per_token": a.moe.num_experts_per_tok,
+        "defaults": {
+            "temperature": chat.DEFAULT_TEMP,
+            "top_p": chat.DEFAULT_TOP_P,
+            "min_p": chat.DEFAULT_MIN_P,
+            "max_tokens": chat.DEFAULT_MAX_TOKENS,
+        },
+    }
+    api = Api(name, jobs, args.api_key, args.system_prompt, lambda: engine.generations, props, webui=not args.no_webui)
     app = api.app(args.host, args.allowed_host, args.cors_origin)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
@@ -656,7 +733,8 @@ def run(args):
     host, port = listener.getsockname()[:2]
     if args.host not in LOOPBACK and not args.api_key:
         log(f"warning: listening on {args.host} without --api-key: anyone who can reach this machine can use the model")
-    log(f"serving {name} on http://{host}:{port}/v1 (context {max_context} tokens; Ctrl-C stops)")
+    page = "" if args.no_webui else f"; the chat page: http://{host}:{port}/"
+    log(f"serving {name} on http://{host}:{port}/v1 (context {max_context} tokens{page}; Ctrl-C stops)")
     runtime.at_end(api.end_all)  # whatever ends the process, even while the main thread is stuck in MLX
     serve(engine, api, group, thread, server)
 
@@ -714,7 +792,7 @@ def answer(engine: Engine, job: Job, group):
     # Under mlx.launch every rank must stop at the same token: rank 0's client decides.
     should_stop = local if group is None else lambda: bool(parallel.from_rank0(int(local()), group))
     try:
-        reply, prompt_tokens = engine.run(job, should_stop)
+        reply, prompt_tokens, experts = engine.run(job, should_stop)
     except BadRequest as e:
         return job.send(
             "error",
@@ -732,7 +810,14 @@ def answer(engine: Engine, job: Job, group):
         "total_tokens": prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": prompt_tokens - reply.prompt_tokens},
     }
-    job.send("done", {"finish_reason": "length" if reply.finish_reason == "length" else "stop", "usage": usage})
+    # Beside OpenAI's usage, the speeds the server measured (the web page shows them).
+    usage["timings"] = {
+        "first_token_s": round(reply.ttft, 4),
+        "prompt_per_second": round(reply.prompt_tps, 2),
+        "reply_per_second": round(reply.gen_tps, 2),
+    }
+    done = {"finish_reason": "length" if reply.finish_reason == "length" else "stop", "usage": usage}
+    job.send("done", done | ({"experts": experts} if experts else {}))
 
 
 if __name__ == "__main__":

@@ -242,19 +242,41 @@ def sessions_root() -> Path:
     return folder.cache_root() / "sessions"
 
 
-def list_sessions(root: Optional[Path] = None) -> str:
-    """One line per saved session: name, exchanges, tokens cached, last use, size on disk."""
+def session_rows(root: Optional[Path] = None) -> List[dict]:
+    """The saved sessions, by name: exchanges, tokens cached, last use (seconds since the epoch), bytes on disk."""
     root = root or sessions_root()
     rows = []
     for d in sorted(p for p in root.glob("*") if (p / "talk.json").is_file()):
         try:
             turns = len([m for m in json.loads((d / "talk.json").read_text())["messages"] if m["role"] == "user"])
         except (OSError, ValueError, KeyError, TypeError):
-            turns = "?"
+            turns = None
         ends = [int(m[1]) for f in d.glob("kv.*.safetensors") if (m := re.match(r"kv\.\d+-(\d+)", f.name))]
         size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime((d / "talk.json").stat().st_mtime))
-        rows.append(f"{d.name:<24} {turns!s:>5} {max(ends, default=0):>8} {used:>17} {size / 1e6:>9.1f} MB")
+        used = (d / "talk.json").stat().st_mtime
+        rows.append({"name": d.name, "turns": turns, "tokens": max(ends, default=0), "last_used": used, "bytes": size})
+    return rows
+
+
+def read_session(name: str, root: Optional[Path] = None) -> Optional[dict]:
+    """A saved session's transcript, read only (no lock: saves replace it whole); None if there is none."""
+    if not SESSION_NAME.fullmatch(name) or ".." in name:
+        return None
+    try:
+        data = json.loads(((root or sessions_root()) / name / "talk.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def list_sessions(root: Optional[Path] = None) -> str:
+    """One line per saved session: name, exchanges, tokens cached, last use, size on disk."""
+    root = root or sessions_root()
+    rows = []
+    for r in session_rows(root):
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"]))
+        turns = "?" if r["turns"] is None else r["turns"]
+        rows.append(f"{r['name']:<24} {turns!s:>5} {r['tokens']:>8} {used:>17} {r['bytes'] / 1e6:>9.1f} MB")
     if not rows:
         return f"no sessions yet in {root} (start one with --session NAME)"
     return "\n".join([f"{'session':<24} {'turns':>5} {'tokens':>8} {'last used':>17} {'size':>12}", *rows])

@@ -6,10 +6,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, settings
+from openai import OpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -112,3 +116,50 @@ def model_copy(tmp_path, mlx_q8):
 @pytest.fixture(scope="session")
 def tokenizer():
     return mixtral.Tokenizer(TOKENIZER)
+
+
+KEY = "test-key"
+
+
+class Server:
+    """server.py on a free loopback port, until stop()."""
+
+    def __init__(self, model_path, *args, key=KEY, env=None):
+        self.proc = popen_script(
+            "server.py",
+            "--model-path",
+            model_path,
+            "--port",
+            0,
+            *(["--api-key", key] if key else []),
+            *args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.log = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            self.log.append(line)
+            if not line or line.startswith("serving "):
+                break
+        assert line.startswith("serving "), "".join(self.log)
+        self.url = line.split(" on ")[1].split()[0]  # http://127.0.0.1:PORT/v1
+        self.reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+        self.client = OpenAI(base_url=self.url, api_key=key or "-", timeout=60, max_retries=0)
+        self.http = httpx.Client(base_url=self.url.removesuffix("/v1"), timeout=60)
+
+    def post(self, path, body=None, content=None, key=KEY):
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        return self.http.post(path, json=body, content=content, headers=headers)
+
+    def stop(self, sig=signal.SIGTERM):
+        """-> (exit status, what it printed on stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+        self.reader.join(timeout=5)
+        return self.proc.returncode, "".join(self.log)

@@ -6,65 +6,19 @@ import json
 import signal
 import socket
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 
 import httpx
 import pytest
-from openai import OpenAI
 
 import chat
 import mixtral
 import runtime
-from conftest import assert_one_line_error, popen_script, run_script
+from conftest import KEY, Server, assert_one_line_error, run_script
 
-KEY = "test-key"
 CONTEXT = 512
-
-
-class Server:
-    """server.py on a free loopback port, until stop()."""
-
-    def __init__(self, model_path, *args, key=KEY):
-        self.proc = popen_script(
-            "server.py",
-            "--model-path",
-            model_path,
-            "--port",
-            0,
-            *(["--api-key", key] if key else []),
-            *args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.log = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            self.log.append(line)
-            if not line or line.startswith("serving "):
-                break
-        assert line.startswith("serving "), "".join(self.log)
-        self.url = line.split(" on ")[1].split()[0]  # http://127.0.0.1:PORT/v1
-        self.reader = threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True)
-        self.reader.start()
-        self.client = OpenAI(base_url=self.url, api_key=key or "-", timeout=60, max_retries=0)
-        self.http = httpx.Client(base_url=self.url.removesuffix("/v1"), timeout=60)
-
-    def post(self, path, body=None, content=None, key=KEY):
-        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-        return self.http.post(path, json=body, content=content, headers=headers)
-
-    def stop(self, sig=signal.SIGTERM):
-        """-> (exit status, what it printed on stderr)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        self.proc.wait(timeout=30)
-        self.reader.join(timeout=5)
-        return self.proc.returncode, "".join(self.log)
 
 
 @pytest.fixture(scope="module")
@@ -170,12 +124,47 @@ def test_a_stop_string_cuts_the_reply_before_it(server, model, tokenizer):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_props_give_the_model_its_context_and_chat_py_defaults(server):
+    props = server.http.get("/v1/props", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert props == {
+        "model": "q8",
+        "max_context": CONTEXT,
+        "persona": chat.DEFAULT_SYSTEM_PROMPT,
+        "layers": 2,
+        "experts": 8,
+        "experts_per_token": 2,
+        "defaults": {"temperature": 0.7, "top_p": 0.9, "min_p": 0.0, "max_tokens": 1024},
+    }
+
+
+def test_experts_true_brings_the_router_choices_of_the_message_and_the_reply(server, tokenizer):
+    messages = [{"role": "user", "content": "Which experts?"}]
+    r = ask(server, messages, 6, extra_body={"experts": True})
+    report = r.model_extra["experts"]
+    assert report["ids"]["prompt"] == chat.encode_messages(tokenizer, messages)  # BOS and the first message
+    assert tokenizer.decode(report["ids"]["reply"]) == r.choices[0].message.content
+    for part in ("prompt", "reply"):
+        n = len(report["ids"][part])
+        assert [sum(layer[part]) for layer in report["layers"]] == [2 * n, 2 * n]  # top-2 of 8, per token
+        assert [len(layer) for layer in report["choices"][part]] == [n, n]
+    assert "experts" not in ask(server, messages, 2).model_extra  # only when asked
+
+
+def test_a_session_is_found_only_by_its_own_name(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for name in ("nothing-here", "..%2F..%2Fetc", "..", "%2Fetc%2Fpasswd"):
+        r = server.http.get(f"/v1/sessions/{name}", headers=auth)
+        assert r.status_code == 404 and r.json()["error"]["message"], (name, r.text)
+    assert server.http.get("/v1/sessions").status_code == 401
+
+
 BAD = {
     "malformed JSON": ({"content": b"{not json"}, 400, None),
     "wrong type": ({"body": {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}}, 400, None),
     "no messages": ({"body": {"model": "q8"}}, 400, None),
     "roles out of order": ({"body": {"messages": [{"role": "assistant", "content": "hi"}]}}, 400, None),
     "n of 2": ({"body": {"messages": [{"role": "user", "content": "hi"}], "n": 2}}, 400, None),
+    "experts not a boolean": ({"body": {"messages": [{"role": "user", "content": "hi"}], "experts": "yes"}}, 400, None),
     "unknown model": (
         {"body": {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}},
         404,
