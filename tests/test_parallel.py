@@ -359,8 +359,11 @@ def test_server_over_two_ranks_answers_as_one_process_and_stops_on_sigterm(conve
                 if y == tokenizer.eos_id or len(out) == 12:
                     break
                 out.append(y)
-            r = client.chat.completions.create(model=model.name, messages=messages, max_tokens=12, temperature=0)
+            r = client.chat.completions.create(
+                model=model.name, messages=messages, max_tokens=12, temperature=0, extra_body={"experts": True}
+            )
             assert r.choices[0].message.content == tokenizer.decode(out)
+            assert r.model_extra["experts"]["ids"]["reply"] == out  # the page's expert map works under mlx.launch
             messages.append({"role": "assistant", "content": r.choices[0].message.content})
             ours.append({**messages[-1], "tokens": out})
     finally:
