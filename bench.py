@@ -76,11 +76,13 @@ def load(opts):
         dtype = mixtral.compute_dtype(opts.dtype)
         model = synthetic_model(opts, dtype)
         # As load_model places a model: this rank's share (the model is random anyway), CPU streams.
-        mixtral.place(model, "world", opts.cpu_threads, opts.q_group_size if opts.q_bits else 1)
+        mixtral.place(model, "world", opts.cpu_threads, opts.q_group_size if opts.q_bits else 1, opts.shares)
         mx.eval(model.parameters())
         tokenizer = mixtral.Tokenizer(opts.tokenizer) if opts.tokenizer else None
     else:
-        model, tokenizer = mixtral.load_model(opts.model_path, opts.dtype, cpu_threads=opts.cpu_threads)
+        model, tokenizer = mixtral.load_model(
+            opts.model_path, opts.dtype, cpu_threads=opts.cpu_threads, shares=opts.shares
+        )
     return model, tokenizer, time.perf_counter() - tic
 
 
@@ -395,6 +397,11 @@ def build_parser():
     )
     p.add_argument("--cpu-threads", type=int, help="CPU threads (default: all cores on the CPU)")
     p.add_argument(
+        "--shares",
+        type=parallel.shares_flag,
+        help="each rank's part of every layer under mlx.launch, e.g. 2,1,1 (default: in proportion to each rank's memory)",
+    )
+    p.add_argument(
         "--kernels",
         choices=mixtral.KERNEL_CHOICES,
         default="auto",
@@ -489,6 +496,8 @@ def run(opts):
             "collectives_ms_per_token": collective_ms(model),
         }
         result["ranks"] = per_rank(model, mine)
+        kv = machine.kv_bytes_per_token(model.args, model.dtype)
+        print(f"plan: {model.plan.describe()}\n{parallel.plan_table(model.plan, model.args, kv)}", file=sys.stderr)
     result["decode_overhead"] = result["decode_step_ms"] / run_ms - 1
     if opts.resume_tokens:
         result |= resume_figures(model, tokenizer, opts)

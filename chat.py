@@ -707,6 +707,11 @@ def add_model_flags(p):
         "--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)"
     )
     p.add_argument("--tokenizer", help="tokenizer.model for a first-run conversion of a folder that lacks one")
+    p.add_argument(
+        "--shares",
+        type=parallel.shares_flag,
+        help="each rank's part of every layer under mlx.launch, e.g. 2,1,1 (default: in proportion to each rank's memory)",
+    )
 
 
 def build_parser():
@@ -776,12 +781,12 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
     model_path = resolve_model(args.model_path, term.remark, args.tokenizer)
     if args.verify:
         folder.verify(model_path)
-    model, tokenizer = mixtral.load_model(model_path, args.dtype)
+    model, tokenizer = mixtral.load_model(model_path, args.dtype, shares=args.shares)
     if args.verbose:
         term.remark(mixtral.KERNELS["line"])
     group = model.group
-    # Every rank must make the same decisions: the context size and the transcript are rank 0's.
-    max_context = parallel.from_rank0(args.max_context or machine.default_context(model), group)
+    # Every rank must make the same decisions: the context is what every rank can hold, the transcript rank 0's.
+    max_context = args.max_context or parallel.least(machine.default_context(model), group)
     machine.check_memory(model, max_context, "--max-context", model_path)
     chat = Chat(
         model,

@@ -51,20 +51,59 @@ def kv_bytes_per_token(args, dtype) -> int:
     return args.n_layers * 2 * args.n_kv_heads * args.head_dim * mx.zeros((), dtype).itemsize
 
 
+def rank_kv_bytes_per_token(model) -> int:
+    """The KV cache's bytes per token on this rank: its KV heads' (all of them, alone)."""
+    heads = model.layers[0].attention.n_kv_heads
+    return kv_bytes_per_token(model.args, model.dtype) * heads // model.args.n_kv_heads
+
+
 GB = 1e9  # every size we print in GB is 10^9 bytes
 MACOS_HEADROOM = 4 * GB  # what macOS and the apps beside us need of the RAM
 ACTIVATIONS = GB  # a prefill chunk's activations, roughly
 MAX_POSITIONS = 32768  # Mixtral's context length
 
 
+MEMORY_CAP = "MIXTRAL_MEMORY_GB"  # at most this much for the model; "A,B,C": rank r takes the r-th
+
+
 @functools.cache
 def memory() -> Tuple[int, Optional[int]]:
     """(RAM, the GPU's working set or None) in bytes, read once. On a Mac the GPU may wire at most the
     working set (Metal's max_recommended_working_set_size: about 2/3 of RAM on small Macs, 3/4 on large
-    ones), a limit `sysctl iogpu.wired_limit_mb` raises."""
+    ones), a limit `sysctl iogpu.wired_limit_mb` raises. MIXTRAL_MEMORY_GB caps what the model may
+    have of it (model_budget): to leave memory to other programs, or to test uneven ranks on one machine."""
     info = mx.device_info()
     ram = info.get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram, info.get("max_recommended_working_set_size")
+    working_set = info.get("max_recommended_working_set_size")
+    if (cap := memory_cap()) is not None:
+        ram, working_set = min(ram, cap + MACOS_HEADROOM), min(working_set, cap) if working_set else None
+    return ram, working_set
+
+
+def memory_cap() -> Optional[int]:
+    """MIXTRAL_MEMORY_GB in bytes (this rank's entry of a list), or None."""
+    text = os.environ.get(MEMORY_CAP, "").strip()
+    if not text:
+        return None
+    values = text.split(",")
+    rank = int(os.environ.get("MLX_RANK", "0") or 0)
+    try:
+        gb = float(values[rank] if len(values) > 1 else values[0])
+        if not gb > 0:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise MixtralError(
+            f"{MEMORY_CAP}={text!r}: give the GB the model may use here, one positive number, or one per rank "
+            f"under mlx.launch (e.g. 3,2,2: this is rank {rank})"
+        ) from None
+    return int(gb * GB)
+
+
+def model_budget() -> int:
+    """Bytes this machine can give the model (weights, KV cache, activations): the GPU's working set on a
+    Mac, else the RAM less what the system needs; MIXTRAL_MEMORY_GB caps it."""
+    ram, working_set = memory()
+    return working_set or ram - MACOS_HEADROOM
 
 
 def weight_bytes(model) -> int:
@@ -119,7 +158,7 @@ def check_memory(model, context: int, context_flag: Optional[str], where) -> Non
     """Refuse (MixtralError) a model that cannot fit; warn, on stderr, when `context` tokens will not
     stay resident, naming the program's own flags."""
     ram, working_set = memory()
-    kv = kv_bytes_per_token(model.args, model.dtype)
+    kv = rank_kv_bytes_per_token(model)
     runs, advice = memory_plan(weight_bytes(model), kv, context, working_set, ram, context_flag)
     if not runs:
         raise MixtralError(f"{where}: {advice}")
@@ -130,7 +169,7 @@ def check_memory(model, context: int, context_flag: Optional[str], where) -> Non
 def default_context(model) -> int:
     """Mixtral's 32k positions, capped to what the KV cache can take beside the weights (1024 at least)."""
     ram, working_set = memory()
-    fits = largest_context(weight_bytes(model), kv_bytes_per_token(model.args, model.dtype), working_set, ram)
+    fits = largest_context(weight_bytes(model), rank_kv_bytes_per_token(model), working_set, ram)
     return max(1024, min(MAX_POSITIONS, fits))
 
 

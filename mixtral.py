@@ -259,7 +259,7 @@ class Mixtral(nn.Module):
         self.layers = [MOETransformerBlock(args) for _ in range(args.n_layers)]
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.group = None
+        self.group = self.plan = None  # parallel.shard: the ranks, and what each holds (parallel.Plan)
 
     def make_cache(self) -> List[KVCache]:
         return [KVCache() for _ in self.layers]
@@ -473,13 +473,22 @@ def read_config(path: Path):
     return ModelArgs.from_dict(config, source=str(path / "config.json")), quantization
 
 
-def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Optional[int] = None, group="world"):
+def load_model(
+    model_path: str,
+    dtype=None,
+    lazy: bool = False,
+    cpu_threads: Optional[int] = None,
+    group="world",
+    shares: Optional[List[float]] = None,
+):
     """Load a converted folder (config.json, weights.*.npz, tokenizer.model) -> (Mixtral, Tokenizer).
 
     dtype: compute dtype (an mx.Dtype or its name); default float32 on the CPU, float16 on a GPU.
     lazy: leave the weights unread until first used (a damaged shard then fails there, not here).
     cpu_threads: CPU streams to split the projections over; default all cores on the CPU, 1 on a GPU.
     group: the ranks to cut every layer over (parallel.shard); default those mlx.launch started, if any.
+    shares: each rank's part of every layer, e.g. [2, 1, 1]; default in proportion to the memory each
+    rank can give the model (parallel.make_plan).
     """
     path, dtype = Path(model_path), compute_dtype(dtype)
     with signals_held() as deliver:  # Ctrl-C and SIGTERM land between tensors, never inside a read
@@ -490,7 +499,7 @@ def load_model(model_path: str, dtype=None, lazy: bool = False, cpu_threads: Opt
         model = skeleton(args, quantization, weights)
         attach(model, weights, dtype, path)
         del weights  # from here the model alone holds the tensors: cut ones can be freed once cut
-        place(model, group, cpu_threads, quantization["group_size"] if quantization else 1)
+        place(model, group, cpu_threads, quantization["group_size"] if quantization else 1, shares)
         if not lazy:
             read_weights(model, shards, deliver)
     return model, tokenizer
@@ -546,18 +555,16 @@ def attach(model: Mixtral, weights: dict, dtype, path: Path):
     model.load_weights([(k, cast(w)) for k, w in weights.items()], strict=True)
 
 
-def place(model: Mixtral, group="world", cpu_threads: Optional[int] = None, group_size: int = 1):
-    """Cut the model over ranks (this rank keeps its share) and CPU streams; on a GPU, keep it resident."""
+def place(model: Mixtral, group="world", cpu_threads: Optional[int] = None, group_size: int = 1, shares=None):
+    """Cut the model over ranks (this rank keeps its share of the plan) and CPU streams; on a GPU, keep it
+    resident."""
     group = parallel.world() if group == "world" else group
+    if group is None and shares is not None and len(shares) != 1:
+        raise MixtralError(
+            f"--shares gives {len(shares)} shares, but this process runs alone; use mlx.launch -n {len(shares)}"
+        )
     if group is not None:
-        args = model.args
-        if group.size() not in (fit := parallel.ranks_that_fit(args, group_size)):
-            raise MixtralError(
-                f"{group.size()} ranks cannot share this model: its {args.n_kv_heads} KV heads and hidden_dim "
-                f"{args.hidden_dim} (in quantization groups of {group_size}) split evenly over "
-                f"{', '.join(map(str, fit))} ranks; launch one of those"
-            )
-        parallel.shard(model, group)
+        parallel.shard(model, group, parallel.plan_for(model, group, group_size, shares))
     if KERNELS["name"] is None:
         use_kernels()
     if cpu_threads is None:  # every core; ranks on one machine share its cores
@@ -804,6 +811,11 @@ def build_parser():
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 is off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    p.add_argument(
+        "--shares",
+        type=parallel.shares_flag,
+        help="each rank's part of every layer under mlx.launch, e.g. 2,1,1 (default: in proportion to each rank's memory)",
+    )
     return p
 
 
@@ -817,7 +829,7 @@ def run(args):
         model_args, quantization = read_config(Path(args.model_path))
         kv = machine.kv_bytes_per_token(model_args, default_dtype())
         text = folder.describe(args.model_path, model_args, quantization, kv, dtype_name(default_dtype()))
-        return print(f"{text}\n{use_kernels()}")
+        return print(f"{text}\n{use_kernels()}{rank_plan(args, model_args, quantization, kv)}")
     if args.verify:
         folder.verify(args.model_path)
         print(f"{args.model_path}: every file is intact", file=sys.stderr)
@@ -834,7 +846,7 @@ def run(args):
         )
     prompt = read_prompt(args.prompt) if mx.distributed.init().rank() == 0 else ""
     tic = time.perf_counter()
-    model, tokenizer = load_model(args.model_path, args.dtype)
+    model, tokenizer = load_model(args.model_path, args.dtype, shares=args.shares)
     prompt = parallel.text_from_rank0(prompt, model.group)
     print(f"[load] {time.perf_counter() - tic:.1f} s, dtype {model.dtype}; {KERNELS['line']}", file=sys.stderr)
 
@@ -853,6 +865,22 @@ def run(args):
         f"[memory] peak {mx.get_peak_memory() / machine.GB:.2f} GB",
         file=sys.stderr,
     )
+
+
+def rank_plan(args, model_args, quantization, kv: int) -> str:
+    """--info under mlx.launch (or with --shares): what each rank would hold. Nothing is read: the plan
+    comes from the shapes, and the ranks' memory."""
+    group = parallel.world()
+    if group is None and args.shares is None:
+        return ""
+    weights, _ = lazy_shards(Path(args.model_path))
+    sizes = parallel.part_sizes(skeleton(model_args, quantization, weights))
+    unit = quantization["group_size"] if quantization else 1
+    if group is None:  # the plan for len(--shares) ranks, each with this machine's memory
+        plan = parallel.make_plan(model_args, unit, sizes, [machine.model_budget()] * len(args.shares), args.shares)
+    else:
+        plan = parallel.plan_for_sizes(model_args, sizes, group, unit, args.shares)
+    return f"\nranks         {len(plan.heads)}: {plan.describe()}\n{parallel.plan_table(plan, model_args, kv)}"
 
 
 def read_prompt(prompt: str) -> str:

@@ -19,14 +19,22 @@ between whole quantization groups, and its slice of the packed words, scales and
 proportion.
 """
 
+import argparse
 import copy
 import queue
 import socket
 import time
 import zlib
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+import folder
+import machine
+from runtime import EveryRankError
 
 
 def out_dims(layer: nn.Module) -> int:
@@ -142,40 +150,165 @@ def ranks_here(group) -> int:
     return int((hosts == me).sum())
 
 
-def ranks_that_fit(args, group_size: int = 1) -> list:
-    """The numbers of ranks that cut every layer into whole heads and whole quantization groups."""
-    g = group_size or 1
-    return [
-        n
-        for n in range(1, args.n_kv_heads + 1)
-        if args.n_kv_heads % n == 0
-        and (args.n_kv_heads // n * args.head_dim) % g == 0
-        and args.hidden_dim % (n * g) == 0
-    ]
+# --------------------------------------------------------------------------- the plan: who holds what
 
 
-def shard(model, group):
-    """Keep this rank's 1/N of every layer (lazily: nothing is read until evaluated). N must be one
-    of ranks_that_fit(model.args, group_size)."""
-    N, r = group.size(), group.rank()
+@dataclass(frozen=True)
+class Plan:
+    """What each rank holds of every layer: whole KV heads (with the query heads that share them) and
+    whole groups of `unit` columns of the expert width, in rank order; and, for the report, the bytes
+    each rank can give the model and the bytes of the model's parts."""
 
-    def split(parent, name, along):
-        layer = parent[name]
-        n = out_dims(layer) if along == "out" else in_dims(layer)
-        setattr(parent, name, cut(layer, r * n // N, (r + 1) * n // N, along))
+    heads: Tuple[int, ...]  # KV heads per rank
+    groups: Tuple[int, ...]  # expert-width groups per rank
+    unit: int  # columns per group: the quantization group (1 unquantized)
+    budgets: Tuple[int, ...]  # bytes each rank can give the model
+    sizes: Tuple[int, int, int]  # bytes of the whole model: kept whole on every rank, attention, experts
 
+    @staticmethod
+    def span(counts, r: int) -> Tuple[int, int]:
+        a = sum(counts[:r])
+        return a, a + counts[r]
+
+    def weight_bytes(self, r: int) -> int:
+        whole, attention, experts = self.sizes
+        return whole + attention * self.heads[r] // sum(self.heads) + experts * self.groups[r] // sum(self.groups)
+
+    def describe(self) -> str:
+        return f"KV heads {':'.join(map(str, self.heads))}, expert groups {':'.join(map(str, self.groups))}"
+
+
+def apportion(total: int, weights: List[float], minimum: int = 1) -> List[int]:
+    """`total` whole units in proportion to weights, each at least `minimum`; a remainder goes where
+    the weight is largest against what it got (ties: the larger weight, then the lower rank)."""
+    s = sum(weights)
+    exact = [total * w / s for w in weights]
+    counts = [max(minimum, int(x)) for x in exact]
+    while sum(counts) < total:
+        i = max(range(len(counts)), key=lambda i: (exact[i] - counts[i], weights[i], -i))
+        counts[i] += 1
+    while sum(counts) > total:  # minimums pushed it over: take from the most over-served
+        i = max((i for i in range(len(counts)) if counts[i] > minimum), key=lambda i: (counts[i] - exact[i], -i))
+        counts[i] -= 1
+    return counts
+
+
+def make_plan(args, unit: int, sizes, budgets: List[int], shares: Optional[List[float]] = None) -> Plan:
+    """Cut every layer over len(budgets) ranks: each rank's part of the attention and the experts in
+    proportion to `shares`, by default to the memory it can give them (its budget less what every rank
+    holds whole and the activations). Heads are coarse (8 in Mixtral), so the expert groups, which are
+    fine (224), even out each rank's total. Pure: the same on every rank. MixtralError if none fits."""
+    n, heads_total = len(budgets), args.n_kv_heads
+    if not 1 <= n <= heads_total:
+        raise EveryRankError(
+            f"{n} ranks cannot share this model: each rank needs at least one of its {heads_total} KV heads; "
+            f"launch 1 to {heads_total} ranks"
+        )
+    q_per_kv = args.n_heads // args.n_kv_heads
+    if (args.head_dim * q_per_kv) % unit or args.head_dim % unit or args.hidden_dim % unit:
+        raise EveryRankError(
+            f"this model cannot be cut over ranks: its heads ({args.head_dim} wide) or expert width "
+            f"({args.hidden_dim}) are not whole quantization groups of {unit}"
+        )
+    whole, attention, experts = sizes
+    if shares is not None and (len(shares) != n or not all(x > 0 for x in shares)):
+        raise EveryRankError(f"--shares needs {n} positive numbers, one per rank (e.g. {','.join(['1'] * n)})")
+    weights = list(shares) if shares else [max(b - whole - machine.ACTIVATIONS, 1) for b in budgets]
+    heads = apportion(heads_total, weights)
+    total = sum(weights)
+    target = [max(w / total * (attention + experts) - h * attention / heads_total, 0) for w, h in zip(weights, heads)]
+    groups = apportion(args.hidden_dim // unit, [t + 1e-9 for t in target])
+    # Rounding heads and groups can leave a rank with more memory holding a little less than one with
+    # less: move single groups until more memory always means at least as much held.
+    held = lambda r: heads[r] * attention / heads_total + groups[r] * experts / sum(groups)
+    for _ in range(sum(groups)):
+        pair = next(
+            (
+                (i, j)
+                for i in range(n)
+                for j in range(n)
+                if weights[i] > weights[j] and held(i) < held(j) and groups[j] > 1
+            ),
+            None,
+        )
+        if pair is None:
+            break
+        groups[pair[0]] += 1
+        groups[pair[1]] -= 1
+    plan = Plan(tuple(heads), tuple(groups), unit, tuple(budgets), tuple(sizes))
+    for r in range(n):
+        if plan.weight_bytes(r) + machine.ACTIVATIONS > budgets[r]:
+            raise EveryRankError(
+                f"rank {r} cannot hold its share ({plan.heads[r]} of {heads_total} KV heads, {plan.groups[r]} of "
+                f"{sum(groups)} expert groups: {folder.format_bytes(plan.weight_bytes(r))} of weights, and "
+                f"{folder.format_bytes(machine.ACTIVATIONS)} for activations) in the "
+                f"{folder.format_bytes(budgets[r])} it can give the model; use more ranks, other --shares, or 4-bit "
+                "weights (convert.py --q-bits 4)"
+            )
+    return plan
+
+
+def shares_flag(text: str) -> List[float]:
+    """--shares 2,1,1: each rank's part of every layer, in rank order (argparse's type)."""
+    try:
+        shares = [float(x) for x in text.split(",")]
+        if not all(x > 0 for x in shares):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive numbers, one per rank, e.g. 2,1,1") from None
+    return shares
+
+
+def part_sizes(model) -> Tuple[int, int, int]:
+    """Bytes of the (whole, lazy) model: kept whole on every rank, the attention, the experts."""
+    sizes = [0, 0, 0]
+    for name, w in tree_flatten(model.parameters()):
+        sizes[2 if ".experts." in name else 1 if ".attention." in name else 0] += w.nbytes
+    return tuple(sizes)
+
+
+def plan_for(model, group, unit: int, shares: Optional[List[float]] = None) -> Plan:
+    """The plan for a whole (lazy) model over the group's ranks."""
+    return plan_for_sizes(model.args, part_sizes(model), group, unit, shares)
+
+
+def plan_for_sizes(args, sizes, group, unit: int, shares: Optional[List[float]] = None) -> Plan:
+    """Every rank tells the others the memory it can give the model; all compute the same plan."""
+    mine = mx.array([machine.model_budget() // 2**20], dtype=mx.int32)  # MiB: an int32 holds 2 PiB
+    budgets = [int(b) * 2**20 for b in mx.distributed.all_gather(mine, group=group).tolist()]
+    return make_plan(args, unit, sizes, budgets, shares)
+
+
+def plan_table(plan: Plan, args, kv_bytes_per_token: int) -> str:
+    """The plan as --info and bench.py print it: per rank, the memory it can give, its share, its
+    weights and its KV cache per 1000 tokens (at kv_bytes_per_token for the whole model)."""
+    size = folder.format_bytes
+    rows = [("rank", "memory", "KV heads", "expert groups", "weights", "KV per 1k tokens")]
+    for r in range(len(plan.heads)):
+        kv = kv_bytes_per_token * plan.heads[r] // args.n_kv_heads * 1000
+        heads, groups = f"{plan.heads[r]}/{args.n_kv_heads}", f"{plan.groups[r]}/{sum(plan.groups)}"
+        rows.append((str(r), size(plan.budgets[r]), heads, groups, size(plan.weight_bytes(r)), size(kv)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def shard(model, group, plan: Plan):
+    """Keep this rank's part of every layer, as the plan says (lazily: nothing is read until evaluated)."""
+    r = group.rank()
+    h0, h1 = plan.span(plan.heads, r)
+    g0, g1 = (plan.unit * x for x in plan.span(plan.groups, r))
     for layer in model.layers:
         attention, experts = layer.attention, layer.feed_forward.experts
-        for name in ("wq", "wk", "wv"):
-            split(attention, name, "out")
-        split(attention, "wo", "in")
-        attention.n_heads //= N
-        attention.n_kv_heads //= N
-        for name in ("w1", "w3"):
-            split(experts, name, "out")
-        split(experts, "w2", "in")
+        q_per_kv, hd = attention.n_heads // attention.n_kv_heads, attention.head_dim
+        attention.wq = cut(attention.wq, h0 * q_per_kv * hd, h1 * q_per_kv * hd, "out")
+        attention.wk = cut(attention.wk, h0 * hd, h1 * hd, "out")
+        attention.wv = cut(attention.wv, h0 * hd, h1 * hd, "out")
+        attention.wo = cut(attention.wo, h0 * q_per_kv * hd, h1 * q_per_kv * hd, "in")
+        attention.n_heads, attention.n_kv_heads = (h1 - h0) * q_per_kv, h1 - h0
+        experts.w1, experts.w3 = cut(experts.w1, g0, g1, "out"), cut(experts.w3, g0, g1, "out")
+        experts.w2 = cut(experts.w2, g0, g1, "in")
         attention.group = layer.feed_forward.group = group
-    model.group = group
+    model.group, model.plan = group, plan
 
 
 def from_rank0(value: int, group) -> int:
@@ -183,6 +316,13 @@ def from_rank0(value: int, group) -> int:
     if group is None:
         return value
     return mx.distributed.all_sum(mx.array(value if group.rank() == 0 else 0), group=group).item()
+
+
+def least(value: int, group) -> int:
+    """The smallest of the ranks' integers (alone: the value itself): what every rank can afford."""
+    if group is None:
+        return value
+    return int(mx.distributed.all_gather(mx.array([value], dtype=mx.int32), group=group).min().item())
 
 
 def any_rank(flag: bool, group) -> bool:

@@ -54,6 +54,10 @@ class MixtralError(Exception):
     """Bad input from the user (a file, a flag, a config value): the CLIs print it as one line."""
 
 
+class EveryRankError(MixtralError):
+    """A MixtralError that every rank meets alike (a plan they all computed): only rank 0 says it."""
+
+
 class Terminated(BaseException):
     """SIGTERM: mlx.launch ends the other ranks this way when one of them fails."""
 
@@ -164,6 +168,10 @@ def _outcome(body, args, interrupted, out_of_memory):
         sys.unraisablehook = lambda unraisable: None
         if is_out_of_memory(e):
             return 1, f"error: out of memory ({str(e).strip().splitlines()[-1]}); {out_of_memory}"
+        if isinstance(e, EveryRankError) and launched_rank():
+            with contextlib.suppress(Terminated):  # mlx.launch ending us once rank 0 has said it
+                time.sleep(2.0)  # rank 0 says it: leave it the time to, before mlx.launch ends it for our exit
+            return 1, None
         if isinstance(e, MixtralError):
             return 1, f"error: {e}"
         if isinstance(e, RuntimeError):

@@ -693,19 +693,19 @@ def run(args):
     rank0 = mx.distributed.init().rank() == 0
     listener = listen(args.host, args.port) if rank0 else None  # a port in use is refused before loading
     model_path = chat.resolve_model(args.model_path, log, args.tokenizer)
-    model, tokenizer = mixtral.load_model(model_path, args.dtype)
+    model, tokenizer = mixtral.load_model(model_path, args.dtype, shares=args.shares)
     group = model.group
-    max_context = parallel.from_rank0(args.max_context or machine.default_context(model), group)
+    # What every rank can hold: each computes its own, the smallest counts (shares may be uneven).
+    max_context = args.max_context or parallel.least(machine.default_context(model), group)
     machine.check_memory(model, max_context, "--max-context", model_path)
-    kv = machine.kv_bytes_per_token(model.args, model.dtype)
+    # The caches kept, in tokens that every rank can hold: the ranks then drop the same conversations.
+    kv = machine.rank_kv_bytes_per_token(model)
     if args.cache_gb is not None:
-        cache_bytes = int(args.cache_gb * machine.GB)
+        tokens = int(args.cache_gb * machine.GB) // kv
     else:
         ram, working_set = machine.memory()
-        cache_bytes = kv * max(
-            max_context, machine.largest_context(machine.weight_bytes(model), kv, working_set, ram) // 2
-        )
-    engine = Engine(model, tokenizer, max_context, parallel.from_rank0(cache_bytes, group), not args.no_cache_reuse)
+        tokens = max(max_context, machine.largest_context(machine.weight_bytes(model), kv, working_set, ram) // 2)
+    engine = Engine(model, tokenizer, max_context, parallel.least(tokens, group) * kv, not args.no_cache_reuse)
     if not rank0:
         return follow(engine, group)
     name = Path(str(args.model_path).rstrip("/")).name

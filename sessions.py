@@ -74,6 +74,7 @@ def cache_identity(chat, n: int) -> dict:
         "dtype": machine.dtype_name(chat.model.dtype),
         "rank": str(group.rank() if group else 0),
         "ranks": str(group.size() if group else 1),
+        "shares": chat.model.plan.describe() if chat.model.plan else "whole",
         "tokens": str(n),
         "tokens_sha256": tokens_sha256(chat.tokens[:n]),
     }

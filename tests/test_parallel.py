@@ -5,9 +5,12 @@ every test checks what the ranks wrote."""
 import contextlib
 import json
 import os
+import random
 import re
 import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,12 +21,16 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlx.utils import tree_map
 
 import convert
+import machine
 import mixtral
 import parallel
 import runtime
-from conftest import LAYOUTS, ROOT
+from conftest import LAYOUTS, ROOT, examples
 from synthetic import write_hf_checkpoint
 
 
@@ -53,7 +60,10 @@ def converted(tmp_path_factory, hf_shardable):
 def launch(n, *args, stdin=None, timeout=180, wait=True):
     # What the mlx.launch command runs (its module has no __main__ of its own).
     launcher = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
-    cmd = [sys.executable, "-c", launcher, "-n", str(n), "--backend", "ring", sys.executable, *map(str, args)]
+    # Ports of our own: the launcher's default (32323 on) may still be held by an earlier launch's rank.
+    # "--": without it the launcher takes our programs' flags that it also has (--verbose) for its own.
+    ring = ["-n", str(n), "--backend", "ring", "--starting-port", str(free_ports(n))]
+    cmd = [sys.executable, "-c", launcher, *ring, "--", sys.executable, *map(str, args)]
     if not wait:  # marked, so that rank_pids finds this run's ranks and no other's
         mark = uuid.uuid4().hex
         pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -76,9 +86,24 @@ def launch(n, *args, stdin=None, timeout=180, wait=True):
     return r
 
 
-def run_ranks(tmp_path, model, n=2, temp=0.0):
+def free_ports(n: int) -> int:
+    """The first of n consecutive loopback ports that are free now."""
+    for _ in range(100):
+        first = random.SystemRandom().randrange(20000, 60000)  # not the seeded one: hypothesis seeds it
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + n):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+    raise AssertionError("no free ports")
+
+
+def run_ranks(tmp_path, model, n=2, temp=0.0, shares=None):
     """Logits of a prompt and 40 generated ids from each of n ranks, and from one process."""
-    r = launch(n, ROOT / "tests" / "rank_run.py", model, tmp_path, temp)
+    r = launch(n, ROOT / "tests" / "rank_run.py", model, tmp_path, temp, *([shares] if shares else []))
     ranks = [tmp_path / f"rank{i}.npz" for i in range(n)]
     assert all(p.exists() for p in ranks), r.stderr[-3000:]
     single = tmp_path / "single"
@@ -170,7 +195,7 @@ def test_a_killed_rank_ends_every_rank_with_a_message(tmp_path, converted):
     # The reply has started (it can be short: then rank 0 is back at its prompt, rank 1 in a collective).
     assert select.select([proc.stdout], [], [], 120)[0], "no reply"
     ranks = rank_pids(proc)
-    assert len(ranks) == 2, ranks
+    assert len(ranks) == 2, (ranks, proc.poll() is not None and proc.communicate(timeout=30))
     os.kill(ranks[1], signal.SIGKILL)
     tic = time.time()
     _, err = proc.communicate(timeout=60)
@@ -244,15 +269,12 @@ def test_an_exit_waiting_on_mlx_ends_within_the_grace_with_its_line():
     assert "Node with rank 0 exited with code 1 " in err, err
 
 
-def test_a_number_of_ranks_that_does_not_split_the_model_is_a_one_line_error(converted):
+def test_more_ranks_than_kv_heads_is_a_one_line_error(converted):
     r = launch(3, ROOT / "mixtral.py", "--model-path", converted["8-bit standard"], "--prompt", "hi")
-    assert "error: 3 ranks cannot share this model: its 2 KV heads" in r.stderr and "over 1, 2 ranks" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_valid_rank_counts_for_mixtral_8x7b():
-    args = mixtral.ModelArgs.from_dict(__import__("json").loads((ROOT / "params.json").read_text()))
-    assert parallel.ranks_that_fit(args, 64) == [1, 2, 4, 8]
+    ours = [line for line in r.stderr.splitlines() if not line.startswith(("[ring]", "\x1b["))]
+    assert ours == [
+        "error: 3 ranks cannot share this model: each rank needs at least one of its 2 KV heads; launch 1 to 2 ranks"
+    ], r.stderr
 
 
 # --------------------------------------------------------------------------- the cuts, in one process
@@ -271,7 +293,8 @@ class Group(SimpleNamespace):
 def test_partial_outputs_of_the_ranks_add_up_to_the_whole_layer(converted, layout, n):
     """Each rank's attention and experts, with the all_sum replaced by a plain sum over ranks, give
     the unsharded layer's output: the cuts are exact in every layout, at 2 and 4 ranks (the
-    checkpoint's 2 KV heads allow only 2 for attention, so at 4 only the experts are cut)."""
+    checkpoint's 2 KV heads allow only 2 for attention, so at 4 only the experts are cut), and with
+    the uneven shares of a plan (3:1)."""
     whole, _ = mixtral.load_model(converted[layout], dtype=mx.float32, cpu_threads=1, group=None)
     x = mx.random.normal((1, 5, whole.args.dim), key=mx.random.key(0))
     block = whole.layers[0]
@@ -291,7 +314,9 @@ def test_partial_outputs_of_the_ranks_add_up_to_the_whole_layer(converted, layou
         parts = []
         for r in range(n):
             model, _ = mixtral.load_model(converted[layout], dtype=mx.float32, cpu_threads=1, group=None)
-            parallel.shard(model, Group(n=n, r=r))
+            unit = 64 if layout != "unquantized" else 1
+            plan = parallel.make_plan(model.args, unit, parallel.part_sizes(model), [100 * 2**30] * n, [3, 1])
+            parallel.shard(model, Group(n=n, r=r), plan)
             model.layers[0].attention.group = None  # sum here instead of all_sum
             parts.append(model.layers[0].attention(x, mixtral.KVCache()))
         np.testing.assert_allclose(np.array(sum(parts)), np.array(want_att), atol=1e-4)
@@ -435,3 +460,201 @@ def rank_pids(proc) -> list:
             if mine in env and rank is not None:
                 ranks[int(rank)] = int(environ.parent.name)
     return [ranks[r] for r in sorted(ranks)]
+
+
+# --------------------------------------------------------------------------- uneven shares (parallel.Plan)
+
+MIXTRAL = mixtral.ModelArgs.from_dict(json.loads((ROOT / "params.json").read_text()))
+
+
+def mixtral_sizes(bits: int):
+    """Mixtral 8x7B's parts as convert.py writes them (float16 scales), from lazy arrays: nothing is
+    made. -> bytes kept whole on every rank, of the attention, of the experts."""
+    model = mixtral.Mixtral(MIXTRAL)
+    mixtral.quantize_model(model, 64, bits, False, keep=lambda p: not p.endswith("feed_forward.gate"))
+    model.update(
+        tree_map(lambda p: p.astype(mx.float16) if mx.issubdtype(p.dtype, mx.floating) else p, model.parameters())
+    )
+    return parallel.part_sizes(model)
+
+
+MIXTRAL_8BIT = mixtral_sizes(8)  # 0.28, 1.43 and 47.9 GB: 49.62 GB in all
+MiB = 2**20
+
+
+@given(
+    n=st.integers(1, 8),
+    memory=st.lists(st.integers(4 * 2**30, 200 * 2**30), min_size=8, max_size=8),
+    shares=st.none() | st.lists(st.integers(1, 9), min_size=8, max_size=8),
+)
+@settings(max_examples=examples(200))
+def test_a_plan_gives_every_rank_whole_heads_and_groups_that_add_up_to_the_layer(n, memory, shares):
+    budgets = [m // MiB * MiB for m in memory[:n]]
+    try:
+        plan = parallel.make_plan(MIXTRAL, 64, MIXTRAL_8BIT, budgets, shares and shares[:n])
+    except runtime.MixtralError as e:  # a share that cannot fit: refused, naming the rank and the ways out
+        assert re.match(r"rank \d+ cannot hold its share .* use more ranks, other --shares, or 4-bit", str(e)), e
+        return
+    assert sum(plan.heads) == 8 and sum(plan.groups) == 224 and plan.unit == 64
+    assert all(isinstance(x, int) and x >= 1 for x in plan.heads + plan.groups)
+    for r in range(n):  # caps respected: every rank's share fits in what it can give
+        assert plan.weight_bytes(r) + machine.ACTIVATIONS <= budgets[r]
+    assert parallel.make_plan(MIXTRAL, 64, MIXTRAL_8BIT, budgets, shares and shares[:n]) == plan  # pure
+
+
+@given(memory=st.lists(st.integers(30, 200), min_size=2, max_size=8, unique=True))
+@settings(max_examples=examples(100))
+def test_the_largest_share_goes_to_the_largest_memory(memory):
+    budgets = [gb * 2**30 for gb in memory]
+    plan = parallel.make_plan(MIXTRAL, 64, MIXTRAL_8BIT, budgets)
+    largest = max(range(len(budgets)), key=lambda r: budgets[r])
+    assert plan.weight_bytes(largest) == max(map(plan.weight_bytes, range(len(budgets)))), (memory, plan)
+    # More memory, at least as much, to within what one head and one expert group weigh (heads are coarse).
+    step = MIXTRAL_8BIT[1] // 8 + MIXTRAL_8BIT[2] // 224
+    by_memory = sorted(range(len(budgets)), key=lambda r: budgets[r])
+    weights = [plan.weight_bytes(r) for r in by_memory]
+    assert all(a <= b + step for a, b in zip(weights, weights[1:])), (memory, plan)
+    assert [plan.heads[r] for r in by_memory] == sorted(plan.heads[r] for r in by_memory)
+
+
+def test_shares_follow_the_flag_and_even_ones_cut_mixtral_as_before():
+    even = parallel.make_plan(MIXTRAL, 64, MIXTRAL_8BIT, [100 * 2**30] * 4, [1, 1, 1, 1])
+    assert even.heads == (2, 2, 2, 2) and even.groups == (56, 56, 56, 56)
+    plan = parallel.make_plan(MIXTRAL, 64, MIXTRAL_8BIT, [100 * 2**30] * 3, [2, 1, 1])
+    assert plan.heads == (4, 2, 2) and plan.groups == (112, 56, 56)
+
+
+def test_the_64_and_32_gb_macs_share_8bit_mixtral_which_an_even_split_cannot():
+    macs = [48 * 2**30, int(32 * 2**30 * 2 / 3)]  # their GPU working sets
+    with pytest.raises(runtime.MixtralError, match="rank 1 cannot hold its share"):
+        parallel.make_plan(MIXTRAL, 64, MIXTRAL_8BIT, macs, [1, 1])
+    plan = parallel.make_plan(MIXTRAL, 64, MIXTRAL_8BIT, macs)
+    assert plan.heads == (6, 2) and plan.weight_bytes(1) < macs[1] - machine.ACTIVATIONS
+
+
+def test_readme_shows_the_plans_that_the_code_makes():
+    readme = (ROOT / "README.md").read_text()
+    kv = machine.kv_bytes_per_token(MIXTRAL, mx.float16)
+    for budgets in ([48 * 2**30, int(32 * 2**30 * 2 / 3)], [int(36 * 2**30 * 2 / 3)] * 3):
+        plan = parallel.make_plan(MIXTRAL, 64, MIXTRAL_8BIT, budgets)
+        assert parallel.plan_table(plan, MIXTRAL, kv) in readme, parallel.plan_table(plan, MIXTRAL, kv)
+
+
+@pytest.fixture(scope="module")
+def four_heads(tmp_path_factory):
+    """8-bit, 4 KV heads of 64 (whole groups) and an expert width of 16 groups: room for 3 uneven ranks."""
+    hf = write_hf_checkpoint(
+        tmp_path_factory.mktemp("hf") / "four-heads",
+        seed=4,
+        hidden_size=128,
+        intermediate_size=1024,
+        head_dim=64,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_hidden_layers=4,
+    )
+    return convert.convert(hf, tmp_path_factory.mktemp("mlx") / "four-heads", log=lambda s: None, q_bits=8)
+
+
+def assert_same_as_one_process(ranks, one):
+    for r in ranks:
+        np.testing.assert_allclose(r["logits"], one["logits"], atol=1e-4, rtol=0)
+        assert r["ids"].tolist() == one["ids"].tolist() and len(r["ids"]) >= 32
+    assert all(r["heads"].tolist() == ranks[0]["heads"].tolist() for r in ranks)  # the same plan on every rank
+    assert all(r["groups"].tolist() == ranks[0]["groups"].tolist() for r in ranks)
+
+
+@pytest.mark.parametrize("shares, heads", [("3,1", [3, 1]), ("1,3", [1, 3]), ("1,1,1", [2, 1, 1])])
+def test_uneven_shares_give_the_logits_and_greedy_tokens_of_one_process(
+    tmp_path, four_heads, shares, heads, monkeypatch
+):
+    monkeypatch.setenv("MIXTRAL_KERNELS", "exact")  # as in the even test: sums in another order, to ~1e-6
+    ranks, one = run_ranks(tmp_path, four_heads, n=len(heads), shares=shares)
+    assert ranks[0]["heads"].tolist() == heads
+    assert_same_as_one_process(ranks, one)
+    bytes_ = [r["weight_bytes"] for r in ranks]
+    assert bytes_ == [r["planned_bytes"] for r in ranks]  # each holds what the plan says
+    if shares == "3,1":
+        assert bytes_[0] > bytes_[1]
+
+
+def test_capped_memory_weights_three_ranks_and_each_peak_follows_its_share(tmp_path, four_heads, monkeypatch):
+    monkeypatch.setenv("MIXTRAL_KERNELS", "exact")
+    monkeypatch.setenv(machine.MEMORY_CAP, "1.4,1.1,1.1")  # rank r takes the r-th: 0.4, 0.1, 0.1 GB beyond activations
+    ranks, one = run_ranks(tmp_path, four_heads, n=3)
+    assert ranks[0]["heads"].tolist() == [2, 1, 1] and ranks[0]["groups"][0] > ranks[0]["groups"][1]
+    assert_same_as_one_process(ranks, one)
+    for r in ranks:
+        assert abs(r["peak_load"] / r["planned_bytes"] - 1) < 0.15, (r["peak_load"], r["planned_bytes"])
+
+
+def test_a_rank_whose_share_cannot_fit_is_refused_in_one_line(four_heads, monkeypatch):
+    monkeypatch.setenv(machine.MEMORY_CAP, "1.4,1.1,1.001")
+    r = launch(3, ROOT / "mixtral.py", "--model-path", four_heads, "--prompt", "hi")
+    ours = [line for line in r.stderr.splitlines() if not line.startswith(("[ring]", "\x1b["))]
+    assert len(ours) == 1 and ours[0].startswith("error: rank 2 cannot hold its share (1 of 4 KV heads"), r.stderr
+    assert "use more ranks, other --shares, or 4-bit weights" in ours[0]
+
+
+def test_info_prints_the_plan_of_every_rank(four_heads, monkeypatch):
+    monkeypatch.setenv(machine.MEMORY_CAP, "1.4,1.1,1.1")
+    r = launch(3, ROOT / "mixtral.py", "--model-path", four_heads, "--info")
+    assert "ranks         3: KV heads 2:1:1, expert groups " in r.stdout, r.stdout + r.stderr[-2000:]
+    table = r.stdout.split("ranks         3:")[1].splitlines()[1:]
+    assert table[0].split() == [
+        "rank",
+        "memory",
+        "KV",
+        "heads",
+        "expert",
+        "groups",
+        "weights",
+        "KV",
+        "per",
+        "1k",
+        "tokens",
+    ]
+    assert [row.split()[0] for row in table[1:4]] == ["0", "1", "2"]
+
+
+def test_a_session_resumes_under_its_shares_and_falls_back_in_one_line_under_others(tmp_path, four_heads, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    sessions = tmp_path / "mixtral-mlx" / "sessions"
+    args = [ROOT / "chat.py", "--model-path", four_heads, "--max-tokens", 6, "--temp", 0, "--verbose"]
+    first = launch(2, *args, "--shares", "3,1", "--session", "uneven", stdin="hello there\n/quit\n")
+    assert "Traceback" not in first.stderr and first.stdout.strip(), first.stderr[-3000:]
+    shutil.copytree(sessions / "uneven", sessions / "copy")  # the same conversation, to resume under 1:3
+    same = launch(2, *args, "--shares", "3,1", "--session", "uneven", stdin="and then?\n/quit\n")
+    assert "of the saved cache" not in same.stderr, same.stderr[-3000:]
+    prefilled = re.search(r"\[prompt (\d+) tokens", same.stderr)
+    # Only the new message (and the EOS that closed the last reply, cut off) was prefilled: 10 tokens here.
+    assert prefilled and int(prefilled[1]) <= 12, same.stderr[-3000:]
+    other = launch(2, *args, "--shares", "1,3", "--session", "copy", stdin="and then?\n/quit\n")
+    lines = [line for line in other.stderr.splitlines() if "of the saved cache" in line]
+    assert len(lines) == 1 and "saved with another shares (KV heads 3:1" in lines[0], other.stderr[-3000:]
+    assert other.stdout == same.stdout  # the same reply, after a prefill of the whole conversation
+
+
+def test_a_rank_killed_out_of_three_ends_all_with_one_line_each(four_heads, monkeypatch):
+    monkeypatch.setenv(machine.MEMORY_CAP, "1.4,1.1,1.1")
+    args = [ROOT / "chat.py", "--model-path", four_heads, "--max-tokens", 100000, "--max-context", 100000]
+    proc = launch(3, *args, wait=False)
+    proc.stdin.write("tell me a very long story\n")
+    proc.stdin.flush()
+    assert select.select([proc.stdout], [], [], 120)[0], "no reply"
+    ranks = rank_pids(proc)
+    assert len(ranks) == 3, ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    tic = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - tic < runtime.TERM_GRACE + 10
+    noise = ("[ring]", "\x1b[", "(under mlx.launch")  # MLX's, the launcher's, and rank 0's remark on piped input
+    ours = [line for line in err.splitlines() if not line.startswith(noise)]
+    said = {0: [], 2: []}
+    for line in ours:
+        rank = int(line[6]) if line.startswith("[rank ") else 0
+        said.setdefault(rank, []).append(line)
+    assert set(said) == {0, 2} and all(len(lines) == 1 for lines in said.values()), ours
+    for lines in said.values():
+        assert "stopped (SIGTERM: another rank failed" in lines[0] or "error: another rank stopped" in lines[0], ours
+    assert "Traceback" not in err
