@@ -366,12 +366,20 @@ def test_bench_under_mlx_launch_reports_each_rank(tmp_path):
 
 
 def test_server_over_two_ranks_answers_as_one_process_and_stops_on_sigterm(converted):
+    server_answers_as_one_process(converted["8-bit input-major"], 2)
+
+
+def test_server_over_three_uneven_ranks_answers_as_one_process(four_heads, monkeypatch):
+    monkeypatch.setenv(machine.MEMORY_CAP, "1.4,1.1,1.1")  # KV heads 2:1:1: rank 0's cache is twice the others'
+    server_answers_as_one_process(four_heads, 3, "--cache-gb", 0.001)  # and the ranks drop the same caches
+
+
+def server_answers_as_one_process(model, n, *flags):
     from openai import OpenAI
 
     import chat
 
-    model = converted["8-bit input-major"]
-    proc = launch(2, ROOT / "server.py", "--model-path", model, "--port", 0, wait=False)
+    proc = launch(n, ROOT / "server.py", "--model-path", model, "--port", 0, *flags, wait=False)
     try:
         client = OpenAI(base_url=serving(proc), api_key="-", timeout=60, max_retries=0)
         alone, tokenizer = mixtral.load_model(model)
