@@ -133,7 +133,8 @@ def exchange(browser, page_url, tmp_path_factory):
             page.click("#export")
         download.value.save_as(out / "export.json")
         second = say(page, SECOND)
-    return {"first": first, "numbers": shown, "export": out / "export.json", "second": second}
+        stats = page.locator(".message.assistant .stats").all_inner_texts()
+    return {"first": first, "numbers": shown, "export": out / "export.json", "second": second, "stats": stats}
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +241,50 @@ def test_the_expert_map_equals_chat_py_experts_file(exchange, chat_py):
     report = json.loads(chat_py["experts"].read_text())
     for part in ("prompt", "reply"):
         assert exchange["numbers"][part] == [layer[part] for layer in report["layers"]], part
+
+
+def test_each_reply_shows_its_speed_first_token_cache_reuse_and_context(exchange):
+    first, second = (" ".join(text.split()) for text in exchange["stats"])
+    for stats in (first, second):
+        assert re.search(r"\d+\.\d tokens/s .*first token \d+\.\d\d s", stats), stats
+        assert re.search(rf"{MAX_TOKENS} tokens context \d+/2048", stats), stats
+    prompt, reused = map(int, re.search(r"prompt (\d+): (\d+) reused", first).groups())
+    assert reused == 0 and f"{prompt - reused} prefilled" in first
+    # The second request resends the first exchange: the server's cache holds it, only the rest is new.
+    prompt, reused = map(int, re.search(r"prompt (\d+): (\d+) reused", second).groups())
+    assert reused > 30 and prompt - reused < 16, second
+
+
+def test_regenerate_and_edit_last(browser, page_url):
+    with open_page(browser, page_url) as page:
+        ready(page)
+        set_sampling(page, temperature=0, max_tokens=6)
+        reply = say(page, "Say it twice")
+        page.click("#regen")
+        expect(page.locator("#stop")).to_be_hidden()
+        expect(page.locator(".message")).to_have_count(2)
+        expect(page.locator(".message.assistant .raw")).to_have_text(reply)  # temperature 0: the same again
+        page.click("#edit")
+        expect(page.locator(".message")).to_have_count(0)
+        expect(page.locator("#input")).to_have_value("Say it twice")
+
+
+def test_no_persona_sends_plain_mixtral_instruct(browser, page_url, mlx_q8):
+    with open_page(browser, page_url) as page:
+        ready(page)
+        set_sampling(page, temperature=0, max_tokens=MAX_TOKENS)
+        page.click("#persona-card summary")
+        page.check("#no-persona")
+        page.click("#apply-persona")
+        expect(page.locator("#persona-summary")).to_contain_text("none")
+        shown = say(page, MESSAGE)
+    r = run_script(
+        "chat.py",
+        *("--model-path", mlx_q8, "--temp", 0, "--max-tokens", MAX_TOKENS, "--system-prompt", ""),
+        *("--prompt", MESSAGE),
+    )
+    assert r.returncode == 0, r.stderr
+    assert shown == r.stdout.removesuffix("\n")
 
 
 def test_an_exported_chat_continues_in_chat_py(exchange, mlx_q8):
