@@ -87,10 +87,12 @@ def load(opts):
 
 
 def weights_per_token(model) -> int:
-    """Bytes of weights one decoded token reads: all but the experts, and top_k of every num_experts of those."""
-    moe = model.args.moe
-    experts = sum(v.nbytes for k, v in tree_flatten(model.parameters()) if ".experts." in k)
-    return machine.weight_bytes(model) - experts + experts * moe.num_experts_per_tok // moe.num_experts
+    """Bytes of weights one decoded token reads: all but the experts and the embeddings (one row of
+    those), and top_k of every num_experts of the experts."""
+    moe, params = model.args.moe, tree_flatten(model.parameters())
+    experts = sum(v.nbytes for k, v in params if ".experts." in k)
+    embeddings = sum(v.nbytes for k, v in params if k.startswith("tok_embeddings."))
+    return machine.weight_bytes(model) - embeddings - experts + experts * moe.num_experts_per_tok // moe.num_experts
 
 
 def read_bandwidth(gb: float = 0.5) -> float:

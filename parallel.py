@@ -94,14 +94,17 @@ class SplitOutputs(nn.Module):
 
 
 class HeadParallel:
-    """Attention with the KV heads (and the query heads that share them) cut over CPU streams."""
+    """Attention with the KV heads (and the query heads that share them) cut over CPU streams; one new
+    token's goes to `one_token` whole when that kernel threads inside (mixtral.sdpa)."""
 
-    def __init__(self, n_kv_heads: int, streams):
+    def __init__(self, n_kv_heads: int, streams, one_token=None):
         n = min(len(streams), n_kv_heads)
         self.cuts = [n_kv_heads * i // n for i in range(n + 1)]
-        self.streams = streams[:n]
+        self.streams, self.one_token = streams[:n], one_token
 
     def __call__(self, q, k, v, scale, mask):
+        if self.one_token is not None and q.shape[2] == 1:
+            return self.one_token(q, k, v, scale=scale, mask=mask)
         group = q.shape[1] // k.shape[1]  # query heads per KV head
         outs = []
         for a, b, stream in zip(self.cuts, self.cuts[1:], self.streams):
@@ -114,7 +117,7 @@ class HeadParallel:
         return mx.concatenate(outs, axis=1)
 
 
-def use_cpu_threads(model, n: int, threaded=lambda layer: False):
+def use_cpu_threads(model, n: int, threaded=lambda layer: False, one_token=None):
     """Cut attention by heads, and each projection with enough outputs, over n CPU streams; not the
     projections whose kernel runs threads of its own (`threaded`: mixtral's kernels/)."""
     streams = [mx.new_stream(mx.cpu) for _ in range(n)]
@@ -124,7 +127,7 @@ def use_cpu_threads(model, n: int, threaded=lambda layer: False):
             setattr(parent, name, SplitOutputs(parent[name], streams))
 
     for layer in model.layers:
-        layer.attention.sdpa = HeadParallel(layer.attention.n_kv_heads, streams)
+        layer.attention.sdpa = HeadParallel(layer.attention.n_kv_heads, streams, one_token)
         for name in ("wq", "wk", "wv", "wo"):
             split(layer.attention, name)
         for name in ("w1", "w2", "w3"):

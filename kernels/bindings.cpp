@@ -4,6 +4,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 
+#include "attend.h"
 #include "qmm.h"
 
 namespace nb = nanobind;
@@ -21,6 +22,8 @@ NB_MODULE(_ext, m) {
       "x"_a, "w"_a, "scales"_a, "biases"_a, "indices"_a = nb::none(), nb::kw_only(), "group_size"_a = 64,
       "bits"_a = 8, "path"_a = 0, "stream"_a = nb::none(),
       "x @ dequantize(w).T (w: (N, K) or, with indices, stacked experts (E, N, K)); path 0 exact, 1 int16.");
+  m.def("attend", &mk::attend, "q"_a, "k"_a, "v"_a, nb::kw_only(), "scale"_a, "stream"_a = nb::none(),
+        "softmax(q . k^T * scale) . v for one query position (decode), KV heads shared by groups of query heads.");
   m.def("set_threads", &mk::set_threads, "n"_a, "Threads each projection runs on.");
   m.def("threads", &mk::threads);
   m.def("simd", &mk::simd);

@@ -2,17 +2,13 @@
 // registers and dotted with every row of x in a tile (prefill reads each weight once per tile, not
 // once per row), the outputs split over a small pool of threads inside the op.
 #include "qmm.h"
+#include "pool.h"
 
 #include <algorithm>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <mutex>
-#include <sched.h>
 #include <stdexcept>
-#include <thread>
 #include <vector>
 
 #include "mlx/backend/cpu/encoder.h"
@@ -26,96 +22,6 @@
 #endif
 
 namespace mixtral_kernels {
-
-// --------------------------------------------------------------------------- threads
-
-// A fixed set of workers that the caller joins: run(n, f) calls f(0..n-1) on n threads and returns
-// when all are done. A second caller at once (another MLX stream) runs its work on its own thread.
-class Pool {
- public:
-  static Pool& get() {
-    static Pool pool;
-    return pool;
-  }
-
-  int size = 1;
-
-  void run(int n, const std::function<void(int)>& f) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (n <= 1 || !busy.owns_lock()) {
-      for (int i = 0; i < n; ++i)
-        f(i);
-      return;
-    }
-    grow(n - 1);
-    {
-      std::lock_guard<std::mutex> lock(m_);
-      job_ = &f;
-      active_ = n - 1;
-      pending_ = n - 1;
-      ++generation_;
-    }
-    wake_.notify_all();
-    f(0);
-    std::unique_lock<std::mutex> lock(m_);
-    done_.wait(lock, [&] { return pending_ == 0; });
-    job_ = nullptr;
-  }
-
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(m_);
-      stop_ = true;
-      ++generation_;
-    }
-    wake_.notify_all();
-    for (auto& t : workers_)
-      t.join();
-  }
-
- private:
-  Pool() {
-    cpu_set_t set;
-    size = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
-    size = std::max(1, std::min(size, 64));
-  }
-
-  void grow(int n) {
-    while ((int)workers_.size() < n) {
-      int id = workers_.size() + 1;
-      workers_.emplace_back([this, id] { work(id); });
-    }
-  }
-
-  void work(int id) {
-    long seen = 0;
-    while (true) {
-      const std::function<void(int)>* job;
-      {
-        std::unique_lock<std::mutex> lock(m_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (stop_)
-          return;
-        if (id > active_)
-          continue;
-        job = job_;
-      }
-      (*job)(id);
-      std::lock_guard<std::mutex> lock(m_);
-      if (--pending_ == 0)
-        done_.notify_one();
-    }
-  }
-
-  std::vector<std::thread> workers_;
-  std::mutex m_, busy_;
-  std::condition_variable wake_, done_;
-  const std::function<void(int)>* job_ = nullptr;
-  long generation_ = 0;
-  int active_ = 0, pending_ = 0;
-  bool stop_ = false;
-};
 
 void set_threads(int n) {
   Pool::get().size = std::max(1, n);
@@ -358,6 +264,20 @@ static void prepare(const Problem& p, Prepared& q, int64_t r0, int64_t r1) {
   }
 }
 
+// Rows read ahead of the one being computed, and how: one prefetch per cache line.
+static constexpr int64_t AHEAD = 4;
+static inline void prefetch_row(const uint8_t* w, int64_t bytes, const float* scales, const float* biases,
+                                int64_t groups) {
+#ifdef MK_AVX2
+  for (int64_t i = 0; i < bytes; i += 64)
+    _mm_prefetch((const char*)(w + i), _MM_HINT_T0);
+  for (int64_t i = 0; i < groups; i += 16) {
+    _mm_prefetch((const char*)(scales + i), _MM_HINT_T0);
+    _mm_prefetch((const char*)(biases + i), _MM_HINT_T0);
+  }
+#endif
+}
+
 template <int BITS>
 static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
   const int64_t row_bytes = p.K * BITS / 8, groups = p.K / p.G;
@@ -374,6 +294,9 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t wr = e * p.N + n;
         Row row{p.w + wr * row_bytes, p.scales + wr * groups, p.biases + wr * groups};
+        if (n + AHEAD < n1) // ask for a later row now: the memory works while this one is computed
+          prefetch_row(p.w + (wr + AHEAD) * row_bytes, row_bytes, p.scales + (wr + AHEAD) * groups,
+                       p.biases + (wr + AHEAD) * groups, groups);
         int64_t r = t0;
 #ifdef MK_AVX512
         for (; p.path == Path::int16 && r + 2 <= t1; r += 2)

@@ -1,4 +1,5 @@
-"""Our CPU kernels (kernels/, mixtral_kernels.qmm) against MLX's quantized_matmul and gather_qmm.
+"""Our CPU kernels (kernels/, mixtral_kernels.qmm and .attend) against MLX's quantized_matmul,
+gather_qmm and scaled_dot_product_attention.
 
 Bounds, for one output y = sum_k x_k w_k over K inputs (w the dequantized weights):
 - exact path: both sides sum K float32 products of float32 dequantized weights (scale * q + bias: two
@@ -7,6 +8,11 @@ Bounds, for one output y = sum_k x_k w_k over K inputs (w the dequantized weight
 - int16 path: x is rounded to int16 with one scale per weight group, max|x_group| / 32767, so each x_k
   moves by at most max|x_group| / 65534; y moves by at most sum_k |w_k| max|x_group(k)| / 65534, plus
   the exact path's rounding (the integer sums themselves are exact).
+- attend (one query row): each score s_j = scale q.k_j is within gamma_D scale sum |q_d k_jd| of its
+  true value on either side, so the two sides' scores differ by at most d = 2 (D + 2) eps max_j scale
+  sum |q_d k_jd|; softmax moves each weight p_j by a factor within exp(+-2d), so the outputs differ by
+  at most (exp(2d) - 1) max|v| from that, plus each side's rounding of the exponentials, the
+  normalization and the weighted sum of S values: 2 (S + 4) eps max|v|.
 """
 
 import os
@@ -145,3 +151,58 @@ def test_greedy_ids_of_the_exact_path_equal_mlx_kernels(standard, bits, kernels)
                 break
         ids[name] = out
     assert ids["exact"] == ids["mlx"]
+
+
+@settings(max_examples=examples(40))
+@given(
+    seed=st.integers(0, 2**16),
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 4),
+    group=st.sampled_from([1, 2, 4]),
+    positions=st.integers(1, 300),
+    head_dim=st.sampled_from([8, 16, 24, 64, 128]),
+    spare=st.integers(0, 40),
+    strided_q=st.booleans(),
+)
+def test_attention_for_one_token_equals_mlx_sdpa(seed, batch, kv_heads, group, positions, head_dim, spare, strided_q):
+    """Over the first `positions` of a larger cache (a view, as the model passes it), query heads in
+    groups sharing a KV head; q as rope leaves it, or a transposed view."""
+    mk, rng = ours(), np.random.default_rng(seed)
+    size = rng.uniform(0.1, 10)
+    cache = lambda: mx.array(
+        rng.standard_normal((batch, kv_heads, positions + spare, head_dim)).astype(np.float32) * size
+    )
+    k, v = cache()[:, :, :positions], cache()[:, :, :positions]
+    heads = kv_heads * group
+    q = rng.standard_normal((batch, 1, heads, head_dim) if strided_q else (batch, heads, 1, head_dim)).astype(
+        np.float32
+    )
+    q = mx.array(q).transpose(0, 2, 1, 3) if strided_q else mx.array(q)
+    scale = head_dim**-0.5
+    got = np.array(mk.attend(q, k, v, scale=scale))
+    ref = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))
+    qn, kn, vn = (np.abs(np.array(a, np.float64)) for a in (q, k, v))
+    kn = kn.repeat(group, axis=1)  # each query head's KV head
+    d = 2 * (head_dim + 2) * EPS * scale * np.einsum("bhqd,bhsd->bhqs", qn, kn).max()
+    bound = (np.expm1(2 * d) + 2 * (positions + 4) * EPS) * vn.max()
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= bound, (np.abs(got - ref).max(), bound)
+
+
+def test_decode_attention_runs_ours_and_prefill_mlx(kernels):
+    mk = ours()
+    q1, q5, k = mx.zeros((1, 4, 1, 16)), mx.zeros((1, 4, 5, 16)), mx.ones((1, 2, 5, 16))
+    kernels("exact")
+    assert "MixtralAttend" in primitive_names(mixtral.sdpa(q1, k, k, 0.25))
+    assert "MixtralAttend" not in primitive_names(mixtral.sdpa(q5, k, k, 0.25, mask="causal"))
+    kernels("mlx")
+    assert "MixtralAttend" not in primitive_names(mixtral.sdpa(q1, k, k, 0.25))
+    assert mk.attend  # (imported: the test fails without our kernels)
+
+
+def primitive_names(a) -> str:
+    """The graph that computes `a`, as MLX exports it (DOT text names each primitive)."""
+    import io
+
+    out = io.StringIO()
+    mx.export_to_dot(out, a)
+    return out.getvalue()
