@@ -140,7 +140,24 @@ class RoPE(nn.Module):
         self.head_dim, self.theta = head_dim, theta
 
     def __call__(self, x, offset: int = 0):
+        fast = KERNELS["module"]  # ours on the CPU: one op, where MLX's CPU backend composes 28 (kernels/small.h)
+        if fast is not None and x.dtype == mx.float32 and x.shape[-1] == self.head_dim:
+            return fast.rope(x, offset=offset, base=self.theta)
         return mx.fast.rope(x, self.head_dim, traditional=False, base=self.theta, scale=1.0, offset=offset)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (nn.RMSNorm's, with its weight's name)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = mx.ones((dims,)), eps
+
+    def __call__(self, x):
+        fast = KERNELS["module"]  # ours on the CPU: one op, where MLX's CPU backend composes 10
+        if fast is not None and x.dtype == mx.float32 and self.weight.dtype == mx.float32:
+            return fast.rms_norm(x, self.weight, eps=self.eps)
+        return mx.fast.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -243,8 +260,8 @@ class MOETransformerBlock(nn.Module):
         super().__init__()
         self.attention = Attention(args)
         self.feed_forward = MOEFeedForward(args)
-        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def __call__(self, x, cache: KVCache):
         h = x + self.attention(self.attention_norm(x), cache)
@@ -257,7 +274,7 @@ class Mixtral(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = [MOETransformerBlock(args) for _ in range(args.n_layers)]
-        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.group = self.plan = None  # parallel.shard: the ranks, and what each holds (parallel.Plan)
 

@@ -6,6 +6,7 @@
 
 #include "attend.h"
 #include "qmm.h"
+#include "small.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -24,6 +25,10 @@ NB_MODULE(_ext, m) {
       "x @ dequantize(w).T (w: (N, K) or, with indices, stacked experts (E, N, K)); path 0 exact, 1 int16.");
   m.def("attend", &mk::attend, "q"_a, "k"_a, "v"_a, nb::kw_only(), "scale"_a, "stream"_a = nb::none(),
         "softmax(q . k^T * scale) . v for one query position (decode), KV heads shared by groups of query heads.");
+  m.def("rope", &mk::rope, "x"_a, nb::kw_only(), "offset"_a, "base"_a, "stream"_a = nb::none(),
+        "Rotary embedding (rotate-half) of x (B, H, T, D) at positions offset..offset+T-1.");
+  m.def("rms_norm", &mk::rms_norm, "x"_a, "weight"_a, nb::kw_only(), "eps"_a, "stream"_a = nb::none(),
+        "x / sqrt(mean(x^2) + eps) * weight over the last axis.");
   m.def("set_threads", &mk::set_threads, "n"_a, "Threads each projection runs on.");
   m.def("threads", &mk::threads);
   m.def("simd", &mk::simd);

@@ -350,34 +350,66 @@ mx::array qmm(
   require(x.dtype() == mx::float32 && scales.dtype() == mx::float32 && biases.dtype() == mx::float32,
           "x, scales and biases must be float32");
   require(w.dtype() == mx::uint32 && x.ndim() >= 2, "w must be uint32 and x at least 2-D");
-  const int K = x.shape(-1), M = x.shape(-2), N = w.shape(-2);
+  const int K = x.shape(-1), N = w.shape(-2);
+  int M = x.shape(-2);
   require(int64_t(w.shape(-1)) * 32 / bits == K, "x's last axis must match w's packed inputs");
   require(scales.shape(-1) * group_size == K && scales.shape(-2) == N && biases.shape() == scales.shape(),
           "scales and biases must have one value per group of each weight row");
   auto stream = mx::to_stream(s);
   mx::Shape batch(x.shape().begin(), x.shape().end() - 2);
-  mx::array rows = x, expert = mx::zeros({1}, mx::uint32, stream);
   if (indices) {
     require(w.ndim() == 3 && scales.ndim() == 3, "with indices, w must be stacked experts (E, N, K)");
     batch = mx::broadcast_shapes(batch, indices->shape());
-    mx::Shape full = batch;
-    full.insert(full.end(), {M, K});
-    rows = mx::broadcast_to(x, full, stream);
-    expert = mx::flatten(mx::broadcast_to(mx::astype(*indices, mx::uint32, stream), batch, stream), stream);
   } else {
     require(w.ndim() == 2 && scales.ndim() == 2, "without indices, w must be one matrix (N, K)");
   }
-  int64_t batches = indices ? expert.size() : 1, rows_per_batch = indices ? M : x.size() / K;
-  rows = mx::reshape(rows, {int(batches * rows_per_batch), K}, stream);
-  auto contiguous = [&](const mx::array& a) { return mx::contiguous(a, false, stream); };
+  // No op in the graph but ours (a decode step runs about 30 of them, and every op MLX dispatches costs
+  // microseconds): x and the indices are read as they are, views and broadcasts included; the
+  // weights, already loaded, are used in place when they are contiguous (else copied once here).
+  auto stored = [&](const mx::array& a) {
+    return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
+  };
+  std::vector<mx::array> inputs = {x, stored(w), stored(scales), stored(biases)};
+  if (indices)
+    inputs.push_back(indices->dtype() == mx::uint32 ? *indices : mx::astype(*indices, mx::uint32, stream));
   mx::Shape out_shape = batch;
   out_shape.insert(out_shape.end(), {M, N});
-  auto out = mx::array(
-      {int(batches * rows_per_batch), N},
-      mx::float32,
-      std::make_shared<QuantizedMatmul>(stream, int(rows_per_batch), group_size, bits, path),
-      {contiguous(rows), contiguous(w), contiguous(scales), contiguous(biases), contiguous(expert)});
-  return mx::reshape(out, out_shape, stream);
+  if (!indices) { // one matrix: every row of x is a row of the product
+    batch = {};
+    M = int(x.size() / K);
+  }
+  return mx::array(
+      out_shape, mx::float32, std::make_shared<QuantizedMatmul>(stream, batch, M, group_size, bits, path), inputs);
+}
+
+// The offset of batch element i's entry in an array of `shape` and `strides` whose leading axes
+// broadcast against `batch` (right-aligned); `skip` trailing axes are not batch axes.
+static int64_t batch_offset(int64_t i, const mx::Shape& batch, const mx::Shape& shape, const mx::Strides& strides,
+                            int skip) {
+  int64_t offset = 0;
+  for (int d = int(batch.size()) - 1, a = int(shape.size()) - skip - 1; d >= 0; --d, --a) {
+    const int64_t m = i % batch[d];
+    i /= batch[d];
+    if (a >= 0 && shape[a] != 1)
+      offset += m * strides[a];
+  }
+  return offset;
+}
+
+// A view's elements in row-major order (x as an op before us left it: transposed, sliced).
+static std::vector<float> row_major(const mx::array& a) {
+  std::vector<float> out(a.size());
+  const float* src = a.data<float>();
+  std::vector<int64_t> index(a.ndim(), 0);
+  for (size_t i = 0; i < out.size(); ++i) {
+    int64_t offset = 0;
+    for (int d = 0; d < a.ndim(); ++d)
+      offset += index[d] * a.strides()[d];
+    out[i] = src[offset];
+    for (int d = a.ndim() - 1; d >= 0 && ++index[d] == a.shape(d); --d)
+      index[d] = 0;
+  }
+  return out;
 }
 
 void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
@@ -387,21 +419,56 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     encoder.set_input_array(a);
   encoder.set_output_array(out);
   const auto& x = inputs[0];
+  const int64_t K = x.shape(-1), N = inputs[1].shape(-2);
+  int64_t batches = 1;
+  for (auto b : batch_)
+    batches *= b;
   Problem p{
-      x.data<float>(),
+      nullptr,
       reinterpret_cast<const uint8_t*>(inputs[1].data<uint32_t>()),
       inputs[2].data<float>(),
       inputs[3].data<float>(),
-      inputs[4].data<uint32_t>(),
+      nullptr,
       out.data<float>(),
-      int64_t(inputs[4].size()),
-      rows_per_batch_,
-      int64_t(inputs[1].shape(-2)),
-      int64_t(x.shape(-1)),
+      batches,
+      rows_,
+      N,
+      K,
       group_size_,
       bits_,
       path_};
-  encoder.dispatch([p, keep = inputs, out = mx::array::unsafe_weak_copy(out)]() { run(p); });
+  encoder.dispatch([p, batch = batch_, keep = inputs, out = mx::array::unsafe_weak_copy(out)]() mutable {
+    const auto& x = keep[0];
+    std::vector<float> copy, rows;
+    const float* xd = x.data<float>();
+    mx::Strides strides = x.strides();
+    if (!x.flags().row_contiguous) {
+      copy = row_major(x);
+      xd = copy.data();
+      for (int d = x.ndim() - 1, step = 1; d >= 0; step *= x.shape(d), --d)
+        strides[d] = step;
+    }
+    // The rows each batch element multiplies, one after another: x itself when it is laid out so, else
+    // gathered (x broadcast over the experts: decode's few rows).
+    if (keep.size() == 4 || int64_t(x.size()) == p.batches * p.rows_per_batch * p.K) {
+      p.x = xd;
+    } else {
+      rows.resize(p.batches * p.rows_per_batch * p.K);
+      for (int64_t i = 0; i < p.batches; ++i) {
+        const float* xi = xd + batch_offset(i, batch, x.shape(), strides, 2);
+        std::copy(xi, xi + p.rows_per_batch * p.K, rows.data() + i * p.rows_per_batch * p.K);
+      }
+      p.x = rows.data();
+    }
+    std::vector<uint32_t> experts(p.batches, 0);
+    if (keep.size() > 4) {
+      const uint32_t* idx = keep[4].data<uint32_t>();
+      for (int64_t i = 0; i < p.batches; ++i)
+        experts[i] = idx[batch_offset(i, batch, keep[4].shape(), keep[4].strides(), 0)];
+    }
+    p.expert = experts.data();
+    run(p);
+  });
 }
 
 void QuantizedMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
@@ -410,7 +477,8 @@ void QuantizedMatmul::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 
 bool QuantizedMatmul::is_equivalent(const mx::Primitive& other) const {
   auto& o = static_cast<const QuantizedMatmul&>(other);
-  return rows_per_batch_ == o.rows_per_batch_ && group_size_ == o.group_size_ && bits_ == o.bits_ && path_ == o.path_;
+  return batch_ == o.batch_ && rows_ == o.rows_ && group_size_ == o.group_size_ && bits_ == o.bits_ &&
+      path_ == o.path_;
 }
 
 } // namespace mixtral_kernels

@@ -41,9 +41,12 @@ std::string simd();
 
 class QuantizedMatmul : public mx::UnaryPrimitive {
  public:
-  QuantizedMatmul(mx::Stream stream, int rows_per_batch, int group_size, int bits, Path path)
+  // batch: the product's batch shape (empty for one matrix: all of x's rows); rows: x's rows per batch
+  // element.
+  QuantizedMatmul(mx::Stream stream, mx::Shape batch, int rows, int group_size, int bits, Path path)
       : mx::UnaryPrimitive(stream),
-        rows_per_batch_(rows_per_batch),
+        batch_(std::move(batch)),
+        rows_(rows),
         group_size_(group_size),
         bits_(bits),
         path_(path) {}
@@ -56,7 +59,8 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive& other) const override;
 
  private:
-  int rows_per_batch_, group_size_, bits_;
+  mx::Shape batch_;
+  int rows_, group_size_, bits_;
   Path path_;
 };
 

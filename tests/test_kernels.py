@@ -13,6 +13,10 @@ Bounds, for one output y = sum_k x_k w_k over K inputs (w the dequantized weight
   sum |q_d k_jd|; softmax moves each weight p_j by a factor within exp(+-2d), so the outputs differ by
   at most (exp(2d) - 1) max|v| from that, plus each side's rounding of the exponentials, the
   normalization and the weighted sum of S values: 2 (S + 4) eps max|v|.
+- rope: the same float32 formulas as MLX's, angles theta = position * exp(-i log(base) / half); each side's
+  exp, product, cos and sin are within a few ulps, so the angles differ by at most 8 eps theta and the
+  outputs by at most (|x1| + |x2|) (8 eps theta + 8 eps) per pair.
+- rms_norm: a sum of D squares in another order, then the same products: 2 (D + 4) eps |x w| / rms.
 """
 
 import os
@@ -104,6 +108,25 @@ def test_a_gathered_projection_equals_mlx_gather_qmm(seed, bits, group, k_groups
     assert got.shape == ref.shape and np.all(np.abs(got - ref) <= exact), np.abs(got - ref).max()
     fast = np.array(mk.qmm(x, *q, idx, group_size=group, bits=bits, path=mk.INT16))
     assert np.all(np.abs(fast - got) <= 2 * exact + moved), np.abs(fast - got).max()
+
+
+@settings(max_examples=examples(20))
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 5), experts=st.integers(2, 8), chosen=st.integers(1, 2))
+def test_views_are_read_as_they_are(seed, rows, experts, chosen):
+    """x as a transposed view and the indices as a slice of argpartition's (what the model passes,
+    read in place with their strides: no copy op in the graph)."""
+    mk = ours()
+    x, q, _ = problem(seed, 8, 64, 128, 24, (), rows, experts)
+    xt = mx.array(np.ascontiguousarray(np.array(x).T)).T  # (rows, K), column-major
+    scores = mx.array(np.random.default_rng(seed).standard_normal((rows, experts)).astype(np.float32))
+    idx = mx.argpartition(-scores, kth=chosen - 1, axis=-1)[..., :chosen]  # (rows, chosen), a strided view
+    xe = mx.expand_dims(xt, (-2, -3))  # (rows, 1, 1, K)
+    ref = np.array(mx.gather_qmm(xe, *q, rhs_indices=idx, transpose=True, group_size=64, bits=8))
+    got = np.array(mk.qmm(xe, *q, idx, group_size=64, bits=8, path=mk.EXACT))
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    dense = np.array(mk.qmm(xt, q[0][0], q[1][0], q[2][0], None, group_size=64, bits=8, path=mk.EXACT))
+    ref = np.array(mx.quantized_matmul(xt, q[0][0], q[1][0], q[2][0], transpose=True, group_size=64, bits=8))
+    assert np.abs(dense - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("rows", [1, 513])
@@ -206,3 +229,38 @@ def primitive_names(a) -> str:
     out = io.StringIO()
     mx.export_to_dot(out, a)
     return out.getvalue()
+
+
+@settings(max_examples=examples(30))
+@given(
+    seed=st.integers(0, 2**16),
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 8), st.integers(1, 9)),
+    head_dim=st.sampled_from([2, 16, 64, 128]),
+    offset=st.integers(0, 32768),
+    transposed=st.booleans(),
+)
+def test_rope_equals_mlx_fast_rope(seed, shape, head_dim, offset, transposed):
+    mk, rng = ours(), np.random.default_rng(seed)
+    B, H, T = shape
+    x = rng.standard_normal((B, T, H, head_dim) if transposed else (B, H, T, head_dim)).astype(np.float32)
+    x = mx.array(x).transpose(0, 2, 1, 3) if transposed else mx.array(x)  # as attention passes it: a view
+    got = np.array(mk.rope(x, offset=offset, base=1e6))
+    ref = np.array(mx.fast.rope(x, head_dim, traditional=False, base=1e6, scale=1.0, offset=offset))
+    half, xn = head_dim // 2, np.abs(np.array(x, np.float64))
+    pair = np.concatenate([xn[..., :half] + xn[..., half:]] * 2, axis=-1)  # |x1| + |x2| of each output's pair
+    theta = (offset + np.arange(T))[:, None].astype(np.float64)  # the largest angle of each position (i = 0)
+    bound = pair * (8 * EPS * theta + 8 * EPS)
+    assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
+
+
+@settings(max_examples=examples(30))
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 6), dims=st.integers(1, 300), eps=st.sampled_from([1e-5, 1e-6]))
+def test_rms_norm_equals_mlx_fast_rms_norm(seed, rows, dims, eps):
+    mk, rng = ours(), np.random.default_rng(seed)
+    x = mx.array((rng.standard_normal((rows, dims)) * rng.uniform(0.01, 100)).astype(np.float32))
+    w = mx.array(rng.standard_normal(dims).astype(np.float32))
+    got, ref = np.array(mk.rms_norm(x, w, eps=eps)), np.array(mx.fast.rms_norm(x, w, eps))
+    xn = np.array(x, np.float64)
+    rms = np.sqrt((xn**2).mean(-1, keepdims=True) + eps)
+    bound = 2 * (dims + 4) * EPS * np.abs(xn * np.array(w)) / rms
+    assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()

@@ -1,0 +1,105 @@
+// RoPE and RMSNorm as one op each (small.h says why). Both read their input as it comes (a view, with
+// strides) and write a new row-major output; float32 throughout, with MLX's own formulas.
+#include "small.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "mlx/backend/cpu/encoder.h"
+
+namespace mixtral_kernels {
+
+namespace {
+
+void require(bool ok, const std::string& what) {
+  if (!ok)
+    throw std::invalid_argument("[mixtral_kernels] " + what);
+}
+
+// The offset of row r (all axes but the last, row-major) in an array with these shape and strides.
+int64_t row_offset(int64_t r, const mx::Shape& shape, const mx::Strides& strides) {
+  int64_t offset = 0;
+  for (int d = int(shape.size()) - 2; d >= 0; --d) {
+    offset += (r % shape[d]) * strides[d];
+    r /= shape[d];
+  }
+  return offset;
+}
+
+} // namespace
+
+mx::array rope(const mx::array& x, int offset, float base, mx::StreamOrDevice s) {
+  require(x.ndim() == 4 && x.dtype() == mx::float32 && x.shape(3) % 2 == 0, "rope: x must be (B, H, T, D) float32, D even");
+  return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(mx::to_stream(s), offset, base), {x});
+}
+
+void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(inputs[0]);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = inputs[0], out = mx::array::unsafe_weak_copy(out), offset = offset_, base = base_]() mutable {
+    const int64_t T = x.shape(2), D = x.shape(3), half = D / 2, rows = x.size() / D;
+    // As MLX's: inv_freq_i = exp(-i * (log(base) / half)), theta = position * inv_freq, all float32.
+    const float step = float(std::log(base) / half);
+    std::vector<float> cosines(T * half), sines(T * half);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < half; ++i) {
+        const float theta = float(t + offset) * std::exp(float(-i) * step);
+        cosines[t * half + i] = std::cos(theta);
+        sines[t * half + i] = std::sin(theta);
+      }
+    const float* src = x.data<float>();
+    float* dst = out.data<float>();
+    const int64_t k_stride = x.strides()[3];
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* a = src + row_offset(r, x.shape(), x.strides());
+      const float *c = cosines.data() + (r % T) * half, *sn = sines.data() + (r % T) * half;
+      float* o = dst + r * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = a[i * k_stride], x2 = a[(i + half) * k_stride];
+        o[i] = x1 * c[i] - x2 * sn[i];
+        o[i + half] = x1 * sn[i] + x2 * c[i];
+      }
+    }
+  });
+}
+
+void Rope::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[mixtral_kernels.rope] runs on the CPU only; use mx.fast.rope");
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
+  require(x.dtype() == mx::float32 && weight.dtype() == mx::float32, "rms_norm: float32 only");
+  require(x.ndim() >= 1 && weight.ndim() == 1 && weight.shape(0) == x.shape(-1), "rms_norm: weight must match x's last axis");
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(mx::to_stream(s), eps), {x, weight});
+}
+
+void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs)
+    encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = inputs[0], w = inputs[1], out = mx::array::unsafe_weak_copy(out), eps = eps_]() mutable {
+    const int64_t D = x.shape(-1), rows = x.size() / D, k_stride = x.strides().back(), w_stride = w.strides()[0];
+    const float *src = x.data<float>(), *weight = w.data<float>();
+    float* dst = out.data<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* a = src + row_offset(r, x.shape(), x.strides());
+      float squares = 0;
+      for (int64_t k = 0; k < D; ++k)
+        squares += a[k * k_stride] * a[k * k_stride];
+      const float scale = 1.0f / std::sqrt(squares / float(D) + eps);
+      for (int64_t k = 0; k < D; ++k)
+        dst[r * D + k] = a[k * k_stride] * scale * weight[k * w_stride];
+    }
+  });
+}
+
+void RmsNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[mixtral_kernels.rms_norm] runs on the CPU only; use mx.fast.rms_norm");
+}
+
+} // namespace mixtral_kernels

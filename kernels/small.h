@@ -1,0 +1,55 @@
+// The small ops of a decode step, each one op in the graph: MLX's CPU backend composes RoPE from 28
+// ops and RMSNorm from 10, and a decode step dispatches each op to its stream's thread (microseconds
+// apiece, more than their work).
+#pragma once
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+
+namespace mixtral_kernels {
+
+// Rotary embedding, the "rotate half" form (traditional=False), of x (B, H, T, D) float32 at positions
+// offset..offset+T-1: as mx.fast.rope(x, D, traditional=False, base=base, scale=1.0, offset=offset),
+// its angles computed in float32 the same way.
+mx::array rope(const mx::array& x, int offset, float base, mx::StreamOrDevice s = {});
+
+// x / sqrt(mean(x^2) + eps) * weight over the last axis, float32: as mx.fast.rms_norm.
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s = {});
+
+class Rope : public mx::UnaryPrimitive {
+ public:
+  Rope(mx::Stream stream, int offset, float base) : mx::UnaryPrimitive(stream), offset_(offset), base_(base) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override;
+  const char* name() const override {
+    return "MixtralRope";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Rope&>(other);
+    return offset_ == o.offset_ && base_ == o.base_;
+  }
+
+ private:
+  int offset_;
+  float base_;
+};
+
+class RmsNorm : public mx::UnaryPrimitive {
+ public:
+  RmsNorm(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override;
+  const char* name() const override {
+    return "MixtralRmsNorm";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RmsNorm&>(other).eps_;
+  }
+
+ private:
+  float eps_;
+};
+
+} // namespace mixtral_kernels
