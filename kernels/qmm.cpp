@@ -209,6 +209,34 @@ static void dot2_int16(const Row& r, const int16_t* xq, const float* xs, const f
   out[0] = s0 + _mm512_reduce_add_ps(t0);
   out[N] = s1 + _mm512_reduce_add_ps(t1);
 }
+
+// dot2_int16 for four rows of x: the widened weights serve four chains (each output the same bits).
+template <int BITS>
+static void dot4_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G,
+                       int64_t groups, float* out, int64_t N) {
+  __m512 t[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  float s[4] = {0, 0, 0, 0};
+  for (int g = 0, k = 0; k < K; ++g) {
+    __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int end = k + G; k < end; k += 32) {
+      const __m512i w = widen32<BITS>(r.w, k);
+      for (int i = 0; i < 4; ++i) {
+        const __m512i x = _mm512_loadu_si512((const void*)(xq + i * K + k));
+#ifdef __AVX512VNNI__
+        a[i] = _mm512_dpwssd_epi32(a[i], w, x);
+#else
+        a[i] = _mm512_add_epi32(a[i], _mm512_madd_epi16(w, x));
+#endif
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      t[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i]), _mm512_set1_ps(r.scales[g] * xs[i * groups + g]), t[i]);
+      s[i] += r.biases[g] * xsum[i * groups + g];
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    out[i * N] = s[i] + _mm512_reduce_add_ps(t[i]);
+}
 #endif
 
 // --------------------------------------------------------------------------- the whole product
@@ -299,6 +327,9 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
                        p.biases + (wr + AHEAD) * groups, groups);
         int64_t r = t0;
 #ifdef MK_AVX512
+        for (; p.path == Path::int16 && r + 4 <= t1; r += 4)
+          dot4_int16<BITS>(row, q.xq.data() + r * p.K, q.xs.data() + r * groups, q.xsum.data() + r * groups, p.K, p.G,
+                           groups, p.out + r * p.N + n, p.N);
         for (; p.path == Path::int16 && r + 2 <= t1; r += 2)
           dot2_int16<BITS>(row, q.xq.data() + r * p.K, q.xs.data() + r * groups, q.xsum.data() + r * groups, p.K, p.G,
                            groups, p.out + r * p.N + n, p.N);

@@ -129,6 +129,20 @@ def test_views_are_read_as_they_are(seed, rows, experts, chosen):
     assert np.abs(dense - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_row_gets_the_same_bits_alone_or_among_many(bits):
+    """Prefill takes rows in fours and twos (one widened weight row for all of them), decode one at a
+    time: each output must be the same float either way, or a chat's cache would drift from a prefill."""
+    mk = ours()
+    x, q, _ = problem(7, bits, 64, 256, 40, (), 11)
+    for path in (mk.EXACT, mk.INT16):
+        many = np.array(mk.qmm(x, *q, None, group_size=64, bits=bits, path=path))
+        alone = np.concatenate(
+            [np.array(mk.qmm(x[i : i + 1], *q, None, group_size=64, bits=bits, path=path)) for i in range(11)]
+        )
+        assert np.array_equal(many, alone)
+
+
 @pytest.mark.parametrize("rows", [1, 513])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_ragged_shapes_and_one_expert_for_every_row(rows, bits):
