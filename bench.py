@@ -60,7 +60,6 @@ def synthetic_model(opts, dtype):
             model,
             opts.q_group_size,
             opts.q_bits,
-            input_major=machine.on_cpu() and mixtral.KERNELS["module"] is None,  # the layout MLX's kernels want
             keep=lambda p: not p.endswith("feed_forward.gate"),
         )
         model.update(

@@ -30,8 +30,8 @@ from mlx.utils import tree_flatten
 
 import folder
 from folder import sha256
-from machine import GB, on_cpu
-from mixtral import DTYPES, Mixtral, ModelArgs, Tokenizer, check_vocabulary, our_kernels
+from machine import GB
+from mixtral import DTYPES, Mixtral, ModelArgs, Tokenizer, check_vocabulary
 from runtime import MixtralError, Terminated, run_program, signals_held
 
 # Source module -> our module; each holds .weight (and .scales/.biases when the source is quantized).
@@ -264,7 +264,7 @@ def error_bound(bits: int, group_size: int) -> float:
     return group_size**0.5 / (2**bits - 1)
 
 
-def convert_module(name, modules, tensors, quant, q_bits, q_group_size, dtype, input_major=False):
+def convert_module(name, modules, tensors, quant, q_bits, q_group_size, dtype):
     """Read (and drop) one module's source tensors; stack experts; quantize, or repack what is already
     quantized as we would write it. -> ({our tensor: array}, relative error, or None if not rounded)."""
     parts = {
@@ -276,10 +276,9 @@ def convert_module(name, modules, tensors, quant, q_bits, q_group_size, dtype, i
     parts = {k: mx.stack(v) if stack else v[0] for k, v in parts.items()}
     w = parts["weight"]
     quantized = q_bits and not name.endswith(NOT_QUANTIZED) and w.ndim >= 2
-    relayout = quantized and input_major and name != "tok_embeddings" and w.shape[-2] % q_group_size == 0
     if "scales" in parts:
         bits, group = module_bits(quant, modules[0])
-        if quantized and not relayout and (bits, group) == (q_bits, q_group_size):
+        if quantized and (bits, group) == (q_bits, q_group_size):
             return {f"{name}.{k}": v for k, v in parts.items()}, None  # repacked as it is: lossless
         # float32 holds scale * q + bias exactly (an 8-bit integer times an 11-bit mantissa)
         f32 = lambda a: a.astype(mx.float32)
@@ -290,8 +289,6 @@ def convert_module(name, modules, tensors, quant, q_bits, q_group_size, dtype, i
         raise MixtralError(
             f"tensor {name}: last dimension {w.shape[-1]} is not a multiple of --q-group-size {q_group_size}"
         )
-    if relayout:
-        w = w.swapaxes(-1, -2)  # (..., in, out): see mixtral.InputMajorLinear
     arrays, err = quantize_tensor(w, q_group_size, q_bits)
     if not err <= 1.5 * error_bound(q_bits, q_group_size):  # nan fails too
         raise MixtralError(
@@ -328,6 +325,11 @@ def convert(
     q_bits: 8, 4, None (no quantization) or "auto" (the source's bits if it is quantized, else 8).
     q_group_size: default the source's, else 64. dtype: of full-precision tensors, default the source's.
     """
+    if layout not in ("auto", "standard"):
+        raise MixtralError(
+            f"--layout {layout}: no longer written; every device now runs the standard layout fastest "
+            "(our CPU kernels, Metal): leave --layout out"
+        )
     out, src = Path(mlx_path), Path(hf_path)
     if not src.exists():
         if not folder.is_hub_id(str(hf_path)):
@@ -341,16 +343,6 @@ def convert(
     if q_bits not in (None, 4, 8):
         raise MixtralError(f"--q-bits {q_bits}: use 8 or 4")
     q_group_size = q_group_size or (quant["group_size"] if quant else 64)
-    if layout == "auto":  # for the machine converting (usually the one that runs the model): the usual
-        # layout, unless only MLX's own CPU kernels are there (5x faster on input-major); an already
-        # quantized source keeps its layout: input-major would round a second time.
-        layout = "input-major" if on_cpu() and not quant and our_kernels()[0] is None else "standard"
-    elif layout == "input-major" and quant and q_bits:
-        log(
-            "note: input-major from an already quantized source rounds each weight a second time (the report "
-            "below measures it); --layout standard repacks it without loss"
-        )
-    input_major = bool(q_bits) and layout == "input-major"
     tokenizer = check_tokenizer(Path(tokenizer) if tokenizer else src / "tokenizer.model", args)
     expected = {k: v.shape for k, v in tree_flatten(Mixtral(args).parameters())}  # lazy zeros: shapes only
     groups = plan(args, tensors.keys())
@@ -365,9 +357,7 @@ def convert(
         for g, (group, rows) in enumerate(groups):
             tic, out_bytes = time.perf_counter(), 0
             for name, modules in rows:
-                arrays, err = convert_module(
-                    name, modules, tensors, quant, q_bits, q_group_size, DTYPES.get(dtype), input_major
-                )
+                arrays, err = convert_module(name, modules, tensors, quant, q_bits, q_group_size, DTYPES.get(dtype))
                 mx.eval(arrays)
                 report.add(
                     name,
@@ -383,8 +373,6 @@ def convert(
         config = args.to_dict()
         if q_bits:
             config["quantization"] = {"group_size": q_group_size, "bits": q_bits}
-            if input_major:
-                config["quantization"]["layout"] = "input-major"
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(tokenizer, tmp / "tokenizer.model")
         manifest = {
@@ -392,7 +380,7 @@ def convert(
             "source_format": "mlx-lm" if quant else "hugging face",
             "bits": q_bits,
             "group_size": q_group_size if q_bits else None,
-            "layout": layout if q_bits else None,
+            "layout": "standard" if q_bits else None,
             "parameters": report.n_params,
             "repacked_tensors": report.repacked,
             "quantization_error": report.errors,
@@ -557,10 +545,9 @@ def build_parser():
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest output shard in GB (default: %(default)s)")
     p.add_argument(
         "--layout",
-        choices=["auto", "standard", "input-major"],
-        default="auto",
-        help="quantized layout: standard, the usual (our CPU kernels and Metal run it fastest); input-major "
-        "runs ~5x faster than standard on MLX's own CPU kernels; auto picks for this machine (default: %(default)s)",
+        default="standard",
+        help="quantized layout: standard, (out, in) packed along in, the only one written (our CPU kernels and "
+        "Metal run it fastest; folders written input-major by earlier versions still load)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # the child of supervise()

@@ -22,6 +22,12 @@ from runtime import MixtralError
 DEFAULT_MODEL_PATH = "mlx_model"
 SHARDS = "weights.*.npz"
 MANIFEST = "manifest.json"
+# The quantized layouts a folder's config.json may name: "input-major" folders, written by earlier
+# versions for MLX's own CPU kernels, are repacked at load (mixtral.from_input_major).
+LAYOUTS = {
+    "standard": "standard layout",
+    "input-major": "input-major layout (earlier versions': repacked at every load; convert it again)",
+}
 
 
 def shard_name(i: int) -> str:
@@ -81,13 +87,27 @@ def read_config(path: Path):
         isinstance(quantization, dict)
         and quantization.get("bits") in (2, 3, 4, 5, 6, 8)
         and quantization.get("group_size") in (32, 64, 128)
-        and quantization.get("layout", "standard") in ("standard", "input-major")
+        and quantization.get("layout", "standard") in LAYOUTS
     ):
         raise MixtralError(
             f'{config_file}: \'quantization\' must be {{"bits": 8 or 4, "group_size": 32, 64 or 128}}, got {quantization!r}; '
             "convert the model again"
         )
     return config, quantization
+
+
+def manifest(path: Path) -> dict:
+    """convert.py's record of a folder ({} when absent: converted by an older convert.py)."""
+    try:
+        data = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def source(path: Path) -> str:
+    """What a folder was converted from, as convert.py's --hf-path; SOURCE when it is not recorded."""
+    return str(manifest(path).get("source") or "SOURCE")
 
 
 def damaged(shard: str) -> bool:
@@ -103,32 +123,29 @@ def describe(model_path, args, quantization, kv_per_token: int, kv_dtype: str) -
     """What a converted folder holds, from its config (args, quantization: mixtral.read_config), manifest
     and file sizes (no weight is read); kv_per_token bytes of cache per token in kv_dtype."""
     path = Path(model_path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = {}
+    record = manifest(path)
     files = shards(path)
     size = sum(f.stat().st_size for f in files)
     q = quantization or {}
     quant = (
-        f"{q['bits']} bits, group {q['group_size']}, {q.get('layout', 'standard')} layout"
+        f"{q['bits']} bits, group {q['group_size']}, {LAYOUTS[q.get('layout', 'standard')]}"
         if q
         else "none (full precision)"
     )
-    n_params = manifest.get("parameters")
-    errors = manifest.get("quantization_error") or {}
+    n_params = record.get("parameters")
+    errors = record.get("quantization_error") or {}
     if errors:
         worst = max(errors, key=errors.get)
         error = f"mean {100 * sum(errors.values()) / len(errors):.2f}%, worst {worst} {100 * errors[worst]:.2f}% (relative RMS, {len(errors)} tensors)"
-    elif manifest.get("repacked_tensors"):
-        error = f"none added: {manifest['repacked_tensors']} quantized tensors repacked as they were"
+    elif record.get("repacked_tensors"):
+        error = f"none added: {record['repacked_tensors']} quantized tensors repacked as they were"
     else:
-        error = "none (nothing rounded)" if manifest else "unknown (no manifest.json: converted by an older convert.py)"
+        error = "none (nothing rounded)" if record else "unknown (no manifest.json: converted by an older convert.py)"
     kv = kv_per_token
     return "\n".join(
         [
             f"{path}",
-            f"  source        {manifest.get('source', 'unknown')} ({manifest.get('source_format', 'unknown format')})",
+            f"  source        {record.get('source', 'unknown')} ({record.get('source_format', 'unknown format')})",
             f"  model         {args.n_layers} layers, {args.dim} wide, {args.moe.num_experts} experts (top {args.moe.num_experts_per_tok}), "
             f"vocabulary {args.vocab_size}" + (f", {n_params:,} parameters" if n_params else ""),
             f"  quantization  {quant}",

@@ -307,9 +307,10 @@ class Mixtral(nn.Module):
 
 class QuantizedLinear(nn.Module):
     """A quantized projection in the usual layout: (..., out, in), packed and grouped along `in`. One
-    matrix, or experts stacked in front, each row of x using the expert `indices` names (gather)."""
+    matrix, or experts stacked in front, each row of x using the expert `indices` names (gather).
 
-    input_major = False
+    The one layout on every device: integer dot products want the reduction axis contiguous, so our CPU
+    kernels are fastest on it, as Metal is, and mlx-community checkpoints run as they are."""
 
     def __init__(self, weight, scales, biases, group_size: int, bits: int):
         super().__init__()
@@ -322,31 +323,6 @@ class QuantizedLinear(nn.Module):
         return qmm(x, *w, self.group_size, self.bits, indices, sorted_indices)
 
 
-class InputMajorLinear(nn.Module):
-    """A quantized projection stored as (..., in, out) and quantized along `out`, computing x @ W.
-
-    MLX's CPU kernel for x @ W runs about 5x faster than the one for x @ W.T that the usual
-    (out, in) layout needs (measured on x86, for 8-bit mat-vecs and matrix products alike), so
-    convert.py wrote this layout for CPU machines before our own kernels (kernels/) made the usual
-    layout the fastest. Experts are stacked in front as usual.
-    """
-
-    input_major = True
-
-    def __init__(self, in_dims: int, out_dims: int, num_experts: int = 0, group_size: int = 64, bits: int = 8):
-        super().__init__()
-        self.out_dims, self.group_size, self.bits = out_dims, group_size, bits
-        lead = (num_experts,) if num_experts else ()
-        self.weight = mx.zeros((*lead, in_dims, out_dims * bits // 32), mx.uint32)
-        self.scales = mx.zeros((*lead, in_dims, out_dims // group_size))
-        self.biases = mx.zeros((*lead, in_dims, out_dims // group_size))
-        self.freeze()
-
-    def __call__(self, x, indices=None, sorted_indices=False):
-        w = self["weight"], self["scales"], self["biases"]
-        return qmm(x, *w, self.group_size, self.bits, indices, sorted_indices, transpose=False)
-
-
 def sdpa(q, k, v, scale: float, mask=None):
     """Attention of q over the cached k, v. Ours for one new token on the CPU (kernels/attend.cpp: one
     pass over the cache, threads inside; MLX's general CPU path is 5x slower there), else MLX's."""
@@ -356,14 +332,14 @@ def sdpa(q, k, v, scale: float, mask=None):
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
-def qmm(x, w, scales, biases, group_size, bits, indices=None, sorted_indices=False, transpose=True):
-    """x @ dequantize(w).T (transpose, the usual layout) or x @ dequantize(w) (input-major); with
-    indices, w holds stacked experts and each batch element of x uses the one indices names. The one
-    place where the kernel is chosen: ours on the CPU (kernels/, see use_kernels), else MLX's."""
+def qmm(x, w, scales, biases, group_size, bits, indices=None, sorted_indices=False):
+    """x @ dequantize(w).T; with indices, w holds stacked experts and each batch element of x uses the
+    one indices names. The one place where the kernel is chosen: ours on the CPU (kernels/, see
+    use_kernels), else MLX's."""
     fast, path = KERNELS["module"], KERNELS["path"]
-    if fast is not None and transpose and x.dtype == mx.float32 and scales.dtype == mx.float32:
+    if fast is not None and x.dtype == mx.float32 and scales.dtype == mx.float32:
         return fast.qmm(x, w, scales, biases, indices, group_size=group_size, bits=bits, path=path)
-    args = dict(transpose=transpose, group_size=group_size, bits=bits)
+    args = dict(transpose=True, group_size=group_size, bits=bits)
     if indices is None:
         return mx.quantized_matmul(x, w, scales, biases, **args)
     return mx.gather_qmm(x, w, scales, biases, rhs_indices=indices, sorted_indices=sorted_indices, **args)
@@ -415,9 +391,8 @@ def set_kernel_threads(n: int) -> str:
     return KERNELS["line"]
 
 
-def quantize_model(model: "Mixtral", group_size: int, bits: int, input_major: bool, keep=lambda path: True):
-    """Quantize the projections for which keep(path) holds, as convert.py writes them: input-major
-    when asked and the outputs fill whole groups, the usual (out, in) layout otherwise."""
+def quantize_model(model: "Mixtral", group_size: int, bits: int, keep=lambda path: True):
+    """Quantize the projections for which keep(path) holds, as convert.py writes them."""
     nn.quantize(model, group_size, bits, class_predicate=lambda p, m: hasattr(m, "to_quantized") and keep(p))
 
     def ours(m):  # MLX's QuantizedLinear -> ours, where the kernel is chosen
@@ -426,18 +401,21 @@ def quantize_model(model: "Mixtral", group_size: int, bits: int, input_major: bo
         return QuantizedLinear(m["weight"], m["scales"], m["biases"], group_size, bits)
 
     model.update_modules(tree_map(ours, model.leaf_modules(), is_leaf=nn.Module.is_module))
-    if not input_major:
-        return
 
-    def to_input_major(m):
-        if not isinstance(m, QuantizedLinear) or m["weight"].shape[-2] % group_size:
-            return m
-        w = mx.dequantize(m["weight"], m["scales"], m["biases"], group_size, bits)  # lazy
-        new = InputMajorLinear(w.shape[-1], w.shape[-2], w.shape[0] if w.ndim == 3 else 0, group_size, bits)
-        new.weight, new.scales, new.biases = mx.quantize(w.swapaxes(-1, -2), group_size, bits)
-        return new
 
-    model.update_modules(tree_map(to_input_major, model.leaf_modules(), is_leaf=nn.Module.is_module))
+def from_input_major(model: "Mixtral", weights: dict, group_size: int, bits: int) -> dict:
+    """A folder that convert.py wrote "input-major" before our CPU kernels (each projection whose
+    outputs fill whole groups stored (..., in, out), quantized along out) -> the usual layout, lazily:
+    each such weight is dequantized, transposed and quantized again along in (a second rounding)."""
+    out = dict(weights)
+    for name, layer in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if not isinstance(layer, QuantizedLinear) or layer["weight"].shape[-2] % group_size:
+            continue
+        old = [weights[f"{name}.{k}"] for k in ("weight", "scales", "biases")]
+        w = mx.dequantize(old[0], *(a.astype(mx.float32) for a in old[1:]), group_size, bits)
+        for k, a in zip(("weight", "scales", "biases"), mx.quantize(w.swapaxes(-1, -2), group_size, bits)):
+            out[f"{name}.{k}"] = a
+    return out
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -523,12 +501,22 @@ def load_model(
         check_vocabulary(tokenizer, args, path / "tokenizer.model", "put the checkpoint's own tokenizer.model there")
         weights, shards = lazy_shards(path)
         model = skeleton(args, quantization, weights)
+        if quantization and quantization.get("layout") == "input-major":
+            print(f"note: {INPUT_MAJOR_NOTE.format(path=path, source=folder.source(path))}", file=sys.stderr)
+            weights = from_input_major(model, weights, quantization["group_size"], quantization["bits"])
         attach(model, weights, dtype, path)
         del weights  # from here the model alone holds the tensors: cut ones can be freed once cut
         place(model, group, cpu_threads, quantization["group_size"] if quantization else 1, shares)
         if not lazy:
             read_weights(model, shards, deliver)
     return model, tokenizer
+
+
+INPUT_MAJOR_NOTE = (
+    "{path} is in the input-major layout of earlier versions: repacked to the usual layout at every load "
+    "(each weight rounded a second time); convert it again for the usual layout, a faster load and no "
+    "second rounding: python convert.py --hf-path {source} --mlx-path {path} --force"
+)
 
 
 def check_vocabulary(tokenizer: "Tokenizer", args: ModelArgs, where, fix: str):
@@ -554,16 +542,11 @@ def lazy_shards(path: Path):
 
 def skeleton(args: ModelArgs, quantization, weights) -> Mixtral:
     """The model's modules with placeholder weights, quantized exactly where the converter quantized (it
-    keeps the router in full precision), in the folder's layout."""
+    keeps the router in full precision)."""
     model = Mixtral(args)
     if quantization:
         quantized = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
-        g, bits, input_major = (
-            quantization["group_size"],
-            quantization["bits"],
-            quantization.get("layout") == "input-major",
-        )
-        quantize_model(model, g, bits, input_major, keep=lambda p: p in quantized)
+        quantize_model(model, quantization["group_size"], quantization["bits"], keep=lambda p: p in quantized)
     return model
 
 

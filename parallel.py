@@ -13,8 +13,7 @@ The same cut serves twice:
   (`mixtral.all_sum`). The router, the norms, the embeddings and the output stay whole on every rank
   (the output is 0.3% of Mixtral's weights: cutting it by vocabulary would add a gather per token).
 
-A projection is stored (..., out, in), packed along `in` when quantized ("standard"), or
-(..., in, out), packed and grouped along `out` (mixtral.InputMajorLinear). A cut along a packed axis falls
+A projection is stored (..., out, in), packed along `in` when quantized. A cut along `in` falls
 between whole quantization groups, and its slice of the packed words, scales and biases is in
 proportion.
 """
@@ -38,36 +37,28 @@ from runtime import EveryRankError
 
 
 def out_dims(layer: nn.Module) -> int:
-    return layer.out_dims if getattr(layer, "input_major", False) else layer["weight"].shape[-2]
+    return layer["weight"].shape[-2]
 
 
 def in_dims(layer: nn.Module) -> int:
-    if getattr(layer, "input_major", False):
-        return layer["weight"].shape[-2]
     return layer["scales"].shape[-1] * layer.group_size if "scales" in layer else layer["weight"].shape[-1]
 
 
 def cut(layer: nn.Module, a: int, b: int, along: str) -> nn.Module:
     """The part of `layer` that computes outputs a:b (along="out") or reads inputs a:b (along="in")."""
-    input_major = getattr(layer, "input_major", False)
-    rows = (along == "out") != input_major  # out is axis -2 in the standard layout, in for input-major
     n = out_dims(layer) if along == "out" else in_dims(layer)
     part = copy.copy(layer)
     for name in ("weight", "scales", "biases"):
         if name in layer:
             w = layer[name]
-            w = w[..., a:b, :] if rows else w[..., a * w.shape[-1] // n : b * w.shape[-1] // n]
+            w = w[..., a:b, :] if along == "out" else w[..., a * w.shape[-1] // n : b * w.shape[-1] // n]
             part[name] = mx.contiguous(w)
-    if input_major and along == "out":
-        part.out_dims = b - a
     return part
 
 
 def alignment(layer: nn.Module, along: str) -> int:
-    """Cuts along a packed axis must fall between quantization groups."""
-    input_major = getattr(layer, "input_major", False)
-    packed = "scales" in layer and (along == "out") == input_major
-    return layer.group_size if packed else 1
+    """Cuts along the packed axis (in) must fall between quantization groups."""
+    return layer.group_size if "scales" in layer and along == "in" else 1
 
 
 # --------------------------------------------------------------------------- CPU streams

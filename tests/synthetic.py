@@ -1,6 +1,7 @@
 """Small Mixtral checkpoints in exact Hugging Face layout (names, shapes, bf16 safetensors shards,
 model.safetensors.index.json, config.json, the real tokenizer.model), built from a fixed seed."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -110,4 +111,39 @@ def write_hf_checkpoint(path, seed=0, n_shards=4, **overrides):
     )
     (path / "config.json").write_text(json.dumps(config, indent=2))
     shutil.copyfile(TOKENIZER, path / "tokenizer.model")
+    return path
+
+
+def write_input_major(unquantized, path, bits=8, group_size=64):
+    """A folder as convert.py wrote it with --layout input-major before our CPU kernels (no longer
+    written; such folders still load, repacked): from an unquantized conversion (ours), each projection
+    whose outputs fill whole groups quantized transposed, (..., in, out) along out; the embeddings and
+    the rest as usual; the router in full precision."""
+    src, path = Path(unquantized), Path(path)
+    path.mkdir(parents=True)
+    weights = {}
+    for shard in sorted(src.glob("weights.*.npz")):
+        weights.update(mx.load(str(shard)))
+    out = {}
+    for name, w in weights.items():
+        module = name.removesuffix(".weight")
+        if not name.endswith(".weight") or w.ndim < 2 or module.endswith("feed_forward.gate"):
+            out[name] = w
+            continue
+        transposed = module != "tok_embeddings" and w.shape[-2] % group_size == 0
+        w = w.astype(mx.float32)
+        q = mx.quantize(w.swapaxes(-1, -2) if transposed else w, group_size, bits)
+        out |= {f"{module}.{k}": a for k, a in zip(("weight", "scales", "biases"), q)}
+    mx.savez(str(path / "weights.00.npz"), **out)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization"] = {"group_size": group_size, "bits": bits, "layout": "input-major"}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copyfile(src / "tokenizer.model", path / "tokenizer.model")
+    manifest = json.loads((src / "manifest.json").read_text())
+    files = {
+        f.name: {"bytes": f.stat().st_size, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+        for f in path.iterdir()
+    }
+    manifest.update(bits=bits, group_size=group_size, layout="input-major", files=files)
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return path

@@ -27,9 +27,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import convert
 import mixtral
-from conftest import LAYOUTS, examples
+from conftest import LAYOUTS, convert_form, examples
 
 EPS = np.finfo(np.float32).eps
 
@@ -168,10 +167,7 @@ def test_a_bad_shape_is_refused_with_a_message():
 @pytest.fixture(scope="module")
 def standard(tmp_path_factory, hf_tiny):
     out = tmp_path_factory.mktemp("standard")
-    return {
-        bits: convert.convert(hf_tiny, out / str(bits), log=lambda s: None, **LAYOUTS[f"{bits}-bit standard"])
-        for bits in (8, 4)
-    }
+    return {bits: convert_form(hf_tiny, out / str(bits), **LAYOUTS[f"{bits}-bit standard"]) for bits in (8, 4)}
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -278,3 +274,4 @@ def test_rms_norm_equals_mlx_fast_rms_norm(seed, rows, dims, eps):
     rms = np.sqrt((xn**2).mean(-1, keepdims=True) + eps)
     bound = 2 * (dims + 4) * EPS * np.abs(xn * np.array(w)) / rms
     assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
+
