@@ -12,6 +12,10 @@
 
 #include "mlx/backend/cpu/encoder.h"
 
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
 namespace mixtral_kernels {
 
 namespace {
@@ -40,6 +44,11 @@ inline float dot(const float* x, const float* y, int64_t n) {
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   total = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+  float32x4_t acc = vdupq_n_f32(0);
+  for (; i + 4 <= n; i += 4)
+    acc = vfmaq_f32(acc, vld1q_f32(x + i), vld1q_f32(y + i));
+  total = vaddvq_f32(acc);
 #endif
   for (; i < n; ++i)
     total += x[i] * y[i];

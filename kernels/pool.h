@@ -76,6 +76,8 @@ class Pool {
   static inline void pause() {
 #if defined(__AVX2__)
     _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
 #endif
   }
 

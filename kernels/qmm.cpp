@@ -2,6 +2,7 @@
 // registers and dotted with every row of x in a tile (prefill reads each weight once per tile, not
 // once per row), the outputs split over a small pool of threads inside the op.
 #include "qmm.h"
+#include "dot.h"
 #include "pool.h"
 
 #include <algorithm>
@@ -12,14 +13,6 @@
 #include <vector>
 
 #include "mlx/backend/cpu/encoder.h"
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define MK_AVX2 1
-#endif
-#if defined(MK_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
-#define MK_AVX512 1
-#endif
 
 namespace mixtral_kernels {
 
@@ -32,212 +25,8 @@ int threads() {
 }
 
 std::string simd() {
-#if defined(MK_AVX512) && defined(__AVX512VNNI__)
-  return "avx512-vnni";
-#elif defined(MK_AVX512)
-  return "avx512";
-#elif defined(MK_AVX2)
-  return "avx2";
-#else
-  return "scalar";
-#endif
+  return simd_name();
 }
-
-// --------------------------------------------------------------------------- one row's dot products
-
-
-// The integer at position k of a packed weight row (MLX packs from the low bits up).
-static inline int q_at(const uint8_t* w, int k, int bits) {
-  return bits == 8 ? w[k] : (w[k >> 1] >> ((k & 1) * 4)) & 0xF;
-}
-
-struct Row {
-  const uint8_t* w; // the packed weight row
-  const float* scales; // its groups' scales and biases
-  const float* biases;
-};
-
-#ifdef MK_AVX2
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// 8 weights from position k on, as floats.
-template <int BITS>
-static inline __m256 widen8(const uint8_t* w, int k) {
-  if constexpr (BITS == 8) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + k))));
-  } else {
-    uint32_t word;
-    std::memcpy(&word, w + k / 2, 4);
-    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), _mm256_set1_epi32(0xF));
-    return _mm256_cvtepi32_ps(q);
-  }
-}
-
-// 16 weights from position k on, as int16.
-template <int BITS>
-static inline __m256i widen16(const uint8_t* w, int k) {
-  if constexpr (BITS == 8) {
-    return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(w + k)));
-  } else {
-    __m128i b = _mm_loadl_epi64((const __m128i*)(w + k / 2));
-    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
-    return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi));
-  }
-}
-#endif
-
-// exact: sum over groups of scale * (x . q) + bias * sum(x), all float32.
-template <int BITS>
-static float dot_exact(const Row& r, const float* x, const float* xsum, int K, int G) {
-  float total = 0;
-#ifdef MK_AVX2
-  __m256 tot = _mm256_setzero_ps();
-  for (int g = 0, k = 0; k < K; ++g) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (int end = k + G; k < end; k += 16) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), widen8<BITS>(r.w, k), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), widen8<BITS>(r.w, k + 8), a1);
-    }
-    tot = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(r.scales[g]), tot);
-    total += r.biases[g] * xsum[g];
-  }
-  return total + hsum(tot);
-#else
-  for (int g = 0; g < K / G; ++g) {
-    float acc = 0;
-    for (int k = g * G; k < (g + 1) * G; ++k)
-      acc += x[k] * q_at(r.w, k, BITS);
-    total += r.scales[g] * acc + r.biases[g] * xsum[g];
-  }
-  return total;
-#endif
-}
-
-#ifdef MK_AVX512
-// 32 weights from position k on, as int16.
-template <int BITS>
-static inline __m512i widen32(const uint8_t* w, int k) {
-  if constexpr (BITS == 8) {
-    return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + k)));
-  } else {
-    __m128i b = _mm_loadu_si128((const __m128i*)(w + k / 2));
-    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
-    return _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)));
-  }
-}
-#endif
-
-// int16: x rounded to int16 with one scale per weight group, so each group's dot product is exact in
-// integers: sum over groups of scale * xscale * (xq . q) + bias * sum(x).
-template <int BITS>
-static float dot_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int K, int G) {
-  float total = 0;
-#if defined(MK_AVX512)
-  __m512 tot = _mm512_setzero_ps();
-  for (int g = 0, k = 0; k < K; ++g) {
-    __m512i acc = _mm512_setzero_si512();
-    for (int end = k + G; k < end; k += 32) {
-      __m512i x = _mm512_loadu_si512((const void*)(xq + k));
-#ifdef __AVX512VNNI__
-      acc = _mm512_dpwssd_epi32(acc, widen32<BITS>(r.w, k), x);
-#else
-      acc = _mm512_add_epi32(acc, _mm512_madd_epi16(widen32<BITS>(r.w, k), x));
-#endif
-    }
-    tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(r.scales[g] * xs[g]), tot);
-    total += r.biases[g] * xsum[g];
-  }
-  return total + _mm512_reduce_add_ps(tot);
-#elif defined(MK_AVX2)
-  __m256 tot = _mm256_setzero_ps();
-  for (int g = 0, k = 0; k < K; ++g) {
-    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-    for (int end = k + G; k < end; k += 32) {
-      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(widen16<BITS>(r.w, k), _mm256_loadu_si256((const __m256i*)(xq + k))));
-      a1 = _mm256_add_epi32(
-          a1, _mm256_madd_epi16(widen16<BITS>(r.w, k + 16), _mm256_loadu_si256((const __m256i*)(xq + k + 16))));
-    }
-    tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)), _mm256_set1_ps(r.scales[g] * xs[g]), tot);
-    total += r.biases[g] * xsum[g];
-  }
-  return total + hsum(tot);
-#else
-  for (int g = 0; g < K / G; ++g) {
-    int32_t i = 0;
-    for (int k = g * G; k < (g + 1) * G; ++k)
-      i += int32_t(xq[k]) * q_at(r.w, k, BITS);
-    total += r.scales[g] * xs[g] * float(i) + r.biases[g] * xsum[g];
-  }
-  return total;
-#endif
-}
-
-#ifdef MK_AVX512
-// dot_int16 of one weight row with two rows of x (prefill): the weights are widened once for both, and
-// the two chains run side by side; each output takes dot_int16's operations in its order (same bits).
-template <int BITS>
-static void dot2_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G,
-                       int64_t groups, float* out, int64_t N) {
-  __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
-  float s0 = 0, s1 = 0;
-  for (int g = 0, k = 0; k < K; ++g) {
-    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-    for (int end = k + G; k < end; k += 32) {
-      const __m512i w = widen32<BITS>(r.w, k);
-      const __m512i x0 = _mm512_loadu_si512((const void*)(xq + k)), x1 = _mm512_loadu_si512((const void*)(xq + K + k));
-#ifdef __AVX512VNNI__
-      a0 = _mm512_dpwssd_epi32(a0, w, x0);
-      a1 = _mm512_dpwssd_epi32(a1, w, x1);
-#else
-      a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(w, x0));
-      a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(w, x1));
-#endif
-    }
-    t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_set1_ps(r.scales[g] * xs[g]), t0);
-    t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_set1_ps(r.scales[g] * xs[groups + g]), t1);
-    s0 += r.biases[g] * xsum[g];
-    s1 += r.biases[g] * xsum[groups + g];
-  }
-  out[0] = s0 + _mm512_reduce_add_ps(t0);
-  out[N] = s1 + _mm512_reduce_add_ps(t1);
-}
-
-// dot2_int16 for four rows of x: the widened weights serve four chains (each output the same bits).
-template <int BITS>
-static void dot4_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G,
-                       int64_t groups, float* out, int64_t N) {
-  __m512 t[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  float s[4] = {0, 0, 0, 0};
-  for (int g = 0, k = 0; k < K; ++g) {
-    __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
-    for (int end = k + G; k < end; k += 32) {
-      const __m512i w = widen32<BITS>(r.w, k);
-      for (int i = 0; i < 4; ++i) {
-        const __m512i x = _mm512_loadu_si512((const void*)(xq + i * K + k));
-#ifdef __AVX512VNNI__
-        a[i] = _mm512_dpwssd_epi32(a[i], w, x);
-#else
-        a[i] = _mm512_add_epi32(a[i], _mm512_madd_epi16(w, x));
-#endif
-      }
-    }
-    for (int i = 0; i < 4; ++i) {
-      t[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i]), _mm512_set1_ps(r.scales[g] * xs[i * groups + g]), t[i]);
-      s[i] += r.biases[g] * xsum[i * groups + g];
-    }
-  }
-  for (int i = 0; i < 4; ++i)
-    out[i * N] = s[i] + _mm512_reduce_add_ps(t[i]);
-}
-#endif
 
 // --------------------------------------------------------------------------- the whole product
 
@@ -292,19 +81,8 @@ static void prepare(const Problem& p, Prepared& q, int64_t r0, int64_t r1) {
   }
 }
 
-// Rows read ahead of the one being computed, and how: one prefetch per cache line.
+// Weight rows read ahead of the one being computed.
 static constexpr int64_t AHEAD = 4;
-static inline void prefetch_row(const uint8_t* w, int64_t bytes, const float* scales, const float* biases,
-                                int64_t groups) {
-#ifdef MK_AVX2
-  for (int64_t i = 0; i < bytes; i += 64)
-    _mm_prefetch((const char*)(w + i), _MM_HINT_T0);
-  for (int64_t i = 0; i < groups; i += 16) {
-    _mm_prefetch((const char*)(scales + i), _MM_HINT_T0);
-    _mm_prefetch((const char*)(biases + i), _MM_HINT_T0);
-  }
-#endif
-}
 
 template <int BITS>
 static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
@@ -328,11 +106,11 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
         int64_t r = t0;
 #ifdef MK_AVX512
         for (; p.path == Path::int16 && r + 4 <= t1; r += 4)
-          dot4_int16<BITS>(row, q.xq.data() + r * p.K, q.xs.data() + r * groups, q.xsum.data() + r * groups, p.K, p.G,
-                           groups, p.out + r * p.N + n, p.N);
+          dots_int16<BITS, 4>(row, q.xq.data() + r * p.K, q.xs.data() + r * groups, q.xsum.data() + r * groups, p.K,
+                              p.G, p.out + r * p.N + n, p.N);
         for (; p.path == Path::int16 && r + 2 <= t1; r += 2)
-          dot2_int16<BITS>(row, q.xq.data() + r * p.K, q.xs.data() + r * groups, q.xsum.data() + r * groups, p.K, p.G,
-                           groups, p.out + r * p.N + n, p.N);
+          dots_int16<BITS, 2>(row, q.xq.data() + r * p.K, q.xs.data() + r * groups, q.xsum.data() + r * groups, p.K,
+                              p.G, p.out + r * p.N + n, p.N);
 #endif
         for (; r < t1; ++r) {
           p.out[r * p.N + n] = p.path == Path::int16

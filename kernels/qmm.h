@@ -16,8 +16,8 @@ namespace mixtral_kernels {
 // How the dot products are computed.
 //   exact: float32 products of x and the dequantized weights, float32 sums (MLX's own arithmetic,
 //          in another order).
-//   int16: x rounded to int16 in blocks of 32 along K (one float scale a block), then integer dot
-//          products with the weights' integers, scaled back per block and per group.
+//   int16: x rounded to int16 with one float scale per weight group, then integer dot products
+//          with the weights' integers (exact), scaled back once per group (dot.h).
 enum class Path : int { exact = 0, int16 = 1 };
 
 // x (..., M, K) float32 times w (N, K) quantized -> (..., M, N); with `indices`, w is (E, N, K) and

@@ -20,6 +20,10 @@ Bounds, for one output y = sum_k x_k w_k over K inputs (w the dequantized weight
 """
 
 import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -28,7 +32,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixtral
-from conftest import LAYOUTS, convert_form, examples
+from conftest import LAYOUTS, ROOT, convert_form, examples
 
 EPS = np.finfo(np.float32).eps
 
@@ -275,3 +279,50 @@ def test_rms_norm_equals_mlx_fast_rms_norm(seed, rows, dims, eps):
     bound = 2 * (dims + 4) * EPS * np.abs(xn * np.array(w)) / rms
     assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
 
+
+# --------------------------------------------------------------------------- each instruction set
+
+KERNELS = ROOT / "kernels"
+ARM64 = ("aarch64-linux-gnu-g++", "qemu-aarch64")  # Debian's g++-aarch64-linux-gnu and qemu-user
+
+
+def run_check_dot(tmp_path, compiler, *flags, runner=()):
+    """Build kernels/check_dot.cpp (dot.h alone) with these flags, run it -> its one line."""
+    exe = tmp_path / f"check_dot{len(list(tmp_path.iterdir()))}"
+    cmd = [compiler, "-std=c++20", "-O3", "-Wno-psabi", *flags, "-I", KERNELS, KERNELS / "check_dot.cpp", "-o", exe]
+    build = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    r = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.strip()
+
+
+def cpu_flags() -> set:
+    return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the x86 paths")
+def test_every_x86_path_this_cpu_runs_is_within_the_float32_bound_of_a_double_reference(tmp_path):
+    """dot.h's AVX-512 (VNNI or not), AVX2 and scalar dot products, each built on its own."""
+    builds = {"scalar": (), "avx2": ("-mavx2", "-mfma")}
+    if {"avx512f", "avx512bw"} <= cpu_flags():
+        builds["avx512"] = ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw")
+    builds[ours().simd()] = ("-march=native",)  # the build pip made (CMakeLists.txt)
+    for simd, flags in builds.items():
+        assert run_check_dot(tmp_path, "g++", *flags).endswith(f" {simd}")
+
+
+def test_the_arm64_neon_path_is_within_the_float32_bound_of_a_double_reference(tmp_path):
+    """dot.h's NEON dot products, built for arm64 and run under qemu (Linux on arm64 builds them)."""
+    missing = [tool for tool in ARM64 if not shutil.which(tool)]
+    assert not missing, f"{missing} missing: apt-get install g++-aarch64-linux-gnu qemu-user"
+    assert run_check_dot(tmp_path, ARM64[0], "-static", runner=(ARM64[1],)).endswith(" neon")
+
+
+def test_the_whole_extension_compiles_for_arm64(tmp_path):
+    """Every source, with MLX's own headers: no x86 instruction outside its guard."""
+    include = Path(mx.__file__).parent / "include"
+    for source in ("qmm.cpp", "attend.cpp", "small.cpp"):
+        cmd = [ARM64[0], "-std=c++20", "-O1", "-Wno-psabi", "-c", "-I", include, "-I", KERNELS, KERNELS / source]
+        r = subprocess.run([*map(str, cmd), "-o", str(tmp_path / "out.o")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]

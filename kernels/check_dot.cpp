@@ -1,0 +1,106 @@
+// A check of dot.h alone, for whatever machine it is compiled for (tests/test_kernels.py builds it
+// natively and for arm64, which it runs under qemu): each vector dot product against a double
+// reference of the same integers, for 8 and 4 bits, groups of 32, 64 and 128, 1 to 11 groups.
+//
+// The bound: every path computes the same sum of K products (one per weight) plus K/G bias terms,
+// in float32, in some order. Any order of summing n terms in float32 errs by at most
+// n * u / (1 - n * u) * (sum of |terms|), u = 2^-24 (Higham, Accuracy and Stability, 4.3); the scale
+// products add two roundings per group. So |got - reference| <= (K + 2 K / G + 2) * 1.01 u * S, with S
+// the sum of the terms' magnitudes. The int16 path's integer dot products are exact.
+// Prints "ok N" and exits 0, or prints each failure and exits 1.
+#include "dot.h"
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+using namespace mixtral_kernels;
+
+struct Case {
+  std::vector<uint8_t> w;
+  std::vector<float> scales, biases, x, xsum, xs;
+  std::vector<int16_t> xq;
+};
+
+static Case make(std::mt19937& rng, int bits, int G, int K) {
+  std::normal_distribution<float> normal;
+  std::uniform_int_distribution<int> byte(0, 255), i16(-32767, 32767);
+  Case c;
+  c.w.resize(K * bits / 8);
+  for (auto& b : c.w)
+    b = uint8_t(byte(rng));
+  for (int g = 0; g < K / G; ++g) {
+    c.scales.push_back(0.01f * normal(rng));
+    c.biases.push_back(normal(rng));
+    c.xs.push_back(1e-4f * std::fabs(normal(rng)));
+  }
+  for (int k = 0; k < K; ++k) {
+    c.x.push_back(normal(rng));
+    c.xq.push_back(int16_t(i16(rng)));
+  }
+  for (int g = 0; g < K / G; ++g) {
+    float s = 0;
+    for (int k = g * G; k < (g + 1) * G; ++k)
+      s += c.x[k];
+    c.xsum.push_back(s);
+  }
+  return c;
+}
+
+// -> (reference, sum of the terms' magnitudes), in double.
+static std::pair<double, double> reference(const Case& c, int bits, int G, int K, bool int16) {
+  double total = 0, size = 0;
+  for (int g = 0; g < K / G; ++g) {
+    double acc = 0, mag = 0;
+    for (int k = g * G; k < (g + 1) * G; ++k) {
+      double term = (int16 ? double(c.xq[k]) : double(c.x[k])) * q_at(c.w.data(), k, bits);
+      acc += term;
+      mag += std::fabs(term);
+    }
+    const double scale = int16 ? double(c.scales[g]) * c.xs[g] : c.scales[g];
+    total += scale * acc + double(c.biases[g]) * c.xsum[g];
+    size += std::fabs(scale) * mag + std::fabs(double(c.biases[g]) * c.xsum[g]);
+  }
+  return {total, size};
+}
+
+template <int BITS>
+static int check(std::mt19937& rng, int G, int K, int& cases) {
+  const Case c = make(rng, BITS, G, K);
+  const Row r{c.w.data(), c.scales.data(), c.biases.data()};
+  int failures = 0;
+  for (bool int16 : {false, true}) {
+    const auto [ref, size] = reference(c, BITS, G, K, int16);
+    const double bound = (K + 2.0 * K / G + 2) * 1.01 * std::ldexp(1.0, -24) * size;
+    const float got[2] = {
+        int16 ? dot_int16<BITS>(r, c.xq.data(), c.xs.data(), c.xsum.data(), K, G)
+              : dot_exact<BITS>(r, c.x.data(), c.xsum.data(), K, G),
+        int16 ? dot_int16_scalar<BITS>(r, c.xq.data(), c.xs.data(), c.xsum.data(), K, G)
+              : dot_exact_scalar<BITS>(r, c.x.data(), c.xsum.data(), K, G),
+    };
+    for (int i = 0; i < 2; ++i, ++cases) {
+      if (!(std::fabs(got[i] - ref) <= bound)) {
+        std::printf("FAIL %s %s bits %d group %d K %d: %.9g, reference %.9g, bound %.3g\n",
+                    i ? "scalar" : simd_name().c_str(), int16 ? "int16" : "exact", BITS, G, K, got[i], ref, bound);
+        ++failures;
+      }
+    }
+  }
+  return failures;
+}
+
+int main() {
+  std::mt19937 rng(0);
+  int failures = 0, cases = 0;
+  for (int G : {32, 64, 128})
+    for (int groups : {1, 2, 3, 8, 11})
+      for (int repeat = 0; repeat < 4; ++repeat) {
+        failures += check<8>(rng, G, G * groups, cases);
+        failures += check<4>(rng, G, G * groups, cases);
+      }
+  if (failures)
+    return 1;
+  std::printf("ok %d %s\n", cases, simd_name().c_str());
+  return 0;
+}

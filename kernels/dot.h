@@ -1,0 +1,298 @@
+// One weight row dotted with one row of x (and, on AVX-512, with 2 or 4 rows at once): the inner
+// loops of qmm.cpp, for each instruction set the compiler targets (-march=native: the build machine's).
+// Plain C++ with no MLX in it, so that tests/test_kernels.py can build it alone, for arm64 too
+// (check_dot.cpp, run under qemu), and check each against the scalar loops and a double reference.
+//
+// A weight row is MLX's affine layout: K integers packed from the low bits up (8 or 4 bits each), one
+// scale and one bias per group of G along K; its value is scale * q + bias. So per group:
+//   exact: scale * (x . q) + bias * sum(x), float32 products and sums;
+//   int16: x rounded to int16 with one scale xs per group, so (xq . q) is exact in integers:
+//          scale * xs * (xq . q) + bias * sum(x).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MK_AVX2 1
+#endif
+#if defined(MK_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define MK_AVX512 1
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define MK_NEON 1
+#endif
+
+namespace mixtral_kernels {
+
+inline std::string simd_name() {
+#if defined(MK_AVX512) && defined(__AVX512VNNI__)
+  return "avx512-vnni";
+#elif defined(MK_AVX512)
+  return "avx512";
+#elif defined(MK_AVX2)
+  return "avx2";
+#elif defined(MK_NEON)
+  return "neon";
+#else
+  return "scalar";
+#endif
+}
+
+struct Row {
+  const uint8_t* w; // the packed weight row
+  const float* scales; // its groups' scales and biases
+  const float* biases;
+};
+
+// The integer at position k of a packed weight row.
+inline int q_at(const uint8_t* w, int64_t k, int bits) {
+  return bits == 8 ? w[k] : (w[k >> 1] >> ((k & 1) * 4)) & 0xF;
+}
+
+// --------------------------------------------------------------------------- scalar: the definition
+
+template <int BITS>
+float dot_exact_scalar(const Row& r, const float* x, const float* xsum, int64_t K, int G) {
+  float total = 0;
+  for (int64_t g = 0; g < K / G; ++g) {
+    float acc = 0;
+    for (int64_t k = g * G; k < (g + 1) * G; ++k)
+      acc += x[k] * q_at(r.w, k, BITS);
+    total += r.scales[g] * acc + r.biases[g] * xsum[g];
+  }
+  return total;
+}
+
+template <int BITS>
+float dot_int16_scalar(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G) {
+  float total = 0;
+  for (int64_t g = 0; g < K / G; ++g) {
+    int32_t i = 0;
+    for (int64_t k = g * G; k < (g + 1) * G; ++k)
+      i += int32_t(xq[k]) * q_at(r.w, k, BITS);
+    total += r.scales[g] * xs[g] * float(i) + r.biases[g] * xsum[g];
+  }
+  return total;
+}
+
+// --------------------------------------------------------------------------- x86: AVX2, AVX-512
+
+#ifdef MK_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 weights from position k on, as floats.
+template <int BITS>
+inline __m256 widen8(const uint8_t* w, int64_t k) {
+  if constexpr (BITS == 8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(w + k))));
+  } else {
+    uint32_t word;
+    std::memcpy(&word, w + k / 2, 4);
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), _mm256_set1_epi32(0xF));
+    return _mm256_cvtepi32_ps(q);
+  }
+}
+
+// 16 weights from position k on, as int16.
+template <int BITS>
+inline __m256i widen16(const uint8_t* w, int64_t k) {
+  if constexpr (BITS == 8) {
+    return _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(w + k)));
+  } else {
+    __m128i b = _mm_loadl_epi64((const __m128i*)(w + k / 2));
+    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+    return _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi));
+  }
+}
+#endif
+
+#ifdef MK_AVX512
+// 32 weights from position k on, as int16.
+template <int BITS>
+inline __m512i widen32(const uint8_t* w, int64_t k) {
+  if constexpr (BITS == 8) {
+    return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + k)));
+  } else {
+    __m128i b = _mm_loadu_si128((const __m128i*)(w + k / 2));
+    __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F));
+    return _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi)));
+  }
+}
+
+inline __m512i dot_i16(__m512i acc, __m512i w, __m512i x) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(acc, w, x);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+}
+#endif
+
+// --------------------------------------------------------------------------- arm64: NEON
+
+#ifdef MK_NEON
+// 16 weights from position k on, as bytes in order.
+template <int BITS>
+inline uint8x16_t load16(const uint8_t* w, int64_t k) {
+  if constexpr (BITS == 8) {
+    return vld1q_u8(w + k);
+  } else { // byte j holds weights 2j (low nibble) and 2j + 1 (high): interleave the two halves
+    const uint8x8_t b = vld1_u8(w + k / 2);
+    const uint8x8x2_t z = vzip_u8(vand_u8(b, vdup_n_u8(0x0F)), vshr_n_u8(b, 4));
+    return vcombine_u8(z.val[0], z.val[1]);
+  }
+}
+
+inline float32x4_t to_float(uint16x4_t q) {
+  return vcvtq_f32_u32(vmovl_u16(q));
+}
+#endif
+
+// --------------------------------------------------------------------------- one row, one x
+
+template <int BITS>
+float dot_exact(const Row& r, const float* x, const float* xsum, int64_t K, int G) {
+#if defined(MK_AVX2)
+  float total = 0;
+  __m256 tot = _mm256_setzero_ps();
+  for (int64_t g = 0, k = 0; k < K; ++g) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int64_t end = k + G; k < end; k += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), widen8<BITS>(r.w, k), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), widen8<BITS>(r.w, k + 8), a1);
+    }
+    tot = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(r.scales[g]), tot);
+    total += r.biases[g] * xsum[g];
+  }
+  return total + hsum(tot);
+#elif defined(MK_NEON)
+  float total = 0;
+  float32x4_t tot = vdupq_n_f32(0);
+  for (int64_t g = 0, k = 0; k < K; ++g) {
+    float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t end = k + G; k < end; k += 16) {
+      const uint8x16_t q = load16<BITS>(r.w, k);
+      const uint16x8_t lo = vmovl_u8(vget_low_u8(q)), hi = vmovl_high_u8(q);
+      a0 = vfmaq_f32(a0, vld1q_f32(x + k), to_float(vget_low_u16(lo)));
+      a1 = vfmaq_f32(a1, vld1q_f32(x + k + 4), to_float(vget_high_u16(lo)));
+      a2 = vfmaq_f32(a2, vld1q_f32(x + k + 8), to_float(vget_low_u16(hi)));
+      a3 = vfmaq_f32(a3, vld1q_f32(x + k + 12), to_float(vget_high_u16(hi)));
+    }
+    tot = vfmaq_n_f32(tot, vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)), r.scales[g]);
+    total += r.biases[g] * xsum[g];
+  }
+  return total + vaddvq_f32(tot);
+#else
+  return dot_exact_scalar<BITS>(r, x, xsum, K, G);
+#endif
+}
+
+template <int BITS>
+float dot_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G) {
+#if defined(MK_AVX512)
+  float total = 0;
+  __m512 tot = _mm512_setzero_ps();
+  for (int64_t g = 0, k = 0; k < K; ++g) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t end = k + G; k < end; k += 32)
+      acc = dot_i16(acc, widen32<BITS>(r.w, k), _mm512_loadu_si512((const void*)(xq + k)));
+    tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(r.scales[g] * xs[g]), tot);
+    total += r.biases[g] * xsum[g];
+  }
+  return total + _mm512_reduce_add_ps(tot);
+#elif defined(MK_AVX2)
+  float total = 0;
+  __m256 tot = _mm256_setzero_ps();
+  for (int64_t g = 0, k = 0; k < K; ++g) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    for (int64_t end = k + G; k < end; k += 32) {
+      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(widen16<BITS>(r.w, k), _mm256_loadu_si256((const __m256i*)(xq + k))));
+      a1 = _mm256_add_epi32(
+          a1, _mm256_madd_epi16(widen16<BITS>(r.w, k + 16), _mm256_loadu_si256((const __m256i*)(xq + k + 16))));
+    }
+    tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)), _mm256_set1_ps(r.scales[g] * xs[g]), tot);
+    total += r.biases[g] * xsum[g];
+  }
+  return total + hsum(tot);
+#elif defined(MK_NEON)
+  // int16 x int16 multiply-accumulates into int32 lanes (vmlal): exact, as madd_epi16 on x86. (The
+  // dot-product instructions, sdot/udot, take bytes only: int8 activations, which cost 26% more error.)
+  float total = 0;
+  float32x4_t tot = vdupq_n_f32(0);
+  for (int64_t g = 0, k = 0; k < K; ++g) {
+    int32x4_t a0 = vdupq_n_s32(0), a1 = a0;
+    for (int64_t end = k + G; k < end; k += 16) {
+      const uint8x16_t q = load16<BITS>(r.w, k);
+      const int16x8_t w0 = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(q)));
+      const int16x8_t w1 = vreinterpretq_s16_u16(vmovl_high_u8(q));
+      const int16x8_t x0 = vld1q_s16(xq + k), x1 = vld1q_s16(xq + k + 8);
+      a0 = vmlal_high_s16(vmlal_s16(a0, vget_low_s16(w0), vget_low_s16(x0)), w0, x0);
+      a1 = vmlal_high_s16(vmlal_s16(a1, vget_low_s16(w1), vget_low_s16(x1)), w1, x1);
+    }
+    tot = vfmaq_n_f32(tot, vcvtq_f32_s32(vaddq_s32(a0, a1)), r.scales[g] * xs[g]);
+    total += r.biases[g] * xsum[g];
+  }
+  return total + vaddvq_f32(tot);
+#else
+  return dot_int16_scalar<BITS>(r, xq, xs, xsum, K, G);
+#endif
+}
+
+// --------------------------------------------------------------------------- one row, R rows of x
+
+#ifdef MK_AVX512
+// dot_int16 of one weight row with R rows of x (prefill): the weights are widened once for all, and
+// the R chains run side by side; each output takes dot_int16's operations in its order (same bits).
+// xq, xs, xsum: R rows of K, K / G, K / G; out: R outputs N apart.
+template <int BITS, int R>
+void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G, float* out,
+                int64_t N) {
+  const int64_t groups = K / G;
+  __m512 t[R];
+  float s[R];
+  for (int i = 0; i < R; ++i) {
+    t[i] = _mm512_setzero_ps();
+    s[i] = 0;
+  }
+  for (int64_t g = 0, k = 0; k < K; ++g) {
+    __m512i a[R];
+    for (int i = 0; i < R; ++i)
+      a[i] = _mm512_setzero_si512();
+    for (int64_t end = k + G; k < end; k += 32) {
+      const __m512i w = widen32<BITS>(r.w, k);
+      for (int i = 0; i < R; ++i)
+        a[i] = dot_i16(a[i], w, _mm512_loadu_si512((const void*)(xq + i * K + k)));
+    }
+    for (int i = 0; i < R; ++i) {
+      t[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i]), _mm512_set1_ps(r.scales[g] * xs[i * groups + g]), t[i]);
+      s[i] += r.biases[g] * xsum[i * groups + g];
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    out[i * N] = s[i] + _mm512_reduce_add_ps(t[i]);
+}
+#endif
+
+// Ask for a row read ahead now (one prefetch per cache line): the memory works while this one computes.
+inline void prefetch_row(const uint8_t* w, int64_t bytes, const float* scales, const float* biases, int64_t groups) {
+  for (int64_t i = 0; i < bytes; i += 64)
+    __builtin_prefetch(w + i);
+  for (int64_t i = 0; i < groups; i += 16) {
+    __builtin_prefetch(scales + i);
+    __builtin_prefetch(biases + i);
+  }
+}
+
+} // namespace mixtral_kernels
