@@ -85,17 +85,14 @@ class SplitOutputs(nn.Module):
 
 
 class HeadParallel:
-    """Attention with the KV heads (and the query heads that share them) cut over CPU streams; one new
-    token's goes to `one_token` whole when that kernel threads inside (mixtral.sdpa)."""
+    """Attention with the KV heads (and the query heads that share them) cut over CPU streams."""
 
-    def __init__(self, n_kv_heads: int, streams, one_token=None):
+    def __init__(self, n_kv_heads: int, streams):
         n = min(len(streams), n_kv_heads)
         self.cuts = [n_kv_heads * i // n for i in range(n + 1)]
-        self.streams, self.one_token = streams[:n], one_token
+        self.streams = streams[:n]
 
     def __call__(self, q, k, v, scale, mask):
-        if self.one_token is not None and q.shape[2] == 1:
-            return self.one_token(q, k, v, scale=scale, mask=mask)
         group = q.shape[1] // k.shape[1]  # query heads per KV head
         outs = []
         for a, b, stream in zip(self.cuts, self.cuts[1:], self.streams):
@@ -108,9 +105,10 @@ class HeadParallel:
         return mx.concatenate(outs, axis=1)
 
 
-def use_cpu_threads(model, n: int, threaded=lambda layer: False, one_token=None):
-    """Cut attention by heads, and each projection with enough outputs, over n CPU streams; not the
-    projections whose kernel runs threads of its own (`threaded`: mixtral's kernels/)."""
+def use_cpu_threads(model, n: int, threaded=lambda layer: False, attention: bool = True):
+    """Cut each projection with enough outputs over n CPU streams, and attention by heads (unless
+    `attention` is False); not what runs threads of its own (`threaded`, and then attention: mixtral's
+    kernels/)."""
     streams = [mx.new_stream(mx.cpu) for _ in range(n)]
 
     def split(parent, name):
@@ -118,7 +116,8 @@ def use_cpu_threads(model, n: int, threaded=lambda layer: False, one_token=None)
             setattr(parent, name, SplitOutputs(parent[name], streams))
 
     for layer in model.layers:
-        layer.attention.sdpa = HeadParallel(layer.attention.n_kv_heads, streams, one_token)
+        if attention:
+            layer.attention.sdpa = HeadParallel(layer.attention.n_kv_heads, streams)
         for name in ("wq", "wk", "wv", "wo"):
             split(layer.attention, name)
         for name in ("w1", "w2", "w3"):

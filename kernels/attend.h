@@ -1,6 +1,6 @@
-// Attention for one new token (decode): softmax(q . K^T * scale) . V over the whole KV cache, the KV
-// heads shared by groups of query heads (GQA), as mx.fast.scaled_dot_product_attention computes it
-// for one query row and no mask.
+// Attention on the CPU: softmax(q . K^T * scale) . V, the KV heads shared by groups of query heads
+// (GQA), q's T rows being the last T positions of the keys (causal, aligned to the end): what
+// mx.fast.scaled_dot_product_attention computes with mask="causal", or with no mask for one row.
 #pragma once
 
 #include "mlx/ops.h"
@@ -10,8 +10,8 @@ namespace mx = mlx::core;
 
 namespace mixtral_kernels {
 
-// q (B, Hq, 1, D), k and v (B, Hkv, S, D) float32 with Hq a multiple of Hkv -> (B, Hq, 1, D). k and v
-// may be views of a larger cache (any strides, the last axis contiguous).
+// q (B, Hq, T, D), k and v (B, Hkv, S, D) float32 with Hq a multiple of Hkv and T <= S -> (B, Hq, T, D).
+// q, k and v may be views (of a larger cache, say): any strides, the last axis contiguous.
 mx::array attend(const mx::array& q, const mx::array& k, const mx::array& v, float scale, mx::StreamOrDevice s = {});
 
 class Attend : public mx::UnaryPrimitive {

@@ -24,7 +24,8 @@ NB_MODULE(_ext, m) {
       "bits"_a = 8, "path"_a = 0, "stream"_a = nb::none(),
       "x @ dequantize(w).T (w: (N, K) or, with indices, stacked experts (E, N, K)); path 0 exact, 1 int16.");
   m.def("attend", &mk::attend, "q"_a, "k"_a, "v"_a, nb::kw_only(), "scale"_a, "stream"_a = nb::none(),
-        "softmax(q . k^T * scale) . v for one query position (decode), KV heads shared by groups of query heads.");
+        "softmax(q . k^T * scale) . v, q's T rows the last T of k's positions (causal, aligned to the end), KV "
+        "heads shared by groups of query heads.");
   m.def("rope", &mk::rope, "x"_a, nb::kw_only(), "offset"_a, "base"_a, "stream"_a = nb::none(),
         "Rotary embedding (rotate-half) of x (B, H, T, D) at positions offset..offset+T-1.");
   m.def("rms_norm", &mk::rms_norm, "x"_a, "weight"_a, nb::kw_only(), "eps"_a, "stream"_a = nb::none(),

@@ -197,27 +197,31 @@ def test_greedy_ids_of_the_exact_path_equal_mlx_kernels(standard, bits, kernels)
     kv_heads=st.integers(1, 4),
     group=st.sampled_from([1, 2, 4]),
     positions=st.integers(1, 300),
+    rows=st.sampled_from([1, 1, 2, 5, 16, 17, 40]),
     head_dim=st.sampled_from([8, 16, 24, 64, 128]),
     spare=st.integers(0, 40),
     strided_q=st.booleans(),
 )
-def test_attention_for_one_token_equals_mlx_sdpa(seed, batch, kv_heads, group, positions, head_dim, spare, strided_q):
+def test_attention_equals_mlx_sdpa_for_a_decode_step_and_a_causal_prefill(
+    seed, batch, kv_heads, group, positions, rows, head_dim, spare, strided_q
+):
     """Over the first `positions` of a larger cache (a view, as the model passes it), query heads in
-    groups sharing a KV head; q as rope leaves it, or a transposed view."""
+    groups sharing a KV head; q's rows the last of the positions (one: a decode step; more: a prefill
+    chunk, causal, in blocks of 16 rows); q as rope leaves it, or a transposed view."""
     mk, rng = ours(), np.random.default_rng(seed)
+    rows = min(rows, positions)
     size = rng.uniform(0.1, 10)
     cache = lambda: mx.array(
         rng.standard_normal((batch, kv_heads, positions + spare, head_dim)).astype(np.float32) * size
     )
     k, v = cache()[:, :, :positions], cache()[:, :, :positions]
     heads = kv_heads * group
-    q = rng.standard_normal((batch, 1, heads, head_dim) if strided_q else (batch, heads, 1, head_dim)).astype(
-        np.float32
-    )
-    q = mx.array(q).transpose(0, 2, 1, 3) if strided_q else mx.array(q)
+    shape = (batch, rows, heads, head_dim) if strided_q else (batch, heads, rows, head_dim)
+    q = mx.array(rng.standard_normal(shape).astype(np.float32))
+    q = q.transpose(0, 2, 1, 3) if strided_q else q
     scale = head_dim**-0.5
     got = np.array(mk.attend(q, k, v, scale=scale))
-    ref = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))
+    ref = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if rows > 1 else None))
     qn, kn, vn = (np.abs(np.array(a, np.float64)) for a in (q, k, v))
     kn = kn.repeat(group, axis=1)  # each query head's KV head
     d = 2 * (head_dim + 2) * EPS * scale * np.einsum("bhqd,bhsd->bhqs", qn, kn).max()
@@ -225,12 +229,13 @@ def test_attention_for_one_token_equals_mlx_sdpa(seed, batch, kv_heads, group, p
     assert got.shape == ref.shape and np.abs(got - ref).max() <= bound, (np.abs(got - ref).max(), bound)
 
 
-def test_decode_attention_runs_ours_and_prefill_mlx(kernels):
+def test_attention_runs_ours_for_decode_and_prefill_and_mlx_for_another_mask(kernels):
     mk = ours()
     q1, q5, k = mx.zeros((1, 4, 1, 16)), mx.zeros((1, 4, 5, 16)), mx.ones((1, 2, 5, 16))
     kernels("exact")
     assert "MixtralAttend" in primitive_names(mixtral.sdpa(q1, k, k, 0.25))
-    assert "MixtralAttend" not in primitive_names(mixtral.sdpa(q5, k, k, 0.25, mask="causal"))
+    assert "MixtralAttend" in primitive_names(mixtral.sdpa(q5, k, k, 0.25, mask="causal"))
+    assert "MixtralAttend" not in primitive_names(mixtral.sdpa(q5, k, k, 0.25, mask=mx.zeros((5, 5))))
     kernels("mlx")
     assert "MixtralAttend" not in primitive_names(mixtral.sdpa(q1, k, k, 0.25))
     assert mk.attend  # (imported: the test fails without our kernels)
