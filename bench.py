@@ -3,6 +3,7 @@
     python bench.py --synthetic                      # random 8-bit weights built in memory
     python bench.py --model-path mlx_model --repeat 3
     python bench.py --model-path M --mlx-lm-model L --mlx-lm-python venv/bin/python   # ratios
+    python bench.py --model-path M --compare-kernels --llama-bench "llama-bench -m M-q8_0.gguf"
 
 Figures are medians over --repeat runs; the JSON goes to stdout (or --json FILE), a table to stderr.
 """
@@ -14,7 +15,10 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
 
 import argparse
 import json
+import os
 import re
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -231,7 +235,9 @@ class Served:
 
     def __init__(self, model_path, *flags):
         cmd = [sys.executable, str(Path(__file__).with_name("server.py")), "--model-path", model_path, "--port", "0"]
-        self.proc = subprocess.Popen([*cmd, *flags], stderr=subprocess.PIPE, text=True)
+        # The server runs the kernels this run measures.
+        env = os.environ | {"MIXTRAL_KERNELS": mixtral.KERNELS["name"] or "auto"}
+        self.proc = subprocess.Popen([*cmd, *flags], stderr=subprocess.PIPE, text=True, env=env)
         line = self.proc.stderr.readline()
         if not line.startswith("serving "):
             self.proc.kill()
@@ -369,6 +375,97 @@ def run_mlx_lm(opts):
     return {"prompt_tps": float(m[1]), "generation_tps": float(m[2]), "peak_memory_gb": float(m[3])}
 
 
+# The flags a run for another kernel choice repeats: what is measured, on what, and how.
+SAME_RUN = (
+    "dim", "hidden_dim", "n_layers", "n_experts", "top_k", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
+    "q_bits", "q_group_size", "tokenizer", "prompt_tokens", "gen_tokens", "chat_turns", "turn_tokens",
+    "reply_tokens", "repeat", "dtype", "cpu_threads",
+)  # fmt: skip
+COMPARED = (
+    "kernels",
+    "prompt_tps",
+    "generation_tps",
+    "decode_weight_gbps",
+    "ttft_turn1_s",
+    "server_16_clients_tokens_per_s",
+)
+
+
+def other_kernels(opts, ran: str) -> list:
+    """bench.py again, in a fresh process each, for every other kernel choice that can run here:
+    prefill, decode, weights read per second while decoding and chat's first token."""
+    choices = [k for k in ("int16", "exact", "mlx") if k != ran and (k == "mlx" or mixtral.KERNELS["module"])]
+    source = ["--model-path", opts.model_path] if opts.model_path else ["--synthetic"]
+    for name in SAME_RUN:
+        if getattr(opts, name) is not None:
+            source += [f"--{name.replace('_', '-')}", str(getattr(opts, name))]
+    source += ["--server"] if opts.server else []
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in choices:
+            out = Path(tmp) / f"{k}.json"
+            cmd = [sys.executable, __file__, *source, "--kernels", k, "--core-only", "--json", str(out)]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+            if r.returncode:
+                tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+                raise runtime.MixtralError(f"bench.py --kernels {k} failed: {tail}")
+            figures = json.loads(out.read_text())
+            rows.append({key: figures[key] for key in COMPARED if key in figures} | {"kernels": k})
+    return rows
+
+
+def llama_bench_command(text: str) -> list:
+    """--llama-bench's command as argv, its program found, before anything is measured."""
+    try:
+        cmd = shlex.split(text)
+    except ValueError as e:
+        raise runtime.MixtralError(f"--llama-bench: {e}: {text!r}, check its quotes")
+    if not cmd or not shutil.which(cmd[0]):
+        raise runtime.MixtralError(
+            f"--llama-bench: no such program: {cmd[0] if cmd else text!r}, pass the llama-bench binary's path"
+        )
+    return cmd
+
+
+def run_llama_bench(opts, threads: int) -> dict:
+    """llama.cpp's llama-bench, as --llama-bench gives it, at this run's prompt, generation, threads
+    and repeats -> its prompt and generation tokens/s."""
+    cmd = llama_bench_command(opts.llama_bench) + ["-p", str(opts.prompt_tokens), "-n", str(opts.gen_tokens)]
+    cmd += ["-t", str(threads), "-r", str(opts.repeat), "-o", "jsonl"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    except OSError as e:
+        raise runtime.MixtralError(f"--llama-bench: {e.strerror}: {cmd[0]}, pass the llama-bench binary's path")
+    out = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("{"):
+            d = json.loads(line)
+            out["generation_tps" if d.get("n_gen") else "prompt_tps"] = d["avg_ts"]
+    if r.returncode or len(out) != 2:
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise runtime.MixtralError(f"--llama-bench: {cmd[0]} exited {r.returncode} ({tail}), check its command")
+    return out
+
+
+def comparison_table(rows: list, llama: dict | None) -> str:
+    """One line per kernel choice (and llama.cpp), with ratios to llama.cpp where it ran."""
+    served = "server_16_clients_tokens_per_s" in rows[0]
+    lines = ["kernels  prefill tok/s  decode tok/s  weights GB/s  first token s" + ("  server tok/s" if served else "")]
+    lines[0] += "  vs llama.cpp" if llama else ""
+    for r in rows + ([{"kernels": "llama.cpp"} | llama] if llama else []):
+        line = f"{r['kernels']:<8} {r['prompt_tps']:>14.1f} {r['generation_tps']:>13.1f}"
+        line += f" {r['decode_weight_gbps']:>13.1f} {r['ttft_turn1_s']:>14.3f}" if "ttft_turn1_s" in r else " " * 28
+        line += (
+            f" {r['server_16_clients_tokens_per_s']:>13.1f}" if served and "ttft_turn1_s" in r else " " * 14 * served
+        )
+        if llama and r["kernels"] != "llama.cpp":
+            line += (
+                f"  {r['prompt_tps'] / llama['prompt_tps']:.2f}x / {r['generation_tps'] / llama['generation_tps']:.2f}x"
+            )
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Benchmark Mixtral in MLX.")
     src = p.add_mutually_exclusive_group(required=True)
@@ -423,6 +520,23 @@ def build_parser():
         default=0,
         help="also time resuming a conversation of about this many tokens, with its saved cache and without",
     )
+    p.add_argument(
+        "--compare-kernels",
+        action="store_true",
+        help="also run bench.py once more for each other kernel choice that can run here (int16, exact, mlx), "
+        "each in a fresh process with the same flags, and show them side by side",
+    )
+    p.add_argument(
+        "--llama-bench",
+        metavar="COMMAND",
+        help='also run llama.cpp\'s benchmark and report ratios to it, e.g. "llama-bench -m M-q8_0.gguf --repack 0" '
+        "(bench.py adds -p, -n, -t, -r and -o jsonl from its own flags)",
+    )
+    p.add_argument(
+        "--core-only",
+        action="store_true",
+        help="only prefill, decode and the chat turns: skip the decode step's breakdown and the experts' cost",
+    )
     p.add_argument("--json", help="write the JSON here instead of stdout")
     return p
 
@@ -454,12 +568,15 @@ def run(opts):
     check_flags(opts)
     if opts.server and not opts.model_path:
         raise runtime.MixtralError("--server needs --model-path: a converted folder for server.py to load")
+    if opts.llama_bench is not None:
+        llama_bench_command(opts.llama_bench)
+    if opts.compare_kernels and mx.distributed.init().size() > 1:
+        raise runtime.MixtralError("--compare-kernels runs on one machine: run it without mlx.launch")
     mx.random.seed(0)  # the same prompts on every rank
     model, tokenizer, load_s = load(opts)
     runs = [prompt_and_decode(model, opts) for _ in range(opts.repeat)]
     turns = [chat_turns(model, tokenizer, opts) for _ in range(opts.repeat)]
-    build_ms, run_ms = decode_breakdown(model, opts)
-    experts_fastest, experts_median = experts_cost(model)
+    build_ms, run_ms = decode_breakdown(model, opts) if not opts.core_only else (None, None)
     gen_tps = statistics.median(r[1] for r in runs)
     result = {
         "device": str(mx.default_device()),
@@ -482,12 +599,12 @@ def run(opts):
         "weight_gb_per_token": (per_token := weights_per_token(model) / GB),
         "decode_weight_gbps": per_token * gen_tps,
         "read_gbps_1_thread": read_bandwidth(),
-        "decode_kernels_ms": run_ms,
-        "decode_python_ms": build_ms,
         "peak_memory_gb": mx.get_peak_memory() / GB,
     }
-    result["experts_cost"] = experts_fastest
-    result["experts_cost_median"] = experts_median
+    if not opts.core_only:
+        result |= {"decode_kernels_ms": run_ms, "decode_python_ms": build_ms}
+        result["decode_overhead"] = result["decode_step_ms"] / run_ms - 1
+        result["experts_cost"], result["experts_cost_median"] = experts_cost(model)
     result["ttft_ratio"] = result[f"ttft_turn{opts.chat_turns}_s"] / result["ttft_turn1_s"]
     if model.group is not None:
         mine = {
@@ -499,7 +616,6 @@ def run(opts):
         result["ranks"] = per_rank(model, mine)
         kv = machine.kv_bytes_per_token(model.args, model.dtype)
         print(f"plan: {model.plan.describe()}\n{parallel.plan_table(model.plan, model.args, kv)}", file=sys.stderr)
-    result["decode_overhead"] = result["decode_step_ms"] / run_ms - 1
     if opts.resume_tokens:
         result |= resume_figures(model, tokenizer, opts)
     if opts.server:
@@ -511,11 +627,23 @@ def run(opts):
         result["mlx_lm"] = lm
         result["prompt_speedup"] = result["prompt_tps"] / lm["prompt_tps"]
         result["decode_speedup"] = gen_tps / lm["generation_tps"]
+    rows = [{key: result[key] for key in COMPARED if key in result} | {"kernels": mixtral.KERNELS["name"]}]
+    if opts.compare_kernels:
+        rows += other_kernels(opts, mixtral.KERNELS["name"])
+        result["compared"] = rows
+    if opts.llama_bench is not None:
+        result["llama_cpp"] = llama = run_llama_bench(opts, result["cpu_threads"])
+        result["prompt_vs_llama_cpp"] = result["prompt_tps"] / llama["prompt_tps"]
+        result["decode_vs_llama_cpp"] = gen_tps / llama["generation_tps"]
 
     width = max(map(len, result))
     for k, v in result.items():
+        if k == "compared":
+            continue  # the table below
         shown = f"{v:.3f}" if isinstance(v, float) else v
         print(f"{k:<{width}}  {shown}", file=sys.stderr)
+    if opts.compare_kernels or opts.llama_bench is not None:
+        print(comparison_table(rows, result.get("llama_cpp")), file=sys.stderr)
     text = json.dumps(result, indent=2)
     if mx.distributed.init().rank() != 0:
         return  # rank 0 reports for all

@@ -81,3 +81,38 @@ def test_bench_measures_the_server_through_http(mlx_q8):
 def test_a_count_flag_out_of_range_is_a_one_line_error(flag, value, says):
     # --chat-turns 0 ended in an IndexError from statistics.median, after the model had loaded.
     assert_one_line_error(run_script("bench.py", "--synthetic", *TINY, flag, value), says)
+
+
+def test_compare_kernels_runs_each_kernel_choice_side_by_side():
+    result = run_bench("--synthetic", *TINY, "--compare-kernels")
+    rows = result["compared"]
+    assert [r["kernels"] for r in rows] == ["int16", "exact", "mlx"]  # CI builds ours: int16 is the default
+    for r in rows:
+        assert r["prompt_tps"] > 0 and r["generation_tps"] > 0 and r["decode_weight_gbps"] > 0, r
+
+
+# llama-bench's output format (one JSON object per test, -o jsonl), with the command it got written beside it.
+FAKE_LLAMA_BENCH = """#!/usr/bin/env python3
+import json, pathlib, sys
+pathlib.Path(sys.argv[0]).with_suffix(".args").write_text(json.dumps(sys.argv[1:]))
+print(json.dumps({"model_type": "llama 8x7B Q8_0", "n_prompt": 8, "n_gen": 0, "avg_ts": 200.0}))
+print(json.dumps({"model_type": "llama 8x7B Q8_0", "n_prompt": 0, "n_gen": 4, "avg_ts": 50.0}))
+"""
+
+
+def test_llama_bench_runs_at_the_same_sizes_and_its_ratios_are_reported(tmp_path):
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH)
+    fake.chmod(0o755)
+    result = run_bench("--synthetic", *TINY, "--core-only", "--llama-bench", f"{fake} -m model.gguf --repack 0")
+    args = json.loads(fake.with_suffix(".args").read_text())
+    t = str(result["cpu_threads"])
+    assert args == ["-m", "model.gguf", "--repack", "0", "-p", "8", "-n", "4", "-t", t, "-r", "1", "-o", "jsonl"]
+    assert result["llama_cpp"] == {"prompt_tps": 200.0, "generation_tps": 50.0}
+    assert result["decode_vs_llama_cpp"] == pytest.approx(result["generation_tps"] / 50.0)
+    assert result["prompt_vs_llama_cpp"] == pytest.approx(result["prompt_tps"] / 200.0)
+
+
+def test_a_llama_bench_that_is_not_there_is_a_one_line_error(tmp_path):
+    r = run_script("bench.py", "--synthetic", *TINY, "--core-only", "--llama-bench", str(tmp_path / "nowhere"))
+    assert_one_line_error(r, "--llama-bench:", "nowhere", "pass the llama-bench binary's path")
