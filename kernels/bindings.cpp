@@ -30,6 +30,8 @@ NB_MODULE(_ext, m) {
         "Rotary embedding (rotate-half) of x (B, H, T, D) at positions offset..offset+T-1.");
   m.def("rms_norm", &mk::rms_norm, "x"_a, "weight"_a, nb::kw_only(), "eps"_a, "stream"_a = nb::none(),
         "x / sqrt(mean(x^2) + eps) * weight over the last axis.");
+  m.def("swiglu", &mk::swiglu, "a"_a, "b"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "silu(a) * b, elementwise (a and b of one shape).");
   m.def("set_threads", &mk::set_threads, "n"_a, "Threads each projection runs on.");
   m.def("threads", &mk::threads);
   m.def("simd", &mk::simd);

@@ -1,8 +1,11 @@
-// RoPE and RMSNorm as one op each (small.h says why). Both read their input as it comes (a view, with
+// RoPE, RMSNorm and SwiGLU as one op each (small.h says why). Both read their input as it comes (a view, with
 // strides) and write a new row-major output; float32 throughout, with MLX's own formulas.
 #include "small.h"
+#include "pool.h"
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <stdexcept>
 #include <vector>
 
@@ -25,6 +28,23 @@ int64_t row_offset(int64_t r, const mx::Shape& shape, const mx::Strides& strides
     r /= shape[d];
   }
   return offset;
+}
+
+// exp(x) as Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact to
+// float32), exp(r) by a degree-7 polynomial, 2^n put in the exponent bits. No branch and no call, so
+// a loop of it vectorizes. x is clamped to [-87, 88], where exp stays a normal float.
+inline float exp_poly(float x) {
+  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>((int32_t(n) + 127) << 23);
 }
 
 } // namespace
@@ -100,6 +120,45 @@ void RmsNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 
 void RmsNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("[mixtral_kernels.rms_norm] runs on the CPU only; use mx.fast.rms_norm");
+}
+
+mx::array swiglu(const mx::array& a, const mx::array& b, mx::StreamOrDevice s) {
+  require(a.dtype() == mx::float32 && b.dtype() == mx::float32, "swiglu: float32 only");
+  require(a.shape() == b.shape() && a.ndim() >= 1, "swiglu: a and b must have one shape");
+  return mx::array(a.shape(), mx::float32, std::make_shared<Swiglu>(mx::to_stream(s)), {a, b});
+}
+
+void Swiglu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& x : inputs)
+    encoder.set_input_array(x);
+  encoder.set_output_array(out);
+  encoder.dispatch([a = inputs[0], b = inputs[1], out = mx::array::unsafe_weak_copy(out)]() mutable {
+    const int64_t D = a.shape(-1), rows = a.size() / D, sa = a.strides().back(), sb = b.strides().back();
+    const float *pa = a.data<float>(), *pb = b.data<float>();
+    float* dst = out.data<float>();
+    auto some_rows = [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* x = pa + row_offset(r, a.shape(), a.strides());
+        const float* y = pb + row_offset(r, b.shape(), b.strides());
+        float* o = dst + r * D;
+        if (sa == 1 && sb == 1) // the usual case, vectorized
+          for (int64_t k = 0; k < D; ++k)
+            o[k] = x[k] * y[k] / (1.0f + exp_poly(-x[k]));
+        else
+          for (int64_t k = 0; k < D; ++k)
+            o[k] = x[k * sa] * y[k * sb] / (1.0f + exp_poly(-x[k * sa]));
+      }
+    };
+    // Threads only where the work outweighs waking them (a decode step's 2 x 3584 does not).
+    const int n = std::max<int64_t>(1, std::min<int64_t>(Pool::get().size, a.size() / 65536));
+    Pool::get().run(n, [&](int t) { some_rows(rows * t / n, rows * (t + 1) / n); });
+  });
+}
+
+void Swiglu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[mixtral_kernels.swiglu] runs on the CPU only; use nn.silu(a) * b");
 }
 
 } // namespace mixtral_kernels

@@ -17,6 +17,10 @@ Bounds, for one output y = sum_k x_k w_k over K inputs (w the dequantized weight
   exp, product, cos and sin are within a few ulps, so the angles differ by at most 8 eps theta and the
   outputs by at most (|x1| + |x2|) (8 eps theta + 8 eps) per pair.
 - rms_norm: a sum of D squares in another order, then the same products: 2 (D + 4) eps |x w| / rms.
+- swiglu, against float64's a b / (1 + exp(-a)): exp within 2 ulp (an error d in exp(-a) moves the
+  result by at most d), then three roundings (a b, 1 + e, the division): 6 eps |result|; below -87,
+  exp(-a) is clamped at exp(88), so tiny results are off by at most |a b| exp(-88) < 1e-38 |a b|. (MLX's own silu * b
+  is 31 eps off on the same grid: the reference is float64, not MLX.)
 """
 
 import os
@@ -283,6 +287,33 @@ def test_rms_norm_equals_mlx_fast_rms_norm(seed, rows, dims, eps):
     rms = np.sqrt((xn**2).mean(-1, keepdims=True) + eps)
     bound = 2 * (dims + 4) * EPS * np.abs(xn * np.array(w)) / rms
     assert np.all(np.abs(got - ref) <= bound), np.abs(got - ref).max()
+
+
+@settings(max_examples=examples(30))
+@given(
+    seed=st.integers(0, 2**16),
+    shape=st.tuples(st.integers(1, 70), st.integers(1, 2), st.integers(1, 300)),
+    spread=st.sampled_from([1.0, 10.0, 100.0]),
+    transposed=st.booleans(),
+)
+def test_swiglu_is_within_6_eps_of_silu_a_times_b_in_float64(seed, shape, spread, transposed):
+    mk, rng = ours(), np.random.default_rng(seed)
+    a, b = (rng.standard_normal(shape).astype(np.float32) * s for s in (spread, 1.0))
+    am, bm = mx.array(a), mx.array(b)
+    if transposed:  # views read in place: the last axis with a stride
+        am, bm, a, b = am.swapaxes(0, 2), bm.swapaxes(0, 2), a.swapaxes(0, 2), b.swapaxes(0, 2)
+    got = np.array(mk.swiglu(am, bm), np.float64)
+    an, bn = a.astype(np.float64), b.astype(np.float64)
+    ref = an * bn / (1 + np.exp(-an))
+    assert np.all(np.abs(got - ref) <= 6 * EPS * np.abs(ref) + 1e-38 * np.abs(an * bn)), np.abs(got - ref).max()
+
+
+def test_swiglu_covers_the_whole_float_range_and_big_inputs_on_threads():
+    # 2M points from -120 to 120 (the clamp at both ends), in 1000 rows: the pool's threads share them.
+    a = np.linspace(-120, 120, 2_000_000, dtype=np.float32).reshape(1000, -1)
+    got = np.array(ours().swiglu(mx.array(a), mx.ones(a.shape)), np.float64)
+    ref = a / (1 + np.exp(-a.astype(np.float64)))
+    assert np.all(np.abs(got - ref) <= 6 * EPS * np.abs(ref) + 1e-38 * np.abs(a)), np.abs(got - ref).max()
 
 
 # --------------------------------------------------------------------------- each instruction set

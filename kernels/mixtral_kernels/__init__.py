@@ -1,4 +1,4 @@
-"""Quantized projections and decode attention, RoPE and RMSNorm for Mixtral on MLX's CPU backend
+"""Quantized projections, attention, RoPE, RMSNorm and SwiGLU for Mixtral on MLX's CPU backend
 (qmm.cpp, attend.cpp, small.cpp).
 
     from mixtral_kernels import qmm, EXACT, INT16
@@ -11,7 +11,7 @@ compiler) or was built with a nanobind that differs from mlx's own.
 import mlx.core as mx
 
 try:
-    from ._ext import accepts_arrays, attend, qmm, rms_norm, rope, set_threads, simd, threads
+    from ._ext import accepts_arrays, attend, qmm, rms_norm, rope, set_threads, simd, swiglu, threads
 except ImportError as e:
     raise ImportError(f"mixtral_kernels was installed without its compiled module ({e})") from None
 
@@ -25,4 +25,4 @@ except TypeError:
         "pip install --force-reinstall ./kernels (its pyproject.toml pins the matching nanobind)"
     ) from None
 
-__all__ = ["qmm", "attend", "rope", "rms_norm", "set_threads", "threads", "simd", "EXACT", "INT16"]
+__all__ = ["qmm", "attend", "rope", "rms_norm", "swiglu", "set_threads", "threads", "simd", "EXACT", "INT16"]
