@@ -10,6 +10,7 @@
 //          scale * xs * (xq . q) + bias * sum(x).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -199,19 +200,18 @@ float dot_exact(const Row& r, const float* x, const float* xsum, int64_t K, int 
 #endif
 }
 
+#ifdef MK_AVX512
+template <int BITS, int R>
+void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G, float* out,
+                int64_t N);
+#endif
+
 template <int BITS>
 float dot_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G) {
 #if defined(MK_AVX512)
-  float total = 0;
-  __m512 tot = _mm512_setzero_ps();
-  for (int64_t g = 0, k = 0; k < K; ++g) {
-    __m512i acc = _mm512_setzero_si512();
-    for (int64_t end = k + G; k < end; k += 32)
-      acc = dot_i16(acc, widen32<BITS>(r.w, k), _mm512_loadu_si512((const void*)(xq + k)));
-    tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(r.scales[g] * xs[g]), tot);
-    total += r.biases[g] * xsum[g];
-  }
-  return total + _mm512_reduce_add_ps(tot);
+  float out;
+  dots_int16<BITS, 1>(r, xq, xs, xsum, K, G, &out, 1);
+  return out;
 #elif defined(MK_AVX2)
   float total = 0;
   __m256 tot = _mm256_setzero_ps();
@@ -253,35 +253,43 @@ float dot_int16(const Row& r, const int16_t* xq, const float* xs, const float* x
 // --------------------------------------------------------------------------- one row, R rows of x
 
 #ifdef MK_AVX512
-// dot_int16 of one weight row with R rows of x (prefill): the weights are widened once for all, and
-// the R chains run side by side; each output takes dot_int16's operations in its order (same bits).
-// xq, xs, xsum: R rows of K, K / G, K / G; out: R outputs N apart.
+// dot_int16 of one weight row with R rows of x (R = 1 is dot_int16 itself; more in prefill): the
+// weights are widened once for all, the R chains run side by side, and each output takes the same
+// operations in the same order as alone (same bits). Per block of 16 groups, the products of the
+// weight scales with x's scales are one vector multiply, and the biases' term (bias . xsum) one
+// vector multiply-add into the lanes that are summed at the end: nothing scalar per group but a
+// broadcast. xq, xs, xsum: R rows of K, K / G, K / G; out: R outputs N apart.
 template <int BITS, int R>
 void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G, float* out,
                 int64_t N) {
   const int64_t groups = K / G;
   __m512 t[R];
-  float s[R];
-  for (int i = 0; i < R; ++i) {
+  for (int i = 0; i < R; ++i)
     t[i] = _mm512_setzero_ps();
-    s[i] = 0;
-  }
-  for (int64_t g = 0, k = 0; k < K; ++g) {
-    __m512i a[R];
-    for (int i = 0; i < R; ++i)
-      a[i] = _mm512_setzero_si512();
-    for (int64_t end = k + G; k < end; k += 32) {
-      const __m512i w = widen32<BITS>(r.w, k);
-      for (int i = 0; i < R; ++i)
-        a[i] = dot_i16(a[i], w, _mm512_loadu_si512((const void*)(xq + i * K + k)));
-    }
+  for (int64_t c = 0; c < groups; c += 16) {
+    const int64_t m = std::min<int64_t>(16, groups - c);
+    const __mmask16 live = __mmask16((1u << m) - 1);
+    const __m512 scale = _mm512_maskz_loadu_ps(live, r.scales + c), bias = _mm512_maskz_loadu_ps(live, r.biases + c);
+    alignas(64) float sx[R][16];
     for (int i = 0; i < R; ++i) {
-      t[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i]), _mm512_set1_ps(r.scales[g] * xs[i * groups + g]), t[i]);
-      s[i] += r.biases[g] * xsum[i * groups + g];
+      _mm512_store_ps(sx[i], _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(live, xs + i * groups + c)));
+      t[i] = _mm512_fmadd_ps(bias, _mm512_maskz_loadu_ps(live, xsum + i * groups + c), t[i]);
+    }
+    for (int64_t g = 0; g < m; ++g) {
+      __m512i a[R];
+      for (int i = 0; i < R; ++i)
+        a[i] = _mm512_setzero_si512();
+      for (int64_t k = (c + g) * G, end = k + G; k < end; k += 32) {
+        const __m512i w = widen32<BITS>(r.w, k);
+        for (int i = 0; i < R; ++i)
+          a[i] = dot_i16(a[i], w, _mm512_loadu_si512((const void*)(xq + i * K + k)));
+      }
+      for (int i = 0; i < R; ++i)
+        t[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[i]), _mm512_set1_ps(sx[i][g]), t[i]);
     }
   }
   for (int i = 0; i < R; ++i)
-    out[i * N] = s[i] + _mm512_reduce_add_ps(t[i]);
+    out[i * N] = _mm512_reduce_add_ps(t[i]);
 }
 #endif
 
