@@ -22,6 +22,9 @@
 #if defined(MK_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define MK_AVX512 1
 #endif
+#ifdef MK_AVX2
+#define MK_DOTS 1 // dots_int16: one weight row with R rows of x (x86)
+#endif
 #if defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
 #define MK_NEON 1
@@ -200,7 +203,7 @@ float dot_exact(const Row& r, const float* x, const float* xsum, int64_t K, int 
 #endif
 }
 
-#ifdef MK_AVX512
+#ifdef MK_DOTS
 template <int BITS, int R>
 void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G, float* out,
                 int64_t N);
@@ -208,24 +211,10 @@ void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* x
 
 template <int BITS>
 float dot_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G) {
-#if defined(MK_AVX512)
+#if defined(MK_DOTS)
   float out;
   dots_int16<BITS, 1>(r, xq, xs, xsum, K, G, &out, 1);
   return out;
-#elif defined(MK_AVX2)
-  float total = 0;
-  __m256 tot = _mm256_setzero_ps();
-  for (int64_t g = 0, k = 0; k < K; ++g) {
-    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-    for (int64_t end = k + G; k < end; k += 32) {
-      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(widen16<BITS>(r.w, k), _mm256_loadu_si256((const __m256i*)(xq + k))));
-      a1 = _mm256_add_epi32(
-          a1, _mm256_madd_epi16(widen16<BITS>(r.w, k + 16), _mm256_loadu_si256((const __m256i*)(xq + k + 16))));
-    }
-    tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)), _mm256_set1_ps(r.scales[g] * xs[g]), tot);
-    total += r.biases[g] * xsum[g];
-  }
-  return total + hsum(tot);
 #elif defined(MK_NEON)
   // int16 x int16 multiply-accumulates into int32 lanes (vmlal): exact, as madd_epi16 on x86. (The
   // dot-product instructions, sdot/udot, take bytes only: int8 activations, which cost 26% more error.)
@@ -252,13 +241,13 @@ float dot_int16(const Row& r, const int16_t* xq, const float* xs, const float* x
 
 // --------------------------------------------------------------------------- one row, R rows of x
 
-#ifdef MK_AVX512
 // dot_int16 of one weight row with R rows of x (R = 1 is dot_int16 itself; more in prefill): the
 // weights are widened once for all, the R chains run side by side, and each output takes the same
-// operations in the same order as alone (same bits). Per block of 16 groups, the products of the
-// weight scales with x's scales are one vector multiply, and the biases' term (bias . xsum) one
+// operations in the same order as alone (same bits). Per block of 16 groups (8 on AVX2), the products
+// of the weight scales with x's scales are one vector multiply, and the biases' term (bias . xsum) one
 // vector multiply-add into the lanes that are summed at the end: nothing scalar per group but a
 // broadcast. xq, xs, xsum: R rows of K, K / G, K / G; out: R outputs N apart.
+#if defined(MK_AVX512)
 template <int BITS, int R>
 void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G, float* out,
                 int64_t N) {
@@ -290,6 +279,39 @@ void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* x
   }
   for (int i = 0; i < R; ++i)
     out[i * N] = _mm512_reduce_add_ps(t[i]);
+}
+#elif defined(MK_AVX2)
+template <int BITS, int R>
+void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G, float* out,
+                int64_t N) {
+  const int64_t groups = K / G;
+  __m256 t[R];
+  for (int i = 0; i < R; ++i)
+    t[i] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < groups; c += 8) {
+    const int64_t m = std::min<int64_t>(8, groups - c);
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(m)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 scale = _mm256_maskload_ps(r.scales + c, live), bias = _mm256_maskload_ps(r.biases + c, live);
+    alignas(32) float sx[R][8];
+    for (int i = 0; i < R; ++i) {
+      _mm256_store_ps(sx[i], _mm256_mul_ps(scale, _mm256_maskload_ps(xs + i * groups + c, live)));
+      t[i] = _mm256_fmadd_ps(bias, _mm256_maskload_ps(xsum + i * groups + c, live), t[i]);
+    }
+    for (int64_t g = 0; g < m; ++g) {
+      __m256i a[R];
+      for (int i = 0; i < R; ++i)
+        a[i] = _mm256_setzero_si256();
+      for (int64_t k = (c + g) * G, end = k + G; k < end; k += 16) {
+        const __m256i w = widen16<BITS>(r.w, k);
+        for (int i = 0; i < R; ++i)
+          a[i] = _mm256_add_epi32(a[i], _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i*)(xq + i * K + k))));
+      }
+      for (int i = 0; i < R; ++i)
+        t[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i]), _mm256_set1_ps(sx[i][g]), t[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    out[i * N] = hsum(t[i]);
 }
 #endif
 

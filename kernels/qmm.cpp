@@ -116,7 +116,7 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
             f(n);
           }
         };
-#ifdef MK_AVX512
+#ifdef MK_DOTS
         for (; p.path == Path::int16 && r + 4 <= t1; r += 4)
           each_row([&](int64_t n) {
             dots_int16<BITS, 4>(row(n), q.xq.data() + r * p.K, q.xs.data() + r * groups, q.xsum.data() + r * groups,
