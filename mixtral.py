@@ -335,7 +335,7 @@ def sdpa(q, k, v, scale: float, mask=None):
 
 def swiglu(a, b):
     """silu(a) * b. Ours on the CPU (kernels/small.cpp: one vectorized, threaded pass; MLX's CPU sigmoid
-    is one scalar exp per element on one thread, 55 ms a layer for a 512-token prefill), else MLX's."""
+    is one scalar exp per element on one thread: 59 ms against 6.4 a layer in a 512-token prefill), else MLX's."""
     fast = KERNELS["module"]
     if fast is not None and a.dtype == b.dtype == mx.float32 and a.shape == b.shape:
         return fast.swiglu(a, b)

@@ -89,9 +89,9 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
   const int64_t row_bytes = p.K * BITS / 8, groups = p.K / p.G;
   // Cache blocking, as a GEMM's: a tile of x rows (up to 64, in L2) against a block of weight rows
   // (about 128 KB, in L2), the x rows 4 at a time (in L1) against each weight row of the block in
-  // turn: every widened weight vector serves 4 rows of x, and x is read from L1, not L2 (one block
-  // row of weights re-read from L2 per 4 rows of x, where reading each x row from L2 for every
-  // weight row was the bound: a 512-token prefill's projections 49-55 -> 77-81 billion multiply-adds per second).
+  // turn: every widened weight vector serves 4 rows of x, and x is read from L1, not L2 (a weight row
+  // re-read from L2 per 4 rows of x, where reading each x row from L2 for every weight row was the
+  // bound: a 512-token prefill's projections 49-55 -> 77-81 billion multiply-adds per second).
   const int64_t x_bytes = p.path == Path::int16 ? 2 : 4;
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(64, (256 << 10) / (p.K * x_bytes)));
   const int64_t block = std::max<int64_t>(8, (128 << 10) / row_bytes);
@@ -112,7 +112,7 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
         auto each_row = [&](auto&& f) { // f(n) for the block's weight rows, the first time reading ahead
           for (int64_t n = nb; n < nb1; ++n) {
             if (r == t0 && n + AHEAD < n1) // ask for a later row now: memory works while this one computes
-              prefetch_row(row(n + AHEAD).w, row_bytes, row(n + AHEAD).scales, row(n + AHEAD).biases, groups);
+              prefetch_row(row(n + AHEAD), row_bytes, groups);
             f(n);
           }
         };

@@ -1,5 +1,6 @@
-// RoPE, RMSNorm and SwiGLU as one op each (small.h says why). Both read their input as it comes (a view, with
-// strides) and write a new row-major output; float32 throughout, with MLX's own formulas.
+// RoPE, RMSNorm and SwiGLU as one op each (small.h says why). Each reads its inputs as they come (views,
+// with strides) and writes a new row-major output; float32 throughout, RoPE and RMSNorm with MLX's own
+// formulas, SwiGLU with a polynomial exp (MLX's calls a scalar one).
 #include "small.h"
 #include "pool.h"
 

@@ -316,6 +316,13 @@ def test_swiglu_covers_the_whole_float_range_and_big_inputs_on_threads():
     assert np.all(np.abs(got - ref) <= 6 * EPS * np.abs(ref) + 1e-38 * np.abs(a)), np.abs(got - ref).max()
 
 
+def test_a_kernels_build_that_lacks_an_op_the_model_calls_falls_back_to_mlx_in_one_line(monkeypatch):
+    # A mixtral_kernels built from an older checkout: the model must not fail mid-prefill on it.
+    monkeypatch.delattr(ours(), "swiglu")
+    module, why = mixtral.our_kernels()
+    assert module is None and "lacks swiglu" in why and "pip install --force-reinstall ./kernels" in why
+
+
 # --------------------------------------------------------------------------- each instruction set
 
 KERNELS = ROOT / "kernels"
