@@ -146,10 +146,14 @@ def test_piped_chat_over_two_ranks_prints_the_transcript_of_one_process(tmp_path
             f"last one\n/help\n/save {tmp_path / name}\n"
         )
 
-    # Sampled (temp 0.8) but with top-p off: the logits of 2 ranks equal one process's to ~1e-5, not to
-    # the bit, and this random model's flat distribution puts hundreds of near-equal tokens at a
-    # top-p cut, whose order such differences change. (The ranks agree with each other exactly.)
-    args = [ROOT / "chat.py", "--model-path", model, "--seed", 3, "--max-tokens", 20, "--temp", 0.8, "--top-p", 1.0]
+    # Sampled (temp 0.8) among the few tokens min-p 0.5 keeps: the logits of 2 ranks equal one process's
+    # to ~1e-5, not to the bit, and this random model's distribution is flat. Over the whole vocabulary
+    # (or at a top-p cut) thousands of tokens of ~3e-5 each lie side by side, and MLX's categorical
+    # walks their cumulative sum: a 1e-5 difference moved the draw to the next token id in 1 to 3
+    # seeds of 6. Among a few tokens, tens of percent apart, it does not (8 seeds of 8 agree).
+    # (The ranks agree with each other exactly.)
+    args = [ROOT / "chat.py", "--model-path", model, "--seed", 3, "--max-tokens", 20, "--temp", 0.8]
+    args += ["--top-p", 1.0, "--min-p", 0.5]
     one = subprocess.run(
         [sys.executable, *map(str, args)], input=turns("one.json"), capture_output=True, text=True, timeout=120
     )
