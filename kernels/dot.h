@@ -203,42 +203,6 @@ float dot_exact(const Row& r, const float* x, const float* xsum, int64_t K, int 
 #endif
 }
 
-#ifdef MK_DOTS
-template <int BITS, int R>
-void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G, float* out,
-                int64_t N);
-#endif
-
-template <int BITS>
-float dot_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G) {
-#if defined(MK_DOTS)
-  float out;
-  dots_int16<BITS, 1>(r, xq, xs, xsum, K, G, &out, 1);
-  return out;
-#elif defined(MK_NEON)
-  // int16 x int16 multiply-accumulates into int32 lanes (vmlal): exact, as madd_epi16 on x86. (The
-  // dot-product instructions, sdot/udot, take bytes only: int8 activations, which cost 26% more error.)
-  float total = 0;
-  float32x4_t tot = vdupq_n_f32(0);
-  for (int64_t g = 0, k = 0; k < K; ++g) {
-    int32x4_t a0 = vdupq_n_s32(0), a1 = a0;
-    for (int64_t end = k + G; k < end; k += 16) {
-      const uint8x16_t q = load16<BITS>(r.w, k);
-      const int16x8_t w0 = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(q)));
-      const int16x8_t w1 = vreinterpretq_s16_u16(vmovl_high_u8(q));
-      const int16x8_t x0 = vld1q_s16(xq + k), x1 = vld1q_s16(xq + k + 8);
-      a0 = vmlal_high_s16(vmlal_s16(a0, vget_low_s16(w0), vget_low_s16(x0)), w0, x0);
-      a1 = vmlal_high_s16(vmlal_s16(a1, vget_low_s16(w1), vget_low_s16(x1)), w1, x1);
-    }
-    tot = vfmaq_n_f32(tot, vcvtq_f32_s32(vaddq_s32(a0, a1)), r.scales[g] * xs[g]);
-    total += r.biases[g] * xsum[g];
-  }
-  return total + vaddvq_f32(tot);
-#else
-  return dot_int16_scalar<BITS>(r, xq, xs, xsum, K, G);
-#endif
-}
-
 // --------------------------------------------------------------------------- one row, R rows of x
 
 // dot_int16 of one weight row with R rows of x (R = 1 is dot_int16 itself; more in prefill): the
@@ -314,6 +278,38 @@ void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* x
     out[i * N] = hsum(t[i]);
 }
 #endif
+
+// --------------------------------------------------------------------------- one row, one x: int16
+
+template <int BITS>
+float dot_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, int G) {
+#if defined(MK_DOTS)
+  float out;
+  dots_int16<BITS, 1>(r, xq, xs, xsum, K, G, &out, 1);
+  return out;
+#elif defined(MK_NEON)
+  // int16 x int16 multiply-accumulates into int32 lanes (vmlal): exact, as madd_epi16 on x86. (The
+  // dot-product instructions, sdot/udot, take bytes only: int8 activations, which cost 26% more error.)
+  float total = 0;
+  float32x4_t tot = vdupq_n_f32(0);
+  for (int64_t g = 0, k = 0; k < K; ++g) {
+    int32x4_t a0 = vdupq_n_s32(0), a1 = a0;
+    for (int64_t end = k + G; k < end; k += 16) {
+      const uint8x16_t q = load16<BITS>(r.w, k);
+      const int16x8_t w0 = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(q)));
+      const int16x8_t w1 = vreinterpretq_s16_u16(vmovl_high_u8(q));
+      const int16x8_t x0 = vld1q_s16(xq + k), x1 = vld1q_s16(xq + k + 8);
+      a0 = vmlal_high_s16(vmlal_s16(a0, vget_low_s16(w0), vget_low_s16(x0)), w0, x0);
+      a1 = vmlal_high_s16(vmlal_s16(a1, vget_low_s16(w1), vget_low_s16(x1)), w1, x1);
+    }
+    tot = vfmaq_n_f32(tot, vcvtq_f32_s32(vaddq_s32(a0, a1)), r.scales[g] * xs[g]);
+    total += r.biases[g] * xsum[g];
+  }
+  return total + vaddvq_f32(tot);
+#else
+  return dot_int16_scalar<BITS>(r, xq, xs, xsum, K, G);
+#endif
+}
 
 // Ask for a row read ahead now (one prefetch per cache line): the memory works while this one computes.
 inline void prefetch_row(const Row& r, int64_t bytes, int64_t groups) {
