@@ -358,7 +358,7 @@ def test_every_x86_path_this_cpu_runs_is_within_the_float32_bound_of_a_double_re
 def test_the_arm64_neon_path_is_within_the_float32_bound_of_a_double_reference(tmp_path):
     """dot.h's NEON dot products, built for arm64 and run under qemu (Linux on arm64 builds them)."""
     missing = [tool for tool in ARM64 if not shutil.which(tool)]
-    assert not missing, f"{missing} missing: apt-get install g++-aarch64-linux-gnu qemu-user"
+    assert not missing, f"{missing} missing: bash tests/run.sh installs them (or apt-get install g++-aarch64-linux-gnu qemu-user)"
     assert run_check_dot(tmp_path, ARM64[0], "-static", runner=(ARM64[1],)).endswith(" neon")
 
 

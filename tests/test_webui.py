@@ -41,7 +41,7 @@ REPORT_CSP = """document.addEventListener("securitypolicyviolation",
 @pytest.fixture(scope="module")
 def browser():
     assert Path(CHROMIUM).is_file(), (
-        f"no Chromium at {CHROMIUM}: apt-get install -y --no-install-recommends chromium (README: Tests)"
+        f"no Chromium at {CHROMIUM}: bash tests/run.sh installs it (or apt-get install -y --no-install-recommends chromium)"
     )
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=WAIT_MS)
