@@ -147,6 +147,7 @@ class Chat:
         self.system, self.max_context, self.max_tokens = system, max_context, max_tokens
         self.temp, self.top_p, self.min_p = temp, top_p, min_p
         self.experts = None  # the last turn's chosen experts, when `experts` keeps them (/experts)
+        self.known_ids = lambda text: None  # a reply's generated ids by its text, beyond this conversation
         model.log_routing(experts)
         self.seed = random.randrange(2**31) if seed is None else seed
         mx.random.seed(self.seed)
@@ -170,7 +171,7 @@ class Chat:
         )
 
     def cache_bytes(self) -> int:
-        return sum(c.keys.nbytes + c.values.nbytes for c in self.cache if c.keys is not None)
+        return sum(c.nbytes for c in self.cache)
 
     @property
     def fed(self) -> int:
@@ -276,21 +277,43 @@ class Chat:
     def respond(self, messages: List[dict], should_stop=lambda: False):
         """A reply to `messages` (an optional system message, then user and assistant turns ending with
         the user's). -> (Reply, the prompt's length in tokens), the reply streamed as it is iterated."""
-        history, last = self._as_sent(messages)
-        self.system = split_system(messages)[0]
-        self._rebuild(history)
-        block = self._new_block(last, first=not self.turns)
+        block, last = self.prepare(messages)
         reply = mixtral.Reply()
         reply.pieces = self._say(block, last, should_stop, reply)
         return reply, len(self.tokens) + len(block)
 
     def continue_ids(self, ids: List[int], should_stop=lambda: False):
         """A continuation of raw token ids (a completion, no chat format). -> (Reply, len(ids))."""
-        old, self.turns, self.tokens = self.tokens[: self.fed], [], list(ids[:-1])
-        self._keep_shared(old)
+        block, _ = self.prepare(ids)
         reply = mixtral.Reply()
-        reply.pieces = self._say(ids[-1:], None, should_stop, reply)
+        reply.pieces = self._say(block, None, should_stop, reply)
         return reply, len(ids)
+
+    def prepare(self, request):
+        """The conversation becomes a request: messages (ending with the user's) or raw token ids. The
+        cache keeps the prefix it shares with it. -> (the block to feed after self.tokens, the user's
+        text or None). A batch (server.py) feeds it and generates, then calls settle()."""
+        if request and isinstance(request[0], dict):
+            history, last = self._as_sent(request)
+            self.system = split_system(request)[0]
+            self._rebuild(history)
+            return self._new_block(last, first=not self.turns), last
+        old, self.turns, self.tokens = self.tokens[: self.fed], [], list(request[:-1])
+        self._keep_shared(old)
+        return list(request[-1:]), None
+
+    def budget(self, block: List[int]) -> int:
+        """Tokens a reply to block may have: max_tokens, within what the context leaves."""
+        return min(self.max_tokens, self.max_context - len(self.tokens) - len(block) - 1)
+
+    def settle(self, block: List[int], content: Optional[str], ids: Optional[List[int]]):
+        """After a batch fed block and generated ids (None: stopped before the reply began, block dropped)."""
+        if ids is None:
+            return self._trim(len(self.tokens))
+        if content is not None:
+            self.turns.append(Turn("user", content, len(self.tokens)))
+        self.tokens += block
+        self._close(Turn("assistant", "", len(self.tokens), ids))
 
     def shared_prefix(self, messages_or_ids) -> int:
         """How many tokens of that request this conversation's cache already holds."""
@@ -306,13 +329,17 @@ class Chat:
     def _as_sent(self, messages: List[dict]):
         """-> (the history with each reply that this conversation generated carrying its ids, the
         last user message's text). A client sends a reply's text: its re-encoding need not give the
-        ids the reply was generated as, and chat.py keeps those."""
+        ids the reply was generated as, and chat.py keeps those. known_ids(text), when set, names the ids
+        of any reply it knows first (a server's whole store: a reply then reads the same in every
+        conversation that holds it, warm or cold)."""
         system, turns = split_system(messages)
         same, history = system == self.system, []
         for i, m in enumerate(turns[:-1]):
             ours = self.turns[i] if same and i < len(self.turns) else None
             same = ours is not None and (ours.role, ours.content) == (m["role"], m["content"])
-            history.append({**m, "tokens": ours.ids} if same and ours.ids is not None else m)
+            ids = self.known_ids(m["content"]) if m["role"] == "assistant" else None
+            ids = ids if ids is not None else ours.ids if same else None
+            history.append({**m, "tokens": ids} if ids is not None else m)
         return history, turns[-1]["content"]
 
     def regen(self, should_stop=lambda: False) -> mixtral.Reply:
@@ -346,9 +373,9 @@ class Chat:
         self._trim(start if self.turns else 0)  # an empty conversation starts again with BOS
 
     def _reply(self, prompt: List[int], should_stop, reply: mixtral.Reply, start: float, unfed=0, user=False):
+        budget = self.budget(prompt)
         self.tokens += prompt
         turn = Turn("assistant", "", len(self.tokens), reply.ids)
-        budget = min(self.max_tokens, self.max_context - len(self.tokens) - 1)
         broken = True  # by an error: what the step left may never compute (a collective's peer is gone)
         try:
             # _feed has prefilled all but the last token of the block.
@@ -370,20 +397,23 @@ class Chat:
             broken = False
             raise
         finally:
-            # However the reply ended, it is closed with EOS: fed already when sampled, else with the
-            # next prefill. The cache keeps no more than the conversation (a step broken off half-way).
-            self.tokens += reply.ids + [self.tokenizer.eos_id]
-            self._trim(len(self.tokens))
-            turn.content = self.tokenizer.decode(reply.ids)
-            self.turns.append(turn)
+            self._close(turn)
             if self.model.layers[0].feed_forward.log is not None:
                 if broken:  # nothing to show, and waiting on its arrays could be waiting forever
                     self.model.log_routing()
                 else:
-                    self._keep_experts(mixtral.routing_choices(self.model), unfed, prompt if user else None, reply.ids)
+                    self.keep_experts(mixtral.routing_choices(self.model), unfed, prompt if user else None, reply.ids)
             mx.clear_cache()  # between turns, hand back the step buffers MLX keeps (the soak test: flat RSS)
 
-    def _keep_experts(self, choices, unfed: int, message: Optional[List[int]], reply_ids: List[int]):
+    def _close(self, turn: Turn):
+        """However a reply ended, it is closed with EOS: fed already when sampled, else with the next
+        prefill. The cache keeps no more than the conversation (a step broken off half-way)."""
+        self.tokens += turn.ids + [self.tokenizer.eos_id]
+        self._trim(len(self.tokens))
+        turn.content = self.tokenizer.decode(turn.ids)
+        self.turns.append(turn)
+
+    def keep_experts(self, choices, unfed: int, message: Optional[List[int]], reply_ids: List[int]):
         """The experts chosen for the last user message's tokens and for the reply's (/experts). The log
         holds every token fed this turn: `unfed` old ones first, then the message (one token for a
         /regen, whose message keeps its record), then the reply's."""

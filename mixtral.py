@@ -130,6 +130,10 @@ class KVCache:
     def state(self):
         return self.keys, self.values
 
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
 
 class RoPE(nn.Module):
     # Hugging Face checkpoints store wq/wk permuted for "rotate-half" RoPE (the two halves of each
@@ -173,20 +177,29 @@ class Attention(nn.Module):
         self.sdpa = sdpa  # parallel.use_cpu_threads cuts it over CPU streams
         self.group = None  # parallel.shard: the ranks whose partial outputs add up
 
-    def __call__(self, x, cache: KVCache):
+    def __call__(self, x, cache):
+        """cache: a KVCache, or one per row of x (a batch of sequences of different lengths: server.py)."""
         B, T, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, n_heads, T, head_dim)
         k = k.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, n_kv_heads, T, head_dim)
         v = v.reshape(B, T, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if isinstance(cache, KVCache):
+            out = self.attend(q, k, v, cache)
+        else:  # each sequence at its own position, over its own keys: no padding to change a result
+            out = mx.concatenate(
+                [self.attend(q[b : b + 1], k[b : b + 1], v[b : b + 1], c) for b, c in enumerate(cache)]
+            )
+        return all_sum(self.wo(out.transpose(0, 2, 1, 3).reshape(B, T, -1)), self.group)
+
+    def attend(self, q, k, v, cache: KVCache):
         q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
         k, v = cache.update_and_fetch(k, v)
         # The fused kernel shares each KV head among n_heads // n_kv_heads query heads (GQA), and
         # its "causal" mask is aligned to the end of the keys, so T new tokens on top of a cache of
         # S attend to all S old ones and causally among themselves.
-        mask = "causal" if T > 1 else None
-        out = self.sdpa(q, k, v, scale=self.scale, mask=mask)
-        return all_sum(self.wo(out.transpose(0, 2, 1, 3).reshape(B, T, -1)), self.group)
+        mask = "causal" if q.shape[2] > 1 else None
+        return self.sdpa(q, k, v, scale=self.scale, mask=mask)
 
 
 class SwitchLinear(nn.Module):
@@ -218,8 +231,9 @@ class FeedForward(nn.Module):
     def __call__(self, x, indices):
         # x: (B, T, dim), indices: (B, T, k) -> (B, T, k, dim)
         B, T, k = indices.shape
-        if indices.size >= self.sort_threshold:
-            # Many tokens (prefill): group the rows by expert so each expert's weights are read once.
+        if indices.size >= self.sort_threshold or B > 1:
+            # Many tokens (prefill, or a batch of sequences): group the rows by expert so each expert's
+            # weights are read once. Our kernels give each row the same bits either way.
             flat = indices.flatten()
             order = mx.argsort(flat)
             x, idx = x.reshape(B * T, 1, -1)[order // k], flat[order]  # (B*T*k, 1, dim)
@@ -460,29 +474,47 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode(list(ids))
 
-    def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
-        """Yield text as soon as it is final; the pieces joined equal decode(all ids).
+    def text_stream(self) -> "TextStream":
+        return TextStream(self._sp)
 
-        We re-decode the ids since an anchor and yield what is new, holding back while the text ends
-        in U+FFFD (a character whose bytes are still arriving as byte-fallback tokens). The anchor
-        moves to every plain piece after a yield, so each step decodes a few tokens, not all of them;
-        keeping the anchor token in the window preserves sentencepiece's leading-space handling.
-        """
-        window, done = [], 0  # ids from the anchor on; chars of decode(window) already accounted for
+    def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
+        """Yield text as soon as it is final; the pieces joined equal decode(all ids) (TextStream)."""
+        stream = self.text_stream()
         for i in ids:
-            window.append(int(i))
-            text = self._sp.decode(window)
-            if text.endswith("\ufffd"):
-                continue
-            if len(text) > done:
-                yield text[done:]
-            if not self._sp.is_byte(window[-1]):
-                window = [window[-1]]
-                done = len(self._sp.decode(window))
-            else:
-                done = len(text)
-        if window and len(text := self._sp.decode(window)) > done:
-            yield text[done:]
+            if piece := stream.push(i):
+                yield piece
+        if piece := stream.flush():
+            yield piece
+
+
+class TextStream:
+    """Token ids pushed one at a time -> the text each makes final (a server pushes the ids of many replies).
+
+    We re-decode the ids since an anchor and return what is new, holding back while the text ends in
+    U+FFFD (a character whose bytes are still arriving as byte-fallback tokens). The anchor moves to
+    every plain piece, so each push decodes a few tokens, not all of them; keeping the anchor token in
+    the window preserves sentencepiece's leading-space handling.
+    """
+
+    def __init__(self, sp):
+        self._sp, self.window, self.done = sp, [], 0  # ids from the anchor on; chars of decode(window) sent
+
+    def push(self, i: int) -> str:
+        self.window.append(int(i))
+        text = self._sp.decode(self.window)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[self.done :]
+        if not self._sp.is_byte(self.window[-1]):
+            self.window = [self.window[-1]]
+            self.done = len(self._sp.decode(self.window))
+        else:
+            self.done = len(text)
+        return piece
+
+    def flush(self) -> str:
+        """What is left (an incomplete character's replacement), once the ids end."""
+        return self._sp.decode(self.window)[self.done :] if self.window else ""
 
 
 # --------------------------------------------------------------------------- loading
@@ -653,9 +685,10 @@ def loading_bar(total: int, show: bool):
 # --------------------------------------------------------------------------- generation
 
 
-def sample(logits, temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0):
+def sample(logits, temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0, key=None):
     """logits (B, vocab) -> token ids (B,). temp 0 is greedy; top_p keeps the smallest set of
-    tokens whose probability reaches top_p; min_p drops tokens below min_p x the top probability."""
+    tokens whose probability reaches top_p; min_p drops tokens below min_p x the top probability.
+    key: the draw's random key (default: MLX's global sequence, which mx.random.seed starts)."""
     if temp == 0:
         return mx.argmax(logits, axis=-1)
     logprobs = logits / temp
@@ -670,7 +703,7 @@ def sample(logits, temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0):
         keep_sorted = (mx.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
         keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
         logprobs = mx.where(keep, logprobs, -mx.inf)
-    return mx.random.categorical(logprobs)
+    return mx.random.categorical(logprobs, key=key)
 
 
 def prefill(

@@ -44,6 +44,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+import batch
 import chat
 import machine
 import mixtral
@@ -99,7 +100,8 @@ class Job:
     experts: bool = False  # the final chunk carries the experts the router chose (as /experts FILE writes)
     events: asyncio.Queue = None
     loop: asyncio.AbstractEventLoop = None
-    cancelled: bool = False  # the client left: stop within a token
+    cancelled: bool = False  # the client left: stop within a step
+    sequence: Optional["batch.Sequence"] = None  # its place in the batch, once started
 
     def send(self, kind, value=None):
         """From the main thread: an event for the request's handler ("text", "done" or "error"); none
@@ -107,10 +109,33 @@ class Job:
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
-    def describe(self) -> str:
+    FIELDS = ("kind", "prompt", "max_tokens", "temp", "top_p", "min_p", "stop", "seed", "experts")
+
+    def describe(self) -> dict:
         """The job as rank 0 sends it to the other ranks."""
-        fields = ("kind", "prompt", "max_tokens", "temp", "top_p", "min_p", "stop", "seed", "experts")
-        return json.dumps({k: getattr(self, k) for k in fields})
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    def refuse(self, e: "BadRequest"):
+        error = {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}
+        self.send("error", {"error": error, "status": e.status})
+
+    def finish(self, s: "batch.Sequence", prompt_tokens: int, experts: Optional[dict]):
+        """The final event: why the reply ended, OpenAI's usage, and the speeds the server measured (the
+        web page shows them)."""
+        reply = mixtral.Reply(ids=s.ids, prompt_tokens=s.prompt_tokens, ttft=s.ttft, elapsed=s.elapsed)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(s.ids),
+            "total_tokens": prompt_tokens + len(s.ids),
+            "prompt_tokens_details": {"cached_tokens": prompt_tokens - s.prompt_tokens},
+            "timings": {
+                "first_token_s": round(reply.ttft, 4),
+                "prompt_per_second": round(reply.prompt_tps, 2),
+                "reply_per_second": round(reply.gen_tps, 2),
+            },
+        }
+        done = {"finish_reason": "length" if s.finish_reason == "length" else "stop", "usage": usage}
+        self.send("done", done | ({"experts": experts} if experts else {}))
 
 
 def number(body, name, default, low, high, integer=False, low_open=False):
@@ -208,54 +233,107 @@ def parse_job(body, kind: str, model_name: str, system_prompt: str) -> Job:
 
 
 class Engine:
-    """The model, and the conversations whose caches we keep (chat.Chat, least recently used first),
-    bounded by `cache_bytes`. A request continues the conversation that shares the longest prefix of
-    its tokens, or a new one."""
+    """The model, a batch of replies decoding together (batch.Batch), and the conversations whose caches
+    we keep (chat.Chat, least recently used first). Running and kept caches together are bounded by
+    `cache_bytes`. A request continues the kept conversation that shares the longest prefix of its
+    tokens, or a new one; a reply's text names the ids it was generated as in every conversation
+    (`replies`), so a warm and a cold server answer alike."""
 
-    def __init__(self, model, tokenizer, max_context: int, cache_bytes: int, reuse: bool = True):
+    REPLIES = 4096  # replies whose ids we remember by their text
+
+    def __init__(self, model, tokenizer, max_context: int, cache_bytes: int, reuse: bool = True, size: int = 1):
         self.model, self.tokenizer, self.max_context = model, tokenizer, max_context
         self.cache_bytes, self.reuse = cache_bytes, reuse
         self.chats: "OrderedDict[int, chat.Chat]" = OrderedDict()
+        self.replies: "OrderedDict[str, List[int]]" = OrderedDict()
+        self.batch = batch.Batch(model, tokenizer.eos_id, size)
         self.serial = 0
+        self.jobs: "OrderedDict[int, Job]" = OrderedDict()  # running or waiting, by the number every rank gives them
         self.generations = 0  # requests run, for /health (and the tests that prove a refused one never ran)
 
-    def run(self, job: Job, should_stop):
-        """Generate job's reply; its text goes to job.send as it comes. -> (Reply, prompt tokens, the
-        experts report when the job asks for it, else None)."""
+    def step(self, new: List[Job], stop: List[int]):
+        """Start the new jobs, stop those numbered (their clients left), run one step of the batch. Every
+        rank calls it with rank 0's jobs and numbers, and so runs the same batch."""
+        for job in new:
+            self.start(job)
+        for n in stop:
+            if n in self.jobs:
+                self.batch.stop(self.jobs[n].sequence)
+        if self.batch.busy:
+            self.batch.step()
+        if not self.batch.busy:
+            mx.clear_cache()  # what the replies and a dropped conversation held goes back to the system
+
+    def cancelled(self) -> List[int]:
+        return [n for n, job in self.jobs.items() if job.cancelled]
+
+    def start(self, job: Job):
+        """Queue job's sequence in the batch; a refusal (the prompt does not fit) is its answer at once."""
         self.generations += 1
-        if job.seed is not None:
-            mx.random.seed(job.seed)
+        number = self.generations  # the same on every rank
         prompt = job.prompt if job.kind == "chat" else self.tokenizer.encode(job.prompt)
         c = self._conversation(prompt)
-        self.model.log_routing(job.experts)  # the log costs nothing more than its small arrays
-        c.experts = None
-        c.temp, c.top_p, c.min_p = job.temp, job.top_p, job.min_p
         c.max_tokens = job.max_tokens or chat.DEFAULT_MAX_TOKENS
-        reply, n = c.respond(prompt, should_stop) if job.kind == "chat" else c.continue_ids(prompt, should_stop)
-        try:
-            if n >= self.max_context:
-                raise BadRequest(
+        block, content = c.prepare(prompt)
+        n = len(c.tokens) + len(block)
+        if n >= self.max_context:
+            c.settle(block, content, None)
+            self._keep(c)
+            return job.refuse(
+                BadRequest(
                     f"the prompt has {n} tokens, and this server's context is {self.max_context} (--max-context): "
                     "send fewer or shorter messages",
                     param="messages" if job.kind == "chat" else "prompt",
                     code="context_length_exceeded",
                 )
-            stops = StopStrings(job.stop)
-            for piece in reply:
-                text, hit = stops.feed(piece)
-                if text:
-                    job.send("text", text)
-                if hit:
-                    reply.finish_reason = "stop"
-                    break
-            else:
-                if tail := stops.flush():
-                    job.send("text", tail)
-        finally:
-            reply.close()
+            )
+        text, stops, hit = self.tokenizer.text_stream(), StopStrings(job.stop), False
+
+        def on_token(y):
+            nonlocal hit
+            piece, hit = stops.feed(text.push(y))
+            if piece:
+                job.send("text", piece)
+            return "stop" if hit else None
+
+        def on_end(s: batch.Sequence):
+            nonlocal hit
+            del self.jobs[number]
+            if not hit:  # what the text held back, as the reply's last piece
+                piece, hit = stops.feed(text.flush())
+                if piece := piece if hit else piece + stops.flush():
+                    job.send("text", piece)
+                s.finish_reason = "stop" if hit else s.finish_reason
+            c.settle(block, content, s.ids if s.started else None)
+            experts = None
+            if job.experts and s.started:
+                c.keep_experts(s.choices(), s.prompt_tokens - len(block), block if content else None, s.ids)
+                experts = chat.experts_report(c.experts, self.model.args.moe.num_experts)
+            if s.started:
+                self._remember(c.turns[-1])
+                job.finish(s, n, experts)
             self._keep(c)
-        experts = chat.experts_report(c.experts, self.model.args.moe.num_experts) if c.experts else None
-        return reply, n, experts
+
+        job.sequence = batch.Sequence(
+            c.cache,
+            c.tokens[c.fed :] + block,
+            c.budget(block),
+            on_token,
+            on_end,
+            job.temp,
+            job.top_p,
+            job.min_p,
+            job.seed,
+            job.experts,
+        )
+        self.jobs[number] = job
+        self.batch.add(job.sequence)
+
+    def _remember(self, turn: "chat.Turn"):
+        self.replies[turn.content] = turn.ids
+        self.replies.move_to_end(turn.content)
+        if len(self.replies) > self.REPLIES:
+            self.replies.popitem(last=False)
 
     def _conversation(self, prompt) -> "chat.Chat":
         """The kept conversation whose cache holds most of this prompt (taken out of the store; the most
@@ -266,16 +344,20 @@ class Engine:
                 best, shared = key, n
         if best is not None:
             return self.chats.pop(best)
-        return chat.Chat(self.model, self.tokenizer, system="", max_context=self.max_context, seed=0)
+        c = chat.Chat(self.model, self.tokenizer, system="", max_context=self.max_context, seed=0)
+        c.known_ids = self.replies.get
+        return c
 
     def _keep(self, c: "chat.Chat"):
-        """Keep c as the most recent conversation; drop the least recent ones past cache_bytes."""
-        if self.reuse:
-            self.serial += 1
-            self.chats[self.serial] = c
-            while len(self.chats) > 1 and sum(x.cache_bytes() for x in self.chats.values()) > self.cache_bytes:
-                self.chats.popitem(last=False)
-        mx.clear_cache()  # what a dropped conversation held goes back to the system
+        """Keep c as the most recent conversation; drop the least recent ones while the kept and the
+        running caches pass cache_bytes."""
+        if not self.reuse:
+            return
+        self.serial += 1
+        self.chats[self.serial] = c
+        running = sum(job.sequence.cache_bytes() for job in self.jobs.values())
+        while len(self.chats) > 1 and running + sum(x.cache_bytes() for x in self.chats.values()) > self.cache_bytes:
+            self.chats.popitem(last=False)
 
 
 class StopStrings:
@@ -395,12 +477,12 @@ class Api:
         jobs: "queue.Queue[Job]",
         api_key: Optional[str],
         system_prompt: str,
-        generations,
+        counts,
         props: Optional[dict] = None,
         webui: bool = True,
     ):
         self.model_name, self.jobs, self.api_key, self.system_prompt = model_name, jobs, api_key, system_prompt
-        self.generations = generations  # -> how many requests the model has run (for /health)
+        self.counts = counts  # -> {"running", "waiting", "generations"}: sequences in the batch, requests run (/health)
         self.props, self.webui = {"model": model_name, **(props or {})}, webui
         self.created = int(time.time())
         self.open: set = set()  # jobs whose answer is not yet written out whole (queued, running or sending)
@@ -440,7 +522,9 @@ class Api:
         return BadRequest(f"{request.method} is not allowed on {request.url.path}", status=405).response()
 
     async def health(self, request):
-        return JSONResponse({"status": "ok", "queued": self.jobs.qsize(), "generations": self.generations()})
+        counts = self.counts()
+        queued = self.jobs.qsize() + counts.pop("waiting")
+        return JSONResponse({"status": "ok", "running": counts["running"], "queued": queued, **counts})
 
     async def models(self, request):
         if refused := self.refused(request):
@@ -659,6 +743,12 @@ def build_parser():
     )
     p.add_argument("--system-prompt", default="", help="persona for conversations that bring none (default: none)")
     p.add_argument(
+        "--parallel",
+        type=int,
+        help="replies decoded together, each the same as alone; more requests wait (default: 8 on the CPU, 16 on a "
+        "GPU, fewer when the caches would not fit; 1: one at a time)",
+    )
+    p.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting at most; more get 503 (default: %(default)s)"
     )
     p.add_argument(
@@ -687,6 +777,8 @@ def main(argv=None):
 def run(args):
     if args.max_context is not None and args.max_context < 16:
         raise MixtralError("--max-context must be at least 16 tokens")
+    if args.parallel is not None and args.parallel < 1:
+        raise MixtralError("--parallel must be at least 1")
     if args.max_queue < 1:
         raise MixtralError("--max-queue must be at least 1")
     log = lambda s: print(s, file=sys.stderr, flush=True)
@@ -705,7 +797,8 @@ def run(args):
     else:
         ram, working_set = machine.memory()
         tokens = max(max_context, machine.largest_context(machine.weight_bytes(model), kv, working_set, ram) // 2)
-    engine = Engine(model, tokenizer, max_context, parallel.least(tokens, group) * kv, not args.no_cache_reuse)
+    size = args.parallel or default_parallel(max_context, tokens)
+    engine = Engine(model, tokenizer, max_context, parallel.least(tokens, group) * kv, not args.no_cache_reuse, size)
     if not rank0:
         return follow(engine, group)
     name = Path(str(args.model_path).rstrip("/")).name
@@ -713,6 +806,7 @@ def run(args):
     a = model.args
     props = {
         "max_context": max_context,
+        "parallel": size,
         "persona": args.system_prompt or chat.DEFAULT_SYSTEM_PROMPT,  # the page's default; '' in a request: none
         "layers": a.n_layers,
         "experts": a.moe.num_experts,
@@ -724,7 +818,12 @@ def run(args):
             "max_tokens": chat.DEFAULT_MAX_TOKENS,
         },
     }
-    api = Api(name, jobs, args.api_key, args.system_prompt, lambda: engine.generations, props, webui=not args.no_webui)
+    counts = lambda: {
+        "running": len(engine.batch.running),
+        "waiting": len(engine.batch.waiting),
+        "generations": engine.generations,
+    }
+    api = Api(name, jobs, args.api_key, args.system_prompt, counts, props, webui=not args.no_webui)
     app = api.app(args.host, args.allowed_host, args.cors_origin)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
@@ -737,6 +836,14 @@ def run(args):
     log(f"serving {name} on http://{host}:{port}/v1 (context {max_context} tokens{page}; Ctrl-C stops)")
     runtime.at_end(api.end_all)  # whatever ends the process, even while the main thread is stuck in MLX
     serve(engine, api, group, thread, server)
+
+
+def default_parallel(max_context: int, cache_tokens: int) -> int:
+    """Replies decoded together by default. On the CPU a batch step costs about a token's step per
+    four rows up to ~8 (the experts' weights are read once for all their rows, then compute dominates);
+    a GPU gains up to 16 and more. Fewer when the caches would not hold a quarter context each."""
+    wanted = 8 if machine.on_cpu() else 16
+    return max(1, min(wanted, cache_tokens // max(1, max_context // 4)))
 
 
 def listen(host: str, port: int):
@@ -755,25 +862,36 @@ def listen(host: str, port: int):
 
 
 def serve(engine: Engine, api: Api, group, thread: threading.Thread, server: uvicorn.Server):
-    """Rank 0's loop: one request at a time, in arrival order, until Ctrl-C or SIGTERM."""
+    """Rank 0's loop until Ctrl-C or SIGTERM: new requests join the batch at any step (in arrival order,
+    while it has room), and clients that left leave it; under mlx.launch the other ranks are told both."""
     try:
         while thread.is_alive():
+            new = []
             try:
-                job = api.jobs.get(timeout=parallel.IDLE_POLL)
+                while engine.batch.room() > len(new):
+                    job = (
+                        api.jobs.get(timeout=parallel.IDLE_POLL)
+                        if not (engine.batch.busy or new)
+                        else api.jobs.get_nowait()
+                    )
+                    if not job.cancelled:  # a client that left while queued costs nothing
+                        new.append(job)
             except queue.Empty:
+                pass
+            if not (new or engine.batch.busy):
                 if group is not None:
                     parallel.text_from_rank0("", group)  # "nothing yet": the other ranks sleep (parallel.follow)
                 continue
-            if not job.cancelled:  # a client that left while queued costs nothing
-                if group is not None:
-                    parallel.text_from_rank0(job.describe(), group)
-                answer(engine, job, group)
+            stop = engine.cancelled()
+            if group is not None:
+                parallel.text_from_rank0(json.dumps({"new": [job.describe() for job in new], "stop": stop}), group)
+            engine.step(new, stop)
         raise MixtralError("the HTTP server stopped unexpectedly")
     except BaseException as e:
         why = (
             "Ctrl-C" if isinstance(e, KeyboardInterrupt) else "SIGTERM" if isinstance(e, runtime.Terminated) else str(e)
         )
-        api.end_all(why)  # the running request and the queued ones
+        api.end_all(why)  # the running requests and the queued ones
         server.should_exit = True
         thread.join(timeout=10)
         if group is not None and not runtime.is_lost_peer(e):  # a gone rank would never take it
@@ -782,42 +900,10 @@ def serve(engine: Engine, api: Api, group, thread: threading.Thread, server: uvi
 
 
 def follow(engine: Engine, group):
-    """Another rank's loop under mlx.launch: run what rank 0 runs, token for token."""
+    """Another rank's loop under mlx.launch: run the batch rank 0 runs, step for step."""
     while (text := parallel.follow(group)) != "quit":
-        answer(engine, Job(**json.loads(text)), group)
-
-
-def answer(engine: Engine, job: Job, group):
-    local = lambda: job.cancelled
-    # Under mlx.launch every rank must stop at the same token: rank 0's client decides.
-    should_stop = local if group is None else lambda: bool(parallel.from_rank0(int(local()), group))
-    try:
-        reply, prompt_tokens, experts = engine.run(job, should_stop)
-    except BadRequest as e:
-        return job.send(
-            "error",
-            {"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}, "status": e.status},
-        )
-    except MixtralError as e:
-        return job.send(
-            "error",
-            {"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": None}, "status": 400},
-        )
-    completion = len(reply.ids)
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": prompt_tokens - reply.prompt_tokens},
-    }
-    # Beside OpenAI's usage, the speeds the server measured (the web page shows them).
-    usage["timings"] = {
-        "first_token_s": round(reply.ttft, 4),
-        "prompt_per_second": round(reply.prompt_tps, 2),
-        "reply_per_second": round(reply.gen_tps, 2),
-    }
-    done = {"finish_reason": "length" if reply.finish_reason == "length" else "stop", "usage": usage}
-    job.send("done", done | ({"experts": experts} if experts else {}))
+        step = json.loads(text)
+        engine.step([Job(**job) for job in step["new"]], step["stop"])
 
 
 if __name__ == "__main__":

@@ -150,6 +150,29 @@ def test_a_row_gets_the_same_bits_alone_or_among_many(bits):
         assert np.array_equal(many, alone)
 
 
+@settings(max_examples=examples(12))
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 32), bits=st.sampled_from([4, 8]), chosen=st.integers(1, 2))
+def test_a_decoding_row_gets_the_same_bits_alone_or_in_a_batch_with_any_mix_of_experts(seed, rows, bits, chosen):
+    """A batch of decode steps (server.py): each sequence's row, routed to `chosen` of 8 experts, the rows
+    sorted by expert as FeedForward does, must get the same floats as the row alone, unsorted."""
+    mk = ours()
+    x, q, _ = problem(seed, bits, 64, 256, 48, (rows, 1), 1, experts=8)  # x (rows, 1, 1, K)
+    idx = np.random.default_rng(seed).integers(0, 8, (rows, chosen))
+    order = np.argsort(idx.ravel(), kind="stable")
+    xs = mx.broadcast_to(x, (rows, chosen, 1, x.shape[-1])).reshape(-1, 1, x.shape[-1])[mx.array(order)]
+    for path in (mk.EXACT, mk.INT16):
+        many = np.array(
+            mk.qmm(xs, *q, mx.array(idx.ravel()[order].astype(np.uint32)), group_size=64, bits=bits, path=path)
+        )
+        for i in range(rows):
+            row = np.array(
+                mk.qmm(
+                    x[i : i + 1], *q, mx.array(idx[i : i + 1].astype(np.uint32)), group_size=64, bits=bits, path=path
+                )
+            )
+            assert np.array_equal(many[np.argsort(order)].reshape(rows, chosen, -1)[i], row.reshape(chosen, -1))
+
+
 @pytest.mark.parametrize("rows", [1, 513])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_ragged_shapes_and_one_expert_for_every_row(rows, bits):
@@ -358,7 +381,9 @@ def test_every_x86_path_this_cpu_runs_is_within_the_float32_bound_of_a_double_re
 def test_the_arm64_neon_path_is_within_the_float32_bound_of_a_double_reference(tmp_path):
     """dot.h's NEON dot products, built for arm64 and run under qemu (Linux on arm64 builds them)."""
     missing = [tool for tool in ARM64 if not shutil.which(tool)]
-    assert not missing, f"{missing} missing: bash tests/run.sh installs them (or apt-get install g++-aarch64-linux-gnu qemu-user)"
+    assert not missing, (
+        f"{missing} missing: bash tests/run.sh installs them (or apt-get install g++-aarch64-linux-gnu qemu-user)"
+    )
     assert run_check_dot(tmp_path, ARM64[0], "-static", runner=(ARM64[1],)).endswith(" neon")
 
 

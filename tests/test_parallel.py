@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -409,6 +410,16 @@ def server_answers_as_one_process(model, n, *flags):
             assert r.model_extra["experts"]["ids"]["reply"] == out  # the page's expert map works under mlx.launch
             messages.append({"role": "assistant", "content": r.choices[0].message.content})
             ours.append({**messages[-1], "tokens": out})
+        # Several at once, greedy and sampled, as each alone: the ranks run rank 0's batch, step for step.
+        # (Against the ranks' own answers one at a time: theirs differ from one process's logits by ~1e-5,
+        # which can move a greedy choice between two near-equal logits after a long prompt.)
+        bodies = [dict(temperature=0) if i % 2 else dict(temperature=0.8, seed=i) for i in range(6)]
+        asked = [[{"role": "user", "content": f"Number {i}?" * (1 + 20 * (i % 3))}] for i in range(6)]
+        answer = lambda m, kw: client.chat.completions.create(model=model.name, messages=m, max_tokens=8, **kw)
+        one_by_one = [answer(m, kw).choices[0].message.content for m, kw in zip(asked, bodies)]
+        with ThreadPoolExecutor(6) as pool:
+            together = [r.choices[0].message.content for r in pool.map(answer, asked, bodies, timeout=120)]
+        assert together == one_by_one
     finally:
         # mlx.launch passes no signal on: stop rank 0, which tells the others (and never leave one behind).
         for pid in rank_pids(proc)[:1]:

@@ -3,6 +3,7 @@ mixtral.generate's, errors have OpenAI's shape, concurrent clients all get their
 that leaves frees the server, and signals end it cleanly."""
 
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -129,6 +130,7 @@ def test_props_give_the_model_its_context_and_chat_py_defaults(server):
     assert props == {
         "model": "q8",
         "max_context": CONTEXT,
+        "parallel": 8,
         "persona": chat.DEFAULT_SYSTEM_PROMPT,
         "layers": 2,
         "experts": 8,
@@ -333,3 +335,146 @@ def test_curl_and_the_openai_client_still_work(keyless):
     )
     assert json.loads(out.stdout)["choices"][0]["message"]["content"] is not None, out.stdout + out.stderr
     assert ask(keyless, [{"role": "user", "content": "hi"}], 2).choices[0].message.content is not None
+
+
+# --------------------------------------------------------------------------- many clients at once
+
+
+@pytest.fixture(scope="module")
+def serial(mlx_q8):
+    """The same server deciding one request at a time (--parallel 1), as before batching."""
+    s = Server(mlx_q8, "--max-context", CONTEXT, "--parallel", 1)
+    yield s
+    s.stop()
+
+
+def reply(server, body) -> tuple:
+    """-> (text, finish_reason) of a request, streamed or whole."""
+    if not body.get("stream"):
+        r = server.post("/v1/chat/completions", body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
+    text, finish = "", None
+    with server.http.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]", events[-2:]
+    for event in events[:-1]:
+        choice = json.loads(event[6:])["choices"][0]
+        text += choice["delta"].get("content") or ""
+        finish = choice["finish_reason"] or finish
+    return text, finish
+
+
+def mixed_requests(n, seed=0):
+    """Greedy and seeded sampling, short and long prompts, stop strings, budgets, streamed or not,
+    conversations that continue each other's first message (cache hits) and ones that do not."""
+    rng = random.Random(seed)
+    bodies = []
+    for i in range(n):
+        words = " ".join(
+            rng.choice(["sea", "sky", "why", "no", "stone", "later"]) for _ in range(rng.choice([1, 5, 60]))
+        )
+        messages = [{"role": "user", "content": f"Topic {i % 3}."}]
+        if i % 2:
+            messages += [{"role": "assistant", "content": "Fine."}, {"role": "user", "content": words}]
+        body = {"messages": messages, "max_tokens": rng.choice([1, 4, 12, 30]), "stream": bool(i % 3 == 1)}
+        body |= {"temperature": 0} if i % 4 < 2 else {"temperature": 0.9, "top_p": 0.9, "seed": rng.randrange(100)}
+        if i % 5 == 4:
+            body["stop"] = [rng.choice(["a", "e", " t"])]
+        bodies.append(body)
+    return bodies
+
+
+def test_requests_decoded_together_get_the_replies_each_gets_alone_at_parallel_1(server, serial):
+    bodies = mixed_requests(16)
+    alone = [reply(serial, body) for body in bodies]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda body: reply(server, body), bodies, timeout=240))
+    assert together == alone
+
+
+def test_a_seeded_sampled_reply_equals_chat_py_with_that_seed(server, mlx_q8):
+    message = "Say something random."
+    body = {"messages": [{"role": "user", "content": message}], "max_tokens": 12, "temperature": 0.8, "top_p": 0.9}
+    with ThreadPoolExecutor(4) as pool:  # among others
+        others = [pool.submit(reply, server, {**body, "seed": s}) for s in (1, 2, 3)]
+        text, _ = reply(server, {**body, "seed": 7})
+        [f.result(timeout=120) for f in others]
+    flags = ["--system-prompt", "", "--temp", 0.8, "--top-p", 0.9, "--seed", 7, "--max-tokens", 12]
+    assert run_script("chat.py", "--model-path", mlx_q8, *flags, "--prompt", message).stdout == text + "\n"
+
+
+def test_a_reply_reads_as_its_generated_ids_in_any_conversation_warm_or_cold(server, model, tokenizer):
+    # A reply's text need not re-encode to the ids it was generated as: the conversation that made it
+    # keeps them, and since batching so does every other conversation (a cold one included).
+    first = [{"role": "user", "content": "Make up a word 0."}]
+    r = ask(server, first, 16, extra_body={"experts": True})
+    ids = r.model_extra["experts"]["ids"]["reply"]
+    text = r.choices[0].message.content
+    assert tokenizer.encode(text, bos=False) != ids  # else this test proves nothing: pick another message
+    later = [{"role": "user", "content": "Another topic entirely."}, {"role": "assistant", "content": text}]
+    later.append({"role": "user", "content": "Go on."})
+    with_ids = [*later[:1], {**later[1], "tokens": ids}, later[2]]
+    expected = greedy(model, tokenizer, chat.encode_messages(tokenizer, with_ids), 8)
+    assert expected != greedy(model, tokenizer, chat.encode_messages(tokenizer, later), 8)  # else: another message
+    assert ask(server, later, 8).choices[0].message.content == expected
+
+
+def test_32_clients_some_leaving_mid_reply_each_get_one_whole_answer_and_memory_returns(mlx_q8):
+    s = Server(mlx_q8, "--max-context", CONTEXT, "--cache-gb", 0.001)  # one kept conversation at most
+    try:
+        rss = lambda: int(
+            next(line for line in open(f"/proc/{s.proc.pid}/status") if line.startswith("VmRSS")).split()[1]
+        )
+        reply(s, {"messages": [{"role": "user", "content": "warm up"}], "max_tokens": 30})
+        idle = rss()
+
+        def client(i):
+            body = {"messages": [{"role": "user", "content": f"Client {i}."}], "max_tokens": 40, "stream": True}
+            events = []
+            with s.http.stream(
+                "POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+            ) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        if i % 4 == 3 and len(events) == 3:  # this one leaves mid-reply
+                            return i, None
+            ids = {json.loads(e[6:])["id"] for e in events[:-1]}
+            return i, (events[-1], sum('"finish_reason": null' not in e for e in events[:-1]), ids)
+
+        with ThreadPoolExecutor(32) as pool:
+            results = dict(pool.map(client, range(32), timeout=240))
+        for i, result in results.items():
+            if i % 4 != 3:
+                last, finals, ids = result
+                assert last == "data: [DONE]" and finals == 1 and len(ids) == 1, result
+        deadline = time.monotonic() + 30
+        while (h := s.http.get("/health").json())["running"] + h["queued"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert h["running"] == h["queued"] == 0 and h["generations"] == 33, h
+        assert rss() < idle * 1.1 + 30_000, (idle, rss())  # kB: back to the idle level, give or take
+    finally:
+        s.stop()
+
+
+def test_a_sigterm_ends_every_stream_in_flight_with_its_final_event(mlx_q8):
+    s = Server(mlx_q8, "--parallel", 4)
+    body = {"messages": [{"role": "user", "content": "Talk forever."}], "max_tokens": 100000, "stream": True}
+
+    def client(_):
+        with s.http.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+            return [line for line in r.iter_lines() if line.startswith("data: ")]
+
+    with ThreadPoolExecutor(6) as pool:  # 4 decoding, 2 waiting for room
+        streams = [pool.submit(client, i) for i in range(6)]
+        deadline = time.monotonic() + 60
+        while s.http.get("/health").json()["running"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert s.http.get("/health").json()["queued"] == 2
+        s.proc.send_signal(signal.SIGTERM)
+        for f in streams:
+            events = f.result(timeout=60)
+            assert '"error"' in events[-1] and "shutting down" in events[-1], events[-3:]
+    returncode, log = s.stop()
+    assert returncode == 143 and "Traceback" not in log, log

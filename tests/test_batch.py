@@ -1,0 +1,156 @@
+"""batch.py: sequences decoded together give, each one, the ids and the KV cache of the same request alone
+(mixtral.generate), greedy or sampled with a seed, whatever joins, leaves or stops around them."""
+
+from itertools import islice
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import batch
+import mixtral
+from conftest import examples
+
+KERNELS = ["int16", "exact", "mlx"]
+EOS = 2  # the real Mixtral tokenizer's, which the tiny checkpoints use
+
+
+@pytest.fixture(scope="module")
+def model(mlx_q8, tokenizer):
+    assert tokenizer.eos_id == EOS
+    return mixtral.load_model(mlx_q8)[0]
+
+
+def alone(model, prompt, n, temp=0.0, top_p=1.0, min_p=0.0, seed=None):
+    """-> (the ids generate() gives alone, up to EOS or n, and the cache it leaves)."""
+    if seed is not None:
+        mx.random.seed(seed)
+    cache, out = model.make_cache(), []
+    for y in islice(mixtral.generate(model, prompt, cache, temp=temp, top_p=top_p, min_p=min_p), n):
+        if y == EOS:
+            break
+        out.append(y)
+    return out, cache
+
+
+def prompt_of(rng, length):
+    return [1] + rng.integers(3, 32000, length - 1).tolist()
+
+
+def run(b: batch.Batch, arrivals: dict, stops: dict = {}, limit=10_000):
+    """Step b until idle, adding arrivals[step] before that step and stopping stops[step] after it."""
+    step = 0
+    while (b.busy or any(k >= step for k in arrivals)) and step < limit:
+        for s in arrivals.get(step, []):
+            b.add(s)
+        if b.busy:
+            b.step()
+        for s in stops.get(step, []):
+            b.stop(s)
+        step += 1
+    assert not b.busy
+
+
+def same_cache(a, b, n):
+    """The first n positions of two caches hold the same bits, in every layer."""
+    for x, y in zip(a, b):
+        for u, v in ((x.keys, y.keys), (x.values, y.values)):
+            assert np.array_equal(np.array(u[:, :, :n]), np.array(v[:, :, :n]))
+
+
+@pytest.mark.parametrize("name", KERNELS)
+def test_eight_sequences_together_give_each_the_ids_and_cache_it_gets_alone(model, kernels, name):
+    kernels(name)
+    rng = np.random.default_rng(0)
+    prompts = [prompt_of(rng, n) for n in (1, 2, 7, 40, 130, 300, 3, 600)]
+    sampling = [dict(temp=0.8, top_p=0.9, seed=i) if i % 2 else {} for i in range(8)]
+    refs = [alone(model, p, 12, **kw) for p, kw in zip(prompts, sampling)]
+    seqs = [batch.Sequence(model.make_cache(), list(p), 12, **kw) for p, kw in zip(prompts, sampling)]
+    run(batch.Batch(model, EOS, size=8), {0: seqs})
+    for (ids, cache), s, p in zip(refs, seqs, prompts):
+        assert s.ids == ids and s.finish_reason == "length"
+        same_cache(cache, s.cache, len(p) + len(ids) - 1)  # all but the last id, fed by a step never read
+
+
+@settings(max_examples=examples(6))
+@given(
+    seed=st.integers(0, 2**16),
+    lengths=st.lists(st.sampled_from([1, 2, 5, 17, 64, 129, 400, 1100]), min_size=1, max_size=6),
+    size=st.integers(1, 6),
+    chunk=st.sampled_from([16, 128, 512]),
+    name=st.sampled_from(["int16", "exact"]),
+)
+def test_any_arrivals_lengths_budgets_and_stops_leave_every_reply_as_alone(
+    model, seed, lengths, size, chunk, name, kernels
+):
+    """Random arrival steps, prompt lengths, max_tokens, sampling and clients that leave mid-reply."""
+    kernels(name)
+    rng = np.random.default_rng(seed)
+    seqs, refs, arrivals, stops = [], [], {}, {}
+    for length in lengths:
+        kw = dict(temp=0.7, min_p=0.05, seed=int(rng.integers(1000))) if rng.random() < 0.5 else {}
+        p, n = prompt_of(rng, length), int(rng.integers(0, 9))
+        refs.append(alone(model, p, n, **kw)[0] if n else [])
+        seqs.append(batch.Sequence(model.make_cache(), list(p), n, **kw))
+        arrivals.setdefault(int(rng.integers(0, 12)), []).append(seqs[-1])
+        if rng.random() < 0.25:
+            stops.setdefault(int(rng.integers(0, 30)), []).append(seqs[-1])
+    run(batch.Batch(model, EOS, size=size, chunk=chunk), arrivals, stops)
+    for s, ids in zip(seqs, refs):
+        if s.finish_reason == "interrupted":
+            assert s.ids == ids[: len(s.ids)]
+        else:
+            assert (s.ids, s.finish_reason) == (ids, "length" if len(ids) == s.max_tokens else "stop")
+
+
+def test_a_sequence_stopped_before_its_reply_never_starts_and_the_others_go_on(model):
+    rng = np.random.default_rng(3)
+    long, short = prompt_of(rng, 700), prompt_of(rng, 5)
+    ended = []
+    a = batch.Sequence(model.make_cache(), long, 5, on_end=ended.append)
+    b = batch.Sequence(model.make_cache(), short, 5, on_end=ended.append)
+    run(batch.Batch(model, EOS, size=2, chunk=64), {0: [a, b]}, {1: [a]})
+    assert ended == [a, b] and not a.started and a.ids == [] and a.finish_reason == "interrupted"
+    assert b.ids == alone(model, short, 5)[0]
+
+
+def test_a_long_prompt_is_fed_one_chunk_a_step_while_the_others_decode(model):
+    rng = np.random.default_rng(4)
+    talker, long = (batch.Sequence(model.make_cache(), prompt_of(rng, n), 40) for n in (3, 1001))
+    b = batch.Batch(model, EOS, size=2, chunk=100)
+    b.add(talker)
+    b.step(), b.step()
+    b.add(long)
+    seen = []
+    while len(long.feed) > 1:
+        b.step()
+        seen.append((len(long.feed), len(talker.ids)))
+    # 1000 tokens in 10 chunks of 100, and the talker got a token at every one of those steps.
+    assert [f for f, _ in seen] == list(range(901, 0, -100)) and [n for _, n in seen] == list(range(2, 12))
+
+
+def test_a_stop_answer_from_on_token_ends_the_sequence_there(model):
+    rng = np.random.default_rng(5)
+    p = prompt_of(rng, 9)
+    s = batch.Sequence(model.make_cache(), p, 50, on_token=lambda y: "stop" if y == ids[3] else None)
+    ids = alone(model, p, 50)[0]
+    run(batch.Batch(model, EOS), {0: [s]})
+    assert s.ids == ids[: ids.index(ids[3]) + 1] and s.finish_reason == "stop"
+
+
+def test_each_sequence_keeps_the_experts_of_its_own_tokens(model):
+    rng = np.random.default_rng(6)
+    prompts = [prompt_of(rng, 30), prompt_of(rng, 4)]
+    expected = []
+    for p in prompts:
+        model.log_routing(True)
+        ids, _ = alone(model, p, 6)
+        expected.append([layer[: len(p) + len(ids)] for layer in mixtral.routing_choices(model)])
+        model.log_routing(False)
+    seqs = [batch.Sequence(model.make_cache(), p, 6, experts=True) for p in prompts]
+    run(batch.Batch(model, EOS), {0: seqs[:1], 3: seqs[1:]})
+    model.log_routing(False)
+    for s, want, p in zip(seqs, expected, prompts):
+        assert [layer[: len(p) + len(s.ids)] for layer in s.choices()] == want
