@@ -35,6 +35,7 @@ from mlx.utils import tree_flatten, tree_map
 import chat
 import machine
 import mixtral
+import ops
 import parallel
 import runtime
 import sessions
@@ -73,7 +74,7 @@ def synthetic_model(opts, dtype):
 
 
 def load(opts):
-    mixtral.use_kernels(opts.kernels)
+    ops.use_kernels(opts.kernels)
     tic = time.perf_counter()
     if opts.synthetic:
         dtype = mixtral.compute_dtype(opts.dtype)
@@ -229,6 +230,24 @@ def chat_turns(model, tokenizer, opts):
     return ttfts
 
 
+def ask(url, messages, max_tokens, extra=None):
+    """A streamed chat request to an OpenAI-compatible server -> (reply text, seconds to the first text,
+    seconds to the last, text events: a token each on our server and on llama-server)."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True} | (extra or {})
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    tic, first, last, parts = time.perf_counter(), None, None, []
+    with urllib.request.urlopen(request, timeout=600) as r:
+        for line in r:
+            if not line.startswith(b"data: {"):
+                continue
+            choices = json.loads(line[6:])["choices"]
+            if choices and choices[0]["delta"].get("content"):
+                last = time.perf_counter() - tic
+                first = first or last
+                parts.append(choices[0]["delta"]["content"])
+    return "".join(parts), first, last, len(parts)
+
+
 class Served:
     """server.py on a free loopback port, talked to with the standard library: streamed chat requests,
     timed at the first and last text event."""
@@ -236,33 +255,46 @@ class Served:
     def __init__(self, model_path, *flags):
         cmd = [sys.executable, str(Path(__file__).with_name("server.py")), "--model-path", model_path, "--port", "0"]
         # The server runs the kernels this run measures.
-        env = os.environ | {"MIXTRAL_KERNELS": mixtral.KERNELS["name"] or "auto"}
-        self.proc = subprocess.Popen([*cmd, *flags], stderr=subprocess.PIPE, text=True, env=env)
+        env = os.environ | {"MIXTRAL_KERNELS": ops.KERNELS["name"] or "auto"}
+        self.proc = subprocess.Popen([*cmd, *map(str, flags)], stderr=subprocess.PIPE, text=True, env=env)
         line = self.proc.stderr.readline()
         if not line.startswith("serving "):
             self.proc.kill()
             raise runtime.MixtralError(f"server.py did not start: {line.strip()}")
         self.url = line.split(" on ")[1].split()[0] + "/chat/completions"
+        self.extra = {}
 
     def ask(self, messages, max_tokens):
-        """-> (reply text, seconds to the first text, seconds to the last, text events)."""
-        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-        request = urllib.request.Request(self.url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-        tic, first, last, parts = time.perf_counter(), None, None, []
-        with urllib.request.urlopen(request, timeout=600) as r:
-            for line in r:
-                if not line.startswith(b"data: {"):
-                    continue
-                choices = json.loads(line[6:])["choices"]
-                if choices and choices[0]["delta"].get("content"):
-                    last = time.perf_counter() - tic
-                    first = first or last
-                    parts.append(choices[0]["delta"]["content"])
-        return "".join(parts), first, last, len(parts)
+        return ask(self.url, messages, max_tokens, self.extra)
 
     def close(self):
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
+
+
+class LlamaServer(Served):
+    """llama.cpp's llama-server (--llama-server COMMAND) on a free loopback port, -np slots, the same
+    threads, asked for the same replies (ignore_eos: its random weights' EOS would end one early)."""
+
+    def __init__(self, command: list, slots: int, threads: int, context: int):
+        import socket
+
+        with socket.socket() as s:  # a free port, taken back at once
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        flags = ["--host", "127.0.0.1", "--port", port, "-np", slots, "-t", threads, "-c", context * slots]
+        self.proc = subprocess.Popen([*command, *map(str, flags)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url, self.extra = f"http://127.0.0.1:{port}/v1/chat/completions", {"ignore_eos": True}
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.proc.kill()
+        raise runtime.MixtralError(f"--llama-server: {command[0]} did not start serving, check its command")
 
 
 def words(n, salt):
@@ -270,10 +302,27 @@ def words(n, salt):
     return " ".join(["word"] * n) + f" {salt}"
 
 
-def server_figures(opts) -> dict:
+def load_figures(served, clients: list, opts, label: str) -> dict:
+    """Each count of clients at once, each asking one reply of --client-tokens to its own message: every
+    reply's tokens over the wall time (aggregate decode tokens/s), and the clients' time to first token."""
+    out = {}
+    for n in clients:
+        asks = [[{"role": "user", "content": words(opts.turn_tokens, f"{label} {n} {c}")}] for c in range(n)]
+        tic = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            done = list(pool.map(lambda m: served.ask(m, opts.client_tokens), asks))
+        wall = time.perf_counter() - tic
+        ttft = sorted(d[1] for d in done)
+        out[f"{label}_{n}_clients_tokens_per_s"] = sum(d[3] for d in done) / wall
+        out[f"{label}_{n}_clients_ttft_median_s"] = statistics.median(ttft)
+        out[f"{label}_{n}_clients_ttft_p95_s"] = ttft[min(n - 1, round(0.95 * (n - 1)))]
+    return out
+
+
+def server_figures(opts, threads: int) -> dict:
     """Through HTTP on this machine: a conversation replayed turn by turn as front-ends do (the whole
-    of it resent each time), with the server's cache reuse on and off; then 1, 4 and 16 concurrent
-    clients."""
+    of it resent each time), with the server's cache reuse on and off; then --clients at once on
+    --parallel 1 and the default (and llama-server at -np of the same, with --llama-server)."""
     out = {}
     for label, flags in (("reuse", ()), ("no_reuse", ("--no-cache-reuse",))):
         served = Served(opts.model_path, *flags)
@@ -292,17 +341,55 @@ def server_figures(opts) -> dict:
                     [{"role": "user", "content": words(opts.turn_tokens, 999)}], opts.gen_tokens
                 )
                 out["server_generation_tps"] = (n - 1) / (last - first)
-                for clients in (1, 4, 16):
-                    asks = [[{"role": "user", "content": words(opts.turn_tokens, 1000 + c)}] for c in range(clients)]
-                    tic = time.perf_counter()
-                    with ThreadPoolExecutor(clients) as pool:
-                        done = list(pool.map(lambda m: served.ask(m, opts.reply_tokens), asks))
-                    wall = time.perf_counter() - tic
-                    out[f"server_{clients}_clients_tokens_per_s"] = sum(d[3] for d in done) / wall
-                    out[f"server_{clients}_clients_mean_ttft_s"] = statistics.mean(d[1] for d in done)
+                out["server_parallel"] = parallel_of(served)
+                out |= load_figures(served, opts.clients, opts, "server")
         finally:
             served.close()
+    serial = Served(opts.model_path, "--parallel", 1)
+    try:
+        out |= load_figures(serial, opts.clients, opts, "server_parallel_1")
+    finally:
+        serial.close()
+    if opts.llama_server:
+        llama = LlamaServer(
+            llama_command(opts.llama_server, "--llama-server", "llama-server"),
+            out["server_parallel"],
+            threads,
+            opts.turn_tokens + opts.client_tokens + 64,
+        )
+        try:
+            out |= load_figures(llama, opts.clients, opts, "llama_server")
+        finally:
+            llama.close()
+        for n in opts.clients:
+            out[f"server_vs_llama_server_{n}_clients"] = (
+                out[f"server_{n}_clients_tokens_per_s"] / out[f"llama_server_{n}_clients_tokens_per_s"]
+            )
     return out
+
+
+def parallel_of(served) -> int:
+    with urllib.request.urlopen(served.url.replace("/chat/completions", "/props"), timeout=30) as r:
+        return json.loads(r.read())["parallel"]
+
+
+def load_table(result: dict, clients: list) -> str:
+    """Aggregate decode tokens/s and time to first token (median / p95) per count of clients."""
+    labels = [("server", f"ours, --parallel {result['server_parallel']}"), ("server_parallel_1", "ours, --parallel 1")]
+    labels += (
+        [("llama_server", f"llama-server -np {result['server_parallel']}")]
+        if "llama_server_1_clients_tokens_per_s" in result
+        else []
+    )
+    lines = ["clients  " + "".join(f"{name:>34}" for _, name in labels)]
+    for n in clients:
+        cells = [
+            f"{result[f'{k}_{n}_clients_tokens_per_s']:7.1f} tok/s {result[f'{k}_{n}_clients_ttft_median_s']:6.2f} / "
+            f"{result[f'{k}_{n}_clients_ttft_p95_s']:5.2f} s"
+            for k, _ in labels
+        ]
+        lines.append(f"{n:>7}  " + "".join(f"{c:>34}" for c in cells))
+    return "\n".join(lines)
 
 
 def resume_figures(model, tokenizer, opts) -> dict:
@@ -394,7 +481,7 @@ COMPARED = (
 def other_kernels(opts, ran: str) -> list:
     """bench.py again, in a fresh process each, for every other kernel choice that can run here:
     prefill, decode, weights read per second while decoding and chat's first token."""
-    choices = [k for k in ("int16", "exact", "mlx") if k != ran and (k == "mlx" or mixtral.KERNELS["module"])]
+    choices = [k for k in ("int16", "exact", "mlx") if k != ran and (k == "mlx" or ops.KERNELS["module"])]
     source = ["--model-path", opts.model_path] if opts.model_path else ["--synthetic"]
     for name in SAME_RUN:
         if getattr(opts, name) is not None:
@@ -414,15 +501,15 @@ def other_kernels(opts, ran: str) -> list:
     return rows
 
 
-def llama_bench_command(text: str) -> list:
-    """--llama-bench's command as argv, its program found, before anything is measured."""
+def llama_command(text: str, flag: str = "--llama-bench", program: str = "llama-bench") -> list:
+    """--llama-bench's (or --llama-server's) command as argv, its program found, before anything is measured."""
     try:
         cmd = shlex.split(text)
     except ValueError as e:
-        raise runtime.MixtralError(f"--llama-bench: {e}: {text!r}, check its quotes")
+        raise runtime.MixtralError(f"{flag}: {e}: {text!r}, check its quotes")
     if not cmd or not shutil.which(cmd[0]):
         raise runtime.MixtralError(
-            f"--llama-bench: no such program: {cmd[0] if cmd else text!r}, pass the llama-bench binary's path"
+            f"{flag}: no such program: {cmd[0] if cmd else text!r}, pass the {program} binary's path"
         )
     return cmd
 
@@ -430,7 +517,7 @@ def llama_bench_command(text: str) -> list:
 def run_llama_bench(opts, threads: int) -> dict:
     """llama.cpp's llama-bench, as --llama-bench gives it, at this run's prompt, generation, threads
     and repeats -> its prompt and generation tokens/s."""
-    cmd = llama_bench_command(opts.llama_bench) + ["-p", str(opts.prompt_tokens), "-n", str(opts.gen_tokens)]
+    cmd = llama_command(opts.llama_bench) + ["-p", str(opts.prompt_tokens), "-n", str(opts.gen_tokens)]
     cmd += ["-t", str(threads), "-r", str(opts.repeat), "-o", "jsonl"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -464,6 +551,17 @@ def comparison_table(rows: list, llama: dict | None) -> str:
             )
         lines.append(line.rstrip())
     return "\n".join(lines)
+
+
+def client_counts(text: str) -> list:
+    """--clients 1,4,16 -> [1, 4, 16]."""
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give counts of clients, each at least 1, e.g. 1,4,16")
+    return counts
 
 
 def build_parser():
@@ -501,7 +599,7 @@ def build_parser():
     )
     p.add_argument(
         "--kernels",
-        choices=mixtral.KERNEL_CHOICES,
+        choices=ops.KERNEL_CHOICES,
         default="auto",
         help="the quantized projections' kernels: ours (int16 or exact path) or MLX's (default: %(default)s, as "
         "MIXTRAL_KERNELS or int16 where built)",
@@ -513,6 +611,21 @@ def build_parser():
         action="store_true",
         help="also measure server.py on --model-path through HTTP: a replayed conversation with cache reuse "
         "on and off, and 1, 4, 16 concurrent clients",
+    )
+    p.add_argument(
+        "--clients",
+        type=client_counts,
+        default=[1, 4, 16],
+        help="with --server: these counts of clients at once, on --parallel 1 and the default (default: 1,4,16)",
+    )
+    p.add_argument(
+        "--client-tokens", type=int, default=64, help="with --clients: tokens per reply (default: %(default)s)"
+    )
+    p.add_argument(
+        "--llama-server",
+        metavar="COMMAND",
+        help='with --server: also drive llama.cpp\'s server with the same clients, e.g. "llama-server -m M-q8_0.gguf" '
+        "(bench.py adds --host, --port, -np equal to our --parallel, -t and -c)",
     )
     p.add_argument(
         "--resume-tokens",
@@ -550,7 +663,7 @@ def main(argv=None):
 LEAST = dict(
     dim=1, hidden_dim=1, n_layers=1, n_experts=1, top_k=1, n_heads=1, n_kv_heads=1, head_dim=1, vocab_size=2,
     q_group_size=1, prompt_tokens=1, gen_tokens=1, chat_turns=1, turn_tokens=1, reply_tokens=1, repeat=1,
-    cpu_threads=1, resume_tokens=0,
+    cpu_threads=1, resume_tokens=0, client_tokens=1,
 )  # fmt: skip
 
 
@@ -566,10 +679,14 @@ def check_flags(opts):
 
 def run(opts):
     check_flags(opts)
+    if opts.llama_server and not opts.server:
+        raise runtime.MixtralError("--llama-server needs --server: it is driven by the same clients")
     if opts.server and not opts.model_path:
         raise runtime.MixtralError("--server needs --model-path: a converted folder for server.py to load")
     if opts.llama_bench is not None:
-        llama_bench_command(opts.llama_bench)
+        llama_command(opts.llama_bench)
+    if opts.llama_server is not None:
+        llama_command(opts.llama_server, "--llama-server", "llama-server")
     if opts.compare_kernels and mx.distributed.init().size() > 1:
         raise runtime.MixtralError("--compare-kernels runs on one machine: run it without mlx.launch")
     mx.random.seed(0)  # the same prompts on every rank
@@ -582,9 +699,9 @@ def run(opts):
         "device": str(mx.default_device()),
         "device_name": mx.device_info().get("device_name", ""),
         "compute_dtype": mixtral.dtype_name(model.dtype),
-        "kernels": mixtral.KERNELS["line"],
-        "cpu_threads": mixtral.KERNELS["module"].threads()
-        if mixtral.KERNELS["module"]
+        "kernels": ops.KERNELS["line"],
+        "cpu_threads": ops.KERNELS["module"].threads()
+        if ops.KERNELS["module"]
         else next((len(m.streams) for m in model.modules() if isinstance(m, parallel.SplitOutputs)), 1),
         "model": opts.model_path
         or f"synthetic {opts.dim}x{opts.hidden_dim}, {opts.n_layers} layers, {opts.n_experts} experts, {opts.q_bits or 'no'}-bit",
@@ -620,16 +737,18 @@ def run(opts):
         result |= resume_figures(model, tokenizer, opts)
     if opts.server:
         generate_tps = prompt_and_decode(model, opts)[1]  # in-process, right before the server runs
-        result |= server_figures(opts)
+        result |= server_figures(opts, result["cpu_threads"])
         result["server_vs_generate_tps"] = result["server_generation_tps"] / generate_tps
+        if 16 in opts.clients:
+            result["server_16_clients_vs_one_stream"] = result["server_16_clients_tokens_per_s"] / generate_tps
     if opts.mlx_lm_model:
         lm = run_mlx_lm(opts)
         result["mlx_lm"] = lm
         result["prompt_speedup"] = result["prompt_tps"] / lm["prompt_tps"]
         result["decode_speedup"] = gen_tps / lm["generation_tps"]
-    rows = [{key: result[key] for key in COMPARED if key in result} | {"kernels": mixtral.KERNELS["name"]}]
+    rows = [{key: result[key] for key in COMPARED if key in result} | {"kernels": ops.KERNELS["name"]}]
     if opts.compare_kernels:
-        rows += other_kernels(opts, mixtral.KERNELS["name"])
+        rows += other_kernels(opts, ops.KERNELS["name"])
         result["compared"] = rows
     if opts.llama_bench is not None:
         result["llama_cpp"] = llama = run_llama_bench(opts, result["cpu_threads"])
@@ -644,6 +763,8 @@ def run(opts):
         print(f"{k:<{width}}  {shown}", file=sys.stderr)
     if opts.compare_kernels or opts.llama_bench is not None:
         print(comparison_table(rows, result.get("llama_cpp")), file=sys.stderr)
+    if opts.server:
+        print(load_table(result, opts.clients), file=sys.stderr)
     text = json.dumps(result, indent=2)
     if mx.distributed.init().rank() != 0:
         return  # rank 0 reports for all

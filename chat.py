@@ -29,6 +29,7 @@ import mlx.core as mx
 import folder
 import machine
 import mixtral
+import ops
 import parallel
 import runtime
 import sessions
@@ -813,7 +814,7 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
         folder.verify(model_path)
     model, tokenizer = mixtral.load_model(model_path, args.dtype, shares=args.shares)
     if args.verbose:
-        term.remark(mixtral.KERNELS["line"])
+        term.remark(ops.KERNELS["line"])
     group = model.group
     # Every rank must make the same decisions: the context is what every rank can hold, the transcript rank 0's.
     max_context = args.max_context or parallel.least(machine.default_context(model), group)

@@ -16,6 +16,10 @@ import zipfile
 from pathlib import Path
 from typing import List
 
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
 from machine import MAX_POSITIONS
 from runtime import MixtralError
 
@@ -23,7 +27,7 @@ DEFAULT_MODEL_PATH = "mlx_model"
 SHARDS = "weights.*.npz"
 MANIFEST = "manifest.json"
 # The quantized layouts a folder's config.json may name: "input-major" folders, written by earlier
-# versions for MLX's own CPU kernels, are repacked at load (mixtral.from_input_major).
+# versions for MLX's own CPU kernels, are repacked at load (from_input_major).
 LAYOUTS = {
     "standard": "standard layout",
     "input-major": "input-major layout (earlier versions': repacked at every load; convert it again)",
@@ -212,3 +216,28 @@ def sha256(path, progress=lambda n: None) -> str:
             h.update(chunk)
             progress(len(chunk))
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- the layout of earlier versions
+
+INPUT_MAJOR_NOTE = (
+    "{path} is in the input-major layout of earlier versions: repacked to the usual layout at every load "
+    "(each weight rounded a second time); convert it again for the usual layout, a faster load and no "
+    "second rounding: python convert.py --hf-path {source} --mlx-path {path} --force"
+)
+
+
+def from_input_major(path: Path, model, weights: dict, group_size: int, bits: int, projection: type) -> dict:
+    """A folder that convert.py wrote "input-major" before our CPU kernels (each projection whose
+    outputs fill whole groups stored (..., in, out), quantized along out) -> the usual layout, lazily:
+    each such weight is dequantized, transposed and quantized again along in (a second rounding)."""
+    print(f"note: {INPUT_MAJOR_NOTE.format(path=path, source=source(path))}", file=sys.stderr)
+    out = dict(weights)
+    for name, layer in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if not isinstance(layer, projection) or layer["weight"].shape[-2] % group_size:
+            continue
+        old = [weights[f"{name}.{k}"] for k in ("weight", "scales", "biases")]
+        w = mx.dequantize(old[0], *(a.astype(mx.float32) for a in old[1:]), group_size, bits)
+        for k, a in zip(("weight", "scales", "biases"), mx.quantize(w.swapaxes(-1, -2), group_size, bits)):
+            out[f"{name}.{k}"] = a
+    return out

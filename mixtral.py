@@ -9,7 +9,6 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass, field, fields
@@ -22,7 +21,9 @@ from mlx.utils import tree_flatten, tree_map
 
 import folder
 import machine
+import ops
 import parallel
+import runtime
 from folder import DEFAULT_MODEL_PATH
 from machine import DTYPES, compute_dtype, default_cpu_threads, default_dtype, dtype_name, on_cpu
 from runtime import MixtralError, is_out_of_memory, quiet_unless_rank0, run_program, signals_held
@@ -144,10 +145,7 @@ class RoPE(nn.Module):
         self.head_dim, self.theta = head_dim, theta
 
     def __call__(self, x, offset: int = 0):
-        fast = KERNELS["module"]  # ours on the CPU: one op, where MLX's CPU backend composes 28 (kernels/small.h)
-        if fast is not None and x.dtype == mx.float32 and x.shape[-1] == self.head_dim:
-            return fast.rope(x, offset=offset, base=self.theta)
-        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.theta, scale=1.0, offset=offset)
+        return ops.rope(x, self.head_dim, self.theta, offset)
 
 
 class RMSNorm(nn.Module):
@@ -158,10 +156,7 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = mx.ones((dims,)), eps
 
     def __call__(self, x):
-        fast = KERNELS["module"]  # ours on the CPU: one op, where MLX's CPU backend composes 10
-        if fast is not None and x.dtype == mx.float32 and self.weight.dtype == mx.float32:
-            return fast.rms_norm(x, self.weight, eps=self.eps)
-        return mx.fast.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -174,7 +169,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.rope = RoPE(args.head_dim, args.rope_theta)
-        self.sdpa = sdpa  # parallel.use_cpu_threads cuts it over CPU streams
+        self.sdpa = ops.sdpa  # parallel.use_cpu_threads cuts it over CPU streams
         self.group = None  # parallel.shard: the ranks whose partial outputs add up
 
     def __call__(self, x, cache):
@@ -243,7 +238,7 @@ class FeedForward(nn.Module):
         return self._experts(x, indices).squeeze(-2)
 
     def _experts(self, x, idx, sorted_indices=False):
-        h = swiglu(self.w1(x, idx, sorted_indices), self.w3(x, idx, sorted_indices))
+        h = ops.swiglu(self.w1(x, idx, sorted_indices), self.w3(x, idx, sorted_indices))
         return self.w2(h, idx, sorted_indices)
 
 
@@ -334,92 +329,7 @@ class QuantizedLinear(nn.Module):
 
     def __call__(self, x, indices=None, sorted_indices=False):
         w = self["weight"], self["scales"], self["biases"]
-        return qmm(x, *w, self.group_size, self.bits, indices, sorted_indices)
-
-
-def sdpa(q, k, v, scale: float, mask=None):
-    """Attention of q over the cached k, v (mask "causal", aligned to the end, or None for one new token).
-    Ours on the CPU (kernels/attend.cpp: threads inside, each key read once for the query heads and rows
-    that share it; MLX's general CPU path is 5x slower for one token, 10x for a prefill), else MLX's."""
-    fast = KERNELS["module"]
-    if fast is not None and (mask == "causal" or mask is None and q.shape[2] == 1) and q.dtype == mx.float32:
-        return fast.attend(q, k, v, scale=scale)
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-
-
-def swiglu(a, b):
-    """silu(a) * b. Ours on the CPU (kernels/small.cpp: one vectorized, threaded pass; MLX's CPU sigmoid
-    is one scalar exp per element on one thread: 59 ms against 6.4 a layer in a 512-token prefill), else MLX's."""
-    fast = KERNELS["module"]
-    if fast is not None and a.dtype == b.dtype == mx.float32 and a.shape == b.shape:
-        return fast.swiglu(a, b)
-    return nn.silu(a) * b
-
-
-def qmm(x, w, scales, biases, group_size, bits, indices=None, sorted_indices=False):
-    """x @ dequantize(w).T; with indices, w holds stacked experts and each batch element of x uses the
-    one indices names. The one place where the kernel is chosen: ours on the CPU (kernels/, see
-    use_kernels), else MLX's."""
-    fast, path = KERNELS["module"], KERNELS["path"]
-    if fast is not None and x.dtype == mx.float32 and scales.dtype == mx.float32:
-        return fast.qmm(x, w, scales, biases, indices, group_size=group_size, bits=bits, path=path)
-    args = dict(transpose=True, group_size=group_size, bits=bits)
-    if indices is None:
-        return mx.quantized_matmul(x, w, scales, biases, **args)
-    return mx.gather_qmm(x, w, scales, biases, rhs_indices=indices, sorted_indices=sorted_indices, **args)
-
-
-KERNEL_CHOICES = ("auto", "int16", "exact", "mlx")
-OUR_OPS = ("qmm", "attend", "rope", "rms_norm", "swiglu")  # what the model calls in mixtral_kernels
-KERNELS = {"name": None, "module": None, "path": None, "line": ""}  # what qmm runs: use_kernels, or at load
-
-
-def our_kernels():
-    """-> (mixtral_kernels, None) where they are built and MLX computes on the CPU, else (None, why not)."""
-    if not on_cpu():
-        return None, "MLX computes on the GPU"
-    try:
-        import mixtral_kernels
-    except ImportError as e:
-        return None, f"{e}; pip install ./kernels builds them (a C++ compiler needed)"
-    missing = [op for op in OUR_OPS if not hasattr(mixtral_kernels, op)]
-    if missing:  # built from an older checkout
-        return (
-            None,
-            f"the installed mixtral_kernels lacks {', '.join(missing)}: pip install --force-reinstall ./kernels",
-        )
-    return mixtral_kernels, None
-
-
-def use_kernels(choice: Optional[str] = None) -> str:
-    """Choose the kernels of the quantized projections in the usual layout:
-    - "int16": ours (kernels/, the CPU only), activations rounded to int16 with one scale per weight
-      group, integer dot products: the CPU default (its error against transformers equals the exact path's);
-    - "exact": ours, float32 products and sums (MLX's arithmetic, in another order);
-    - "mlx": MLX's own quantized_matmul and gather_qmm (on a GPU, always);
-    - "auto" or None: $MIXTRAL_KERNELS if set, else int16 where ours are built and MLX computes on the CPU.
-    -> one line that says which kernels run, and how to get the fast ones when they cannot."""
-    choice = choice or os.environ.get("MIXTRAL_KERNELS") or "auto"
-    if choice not in KERNEL_CHOICES:
-        raise MixtralError(f"MIXTRAL_KERNELS={choice!r}: choose one of {', '.join(KERNEL_CHOICES)}")
-    module, why = our_kernels() if choice != "mlx" else (None, "not asked for (MIXTRAL_KERNELS=mlx)")
-    if module is None:
-        if choice in ("int16", "exact") and on_cpu():
-            raise MixtralError(f"MIXTRAL_KERNELS={choice}: our CPU kernels are not available ({why})")
-        KERNELS.update(name="mlx", module=None, path=None, line=f"kernels: MLX's own ({why})")
-        return KERNELS["line"]
-    name = "int16" if choice == "auto" else choice
-    KERNELS.update(name=name, module=module, path=module.INT16 if name == "int16" else module.EXACT)
-    return set_kernel_threads(module.threads())
-
-
-def set_kernel_threads(n: int) -> str:
-    """Our kernels' threads inside each projection, when they run. -> the line that says which kernels run."""
-    if KERNELS["module"] is not None:
-        KERNELS["module"].set_threads(n)
-        simd = KERNELS["module"].simd()
-        KERNELS["line"] = f"kernels: ours, {KERNELS['name']} path, {simd}, {n} threads inside each projection"
-    return KERNELS["line"]
+        return ops.qmm(x, *w, self.group_size, self.bits, indices, sorted_indices)
 
 
 def quantize_model(model: "Mixtral", group_size: int, bits: int, keep=lambda path: True):
@@ -432,21 +342,6 @@ def quantize_model(model: "Mixtral", group_size: int, bits: int, keep=lambda pat
         return QuantizedLinear(m["weight"], m["scales"], m["biases"], group_size, bits)
 
     model.update_modules(tree_map(ours, model.leaf_modules(), is_leaf=nn.Module.is_module))
-
-
-def from_input_major(model: "Mixtral", weights: dict, group_size: int, bits: int) -> dict:
-    """A folder that convert.py wrote "input-major" before our CPU kernels (each projection whose
-    outputs fill whole groups stored (..., in, out), quantized along out) -> the usual layout, lazily:
-    each such weight is dequantized, transposed and quantized again along in (a second rounding)."""
-    out = dict(weights)
-    for name, layer in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
-        if not isinstance(layer, QuantizedLinear) or layer["weight"].shape[-2] % group_size:
-            continue
-        old = [weights[f"{name}.{k}"] for k in ("weight", "scales", "biases")]
-        w = mx.dequantize(old[0], *(a.astype(mx.float32) for a in old[1:]), group_size, bits)
-        for k, a in zip(("weight", "scales", "biases"), mx.quantize(w.swapaxes(-1, -2), group_size, bits)):
-            out[f"{name}.{k}"] = a
-    return out
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -551,21 +446,14 @@ def load_model(
         weights, shards = lazy_shards(path)
         model = skeleton(args, quantization, weights)
         if quantization and quantization.get("layout") == "input-major":
-            print(f"note: {INPUT_MAJOR_NOTE.format(path=path, source=folder.source(path))}", file=sys.stderr)
-            weights = from_input_major(model, weights, quantization["group_size"], quantization["bits"])
+            q = quantization["group_size"], quantization["bits"]
+            weights = folder.from_input_major(path, model, weights, *q, QuantizedLinear)
         attach(model, weights, dtype, path)
         del weights  # from here the model alone holds the tensors: cut ones can be freed once cut
         place(model, group, cpu_threads, quantization["group_size"] if quantization else 1, shares)
         if not lazy:
             read_weights(model, shards, deliver)
     return model, tokenizer
-
-
-INPUT_MAJOR_NOTE = (
-    "{path} is in the input-major layout of earlier versions: repacked to the usual layout at every load "
-    "(each weight rounded a second time); convert it again for the usual layout, a faster load and no "
-    "second rounding: python convert.py --hf-path {source} --mlx-path {path} --force"
-)
 
 
 def check_vocabulary(tokenizer: "Tokenizer", args: ModelArgs, where, fix: str):
@@ -623,15 +511,9 @@ def place(model: Mixtral, group="world", cpu_threads: Optional[int] = None, grou
         )
     if group is not None:
         parallel.shard(model, group, parallel.plan_for(model, group, group_size, shares))
-    if KERNELS["name"] is None:
-        use_kernels()
     if cpu_threads is None:  # every core; ranks on one machine share its cores
         cpu_threads = max(1, default_cpu_threads() // parallel.ranks_here(group))
-    set_kernel_threads(cpu_threads)  # ours thread inside each op: no cut over streams
-    if cpu_threads > 1:
-        ours = KERNELS["module"] is not None
-        threaded = lambda layer: ours and isinstance(layer, QuantizedLinear)
-        parallel.use_cpu_threads(model, cpu_threads, threaded=threaded, attention=not ours)
+    ops.use_threads(model, cpu_threads, QuantizedLinear)
     if not on_cpu():
         machine.keep_resident(model, "the model")
 
@@ -641,7 +523,7 @@ def read_weights(model: Mixtral, shards: List[Path], deliver=lambda: None, progr
     slice. deliver() raises a Ctrl-C held back during a read. progress: one line on stderr updated in
     place (GB read, GB/s, time left); default when stderr is a terminal."""
     tensors = [w for _, w in tree_flatten(model.parameters())]
-    bar = loading_bar(sum(w.nbytes for w in tensors), sys.stderr.isatty() if progress is None else progress)
+    bar = runtime.loading_bar(sum(w.nbytes for w in tensors), sys.stderr.isatty() if progress is None else progress)
     try:
         for w in tensors:
             mx.eval(w)
@@ -658,28 +540,6 @@ def read_weights(model: Mixtral, shards: List[Path], deliver=lambda: None, progr
         ) from None
     finally:
         bar.close()  # the line goes: what follows starts on a clean one
-
-
-def loading_bar(total: int, show: bool):
-    """tqdm as one plain line, `loading  12.3/49.6 GB  3.10GB/s  00:12 left` (nothing when not shown)."""
-    from tqdm import tqdm
-
-    fmt = "loading  {n:.1f}/{total:.1f} GB  {rate_fmt}  {remaining} left"
-    try:  # a terminal that reports no size (a new pseudo-terminal is 0x0) counts as 80x24: tqdm shows nothing in 0
-        columns, lines = os.get_terminal_size(sys.stderr.fileno())
-    except (OSError, ValueError):
-        columns = lines = 0
-    return tqdm(
-        total=total / 1e9,
-        unit="GB",
-        bar_format=fmt,
-        disable=not show,
-        leave=False,
-        file=sys.stderr,
-        mininterval=0.2,
-        ncols=columns or 80,
-        nrows=lines or 24,
-    )
 
 
 # --------------------------------------------------------------------------- generation
@@ -889,7 +749,7 @@ def run(args):
         model_args, quantization = read_config(Path(args.model_path))
         kv = machine.kv_bytes_per_token(model_args, default_dtype())
         text = folder.describe(args.model_path, model_args, quantization, kv, dtype_name(default_dtype()))
-        return print(f"{text}\n{use_kernels()}{rank_plan(args, model_args, quantization, kv)}")
+        return print(f"{text}\n{ops.use_kernels()}{rank_plan(args, model_args, quantization, kv)}")
     if args.verify:
         folder.verify(args.model_path)
         print(f"{args.model_path}: every file is intact", file=sys.stderr)
@@ -908,7 +768,7 @@ def run(args):
     tic = time.perf_counter()
     model, tokenizer = load_model(args.model_path, args.dtype, shares=args.shares)
     prompt = parallel.text_from_rank0(prompt, model.group)
-    print(f"[load] {time.perf_counter() - tic:.1f} s, dtype {model.dtype}; {KERNELS['line']}", file=sys.stderr)
+    print(f"[load] {time.perf_counter() - tic:.1f} s, dtype {model.dtype}; {ops.KERNELS['line']}", file=sys.stderr)
 
     prompt_ids = tokenizer.encode(prompt)
     machine.check_memory(model, len(prompt_ids) + args.max_tokens, "--max-tokens", args.model_path)

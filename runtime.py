@@ -351,3 +351,25 @@ class CtrlC:
             yield lambda: bool(self.pressed)
         finally:
             self.pressed = None
+
+
+def loading_bar(total: int, show: bool):
+    """tqdm as one plain line, `loading  12.3/49.6 GB  3.10GB/s  00:12 left` (nothing when not shown)."""
+    from tqdm import tqdm  # here: only the programs that load a model draw the line
+
+    fmt = "loading  {n:.1f}/{total:.1f} GB  {rate_fmt}  {remaining} left"
+    try:  # a terminal that reports no size (a new pseudo-terminal is 0x0) counts as 80x24: tqdm shows nothing in 0
+        columns, lines = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        columns = lines = 0
+    return tqdm(
+        total=total / 1e9,
+        unit="GB",
+        bar_format=fmt,
+        disable=not show,
+        leave=False,
+        file=sys.stderr,
+        mininterval=0.2,
+        ncols=columns or 80,
+        nrows=lines or 24,
+    )

@@ -20,6 +20,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import convert  # noqa: E402
 import mixtral  # noqa: E402
+import ops  # noqa: E402
 from synthetic import TOKENIZER, write_hf_checkpoint, write_input_major  # noqa: E402
 
 # Property tests are derandomized: the same examples on every run, so CI cannot pass once and fail the
@@ -50,10 +51,10 @@ def convert_form(hf_path, out, q_bits=8, input_major=None):
 
 @pytest.fixture
 def kernels():
-    """Choose the quantized projections' kernels for one test (mixtral.use_kernels), then restore."""
-    before = dict(mixtral.KERNELS)
-    yield mixtral.use_kernels
-    mixtral.KERNELS.update(before)
+    """Choose the quantized projections' kernels for one test (ops.use_kernels), then restore."""
+    before = dict(ops.KERNELS)
+    yield ops.use_kernels
+    ops.KERNELS.update(before)
 
 
 def default_signals():

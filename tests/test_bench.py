@@ -64,9 +64,50 @@ def test_bench_runs_on_a_converted_model(mlx_q8):
 
 
 def test_bench_measures_the_server_through_http(mlx_q8):
-    result = run_bench("--model-path", mlx_q8, "--server", *TINY[-10:])
-    for key in ("server_reuse_ttft_ratio", "server_no_reuse_ttft_ratio", "server_16_clients_tokens_per_s"):
+    result = run_bench("--model-path", mlx_q8, "--server", *TINY[-10:], "--clients", "1,3", "--client-tokens", 4)
+    for key in ("server_reuse_ttft_ratio", "server_no_reuse_ttft_ratio"):
         assert result[key] > 0, result
+    assert result["server_parallel"] == 8
+    for label in ("server", "server_parallel_1"):
+        for n in (1, 3):
+            assert result[f"{label}_{n}_clients_tokens_per_s"] > 0, result
+            assert 0 < result[f"{label}_{n}_clients_ttft_median_s"] <= result[f"{label}_{n}_clients_ttft_p95_s"]
+
+
+# llama-server's side of the protocol bench.py uses: /health, then streamed chat chunks; it writes its argv beside it.
+FAKE_LLAMA_SERVER = """#!/usr/bin/env python3
+import json, pathlib, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+pathlib.Path(sys.argv[0]).with_suffix(".args").write_text(json.dumps(sys.argv[1:]))
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"{}")
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["ignore_eos"] and body["stream"]
+        self.send_response(200); self.send_header("Content-Type", "text/event-stream"); self.end_headers()
+        for _ in range(body["max_tokens"]):
+            self.wfile.write(b'data: {"choices": [{"delta": {"content": "x"}}]}\\n\\n')
+        self.wfile.write(b"data: [DONE]\\n\\n")
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def test_llama_server_gets_the_same_clients_with_slots_equal_to_our_parallel(tmp_path, mlx_q8):
+    fake = tmp_path / "llama-server"
+    fake.write_text(FAKE_LLAMA_SERVER)
+    fake.chmod(0o755)
+    flags = ["--server", "--core-only", "--clients", "2", "--client-tokens", 5, "--cpu-threads", 1]
+    result = run_bench("--model-path", mlx_q8, *TINY[-10:], *flags, "--llama-server", f"{fake} -m model.gguf")
+    args = json.loads(fake.with_suffix(".args").read_text())
+    assert args[:2] == ["-m", "model.gguf"] and args[args.index("-np") + 1] == "8" and args[args.index("-t") + 1] == "1"
+    assert result["llama_server_2_clients_tokens_per_s"] > 0
+    assert result["server_vs_llama_server_2_clients"] == pytest.approx(
+        result["server_2_clients_tokens_per_s"] / result["llama_server_2_clients_tokens_per_s"]
+    )
 
 
 @pytest.mark.parametrize(

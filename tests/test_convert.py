@@ -22,6 +22,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 import convert
 import folder
 import mixtral
+import ops
 import runtime
 from conftest import ROOT, assert_one_line_error, convert_form, popen_script, run_script
 from synthetic import TOKENIZER, write_hf_checkpoint
@@ -364,14 +365,14 @@ def fidelity(tmp_path_factory):
         for layout in ("standard", "input-major"):
             errors[layout].append(rms(logits_of_ours(d / layout, ids)))  # the default kernels
         convert_form(hf, d / "4-bit", q_bits=4)
-        before = dict(mixtral.KERNELS)
+        before = dict(ops.KERNELS)
         try:
             for bits, path in ((8, d / "standard"), (4, d / "4-bit")):
                 for kernels in PATHS:  # each kernel path on the same checkpoint
-                    mixtral.use_kernels(kernels)
+                    ops.use_kernels(kernels)
                     errors[f"{bits}-bit {kernels}"].append(rms(logits_of_ours(path, ids)))
         finally:
-            mixtral.KERNELS.update(before)
+            ops.KERNELS.update(before)
         errors["mlx-lm"].append(rms(logits_of_mlx_lm(mlx_lm_checkpoint(hf, d / "lm", 8), ids)))
     return {k: float(np.mean(v)) for k, v in errors.items()}
 

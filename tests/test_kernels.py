@@ -36,6 +36,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mixtral
+import ops
 from conftest import LAYOUTS, ROOT, convert_form, examples
 
 EPS = np.finfo(np.float32).eps
@@ -260,11 +261,11 @@ def test_attention_runs_ours_for_decode_and_prefill_and_mlx_for_another_mask(ker
     mk = ours()
     q1, q5, k = mx.zeros((1, 4, 1, 16)), mx.zeros((1, 4, 5, 16)), mx.ones((1, 2, 5, 16))
     kernels("exact")
-    assert "MixtralAttend" in primitive_names(mixtral.sdpa(q1, k, k, 0.25))
-    assert "MixtralAttend" in primitive_names(mixtral.sdpa(q5, k, k, 0.25, mask="causal"))
-    assert "MixtralAttend" not in primitive_names(mixtral.sdpa(q5, k, k, 0.25, mask=mx.zeros((5, 5))))
+    assert "MixtralAttend" in primitive_names(ops.sdpa(q1, k, k, 0.25))
+    assert "MixtralAttend" in primitive_names(ops.sdpa(q5, k, k, 0.25, mask="causal"))
+    assert "MixtralAttend" not in primitive_names(ops.sdpa(q5, k, k, 0.25, mask=mx.zeros((5, 5))))
     kernels("mlx")
-    assert "MixtralAttend" not in primitive_names(mixtral.sdpa(q1, k, k, 0.25))
+    assert "MixtralAttend" not in primitive_names(ops.sdpa(q1, k, k, 0.25))
     assert mk.attend  # (imported: the test fails without our kernels)
 
 
@@ -342,7 +343,7 @@ def test_swiglu_covers_the_whole_float_range_and_big_inputs_on_threads():
 def test_a_kernels_build_that_lacks_an_op_the_model_calls_falls_back_to_mlx_in_one_line(monkeypatch):
     # A mixtral_kernels built from an older checkout: the model must not fail mid-prefill on it.
     monkeypatch.delattr(ours(), "swiglu")
-    module, why = mixtral.our_kernels()
+    module, why = ops.our_kernels()
     assert module is None and "lacks swiglu" in why and "pip install --force-reinstall ./kernels" in why
 
 

@@ -1,0 +1,131 @@
+"""The ops the model calls where MLX's CPU backend is slow, and which kernels run them.
+
+On the CPU, ours (kernels/, an MLX C++ extension: mixtral_kernels) where they are built: the quantized
+projections (qmm), attention (sdpa), RoPE, RMSNorm and SwiGLU, each one op with threads inside. On a GPU,
+or where ours are not built (no compiler at install), MLX's own; `use_kernels` says which in one line,
+with the remedy when ours cannot run. MIXTRAL_KERNELS=int16|exact|mlx chooses.
+
+mixtral.py calls these five seams and knows nothing else of the kernels.
+"""
+
+import os
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+import parallel
+from machine import on_cpu
+from runtime import MixtralError
+
+
+def rope(x, head_dim: int, base: float, offset: int):
+    """Non-traditional (rotate-half) RoPE. Ours: one op, where MLX's CPU backend composes 28 (kernels/small.h)."""
+    fast = KERNELS["module"]
+    if fast is not None and x.dtype == mx.float32 and x.shape[-1] == head_dim:
+        return fast.rope(x, offset=offset, base=base)
+    return mx.fast.rope(x, head_dim, traditional=False, base=base, scale=1.0, offset=offset)
+
+
+def rms_norm(x, weight, eps: float):
+    """Ours: one op, where MLX's CPU backend composes 10."""
+    fast = KERNELS["module"]
+    if fast is not None and x.dtype == mx.float32 and weight.dtype == mx.float32:
+        return fast.rms_norm(x, weight, eps=eps)
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+def sdpa(q, k, v, scale: float, mask=None):
+    """Attention of q over the cached k, v (mask "causal", aligned to the end, or None for one new token).
+    Ours on the CPU (kernels/attend.cpp: threads inside, each key read once for the query heads and rows
+    that share it; MLX's general CPU path is 5x slower for one token, 10x for a prefill), else MLX's."""
+    fast = KERNELS["module"]
+    if fast is not None and (mask == "causal" or mask is None and q.shape[2] == 1) and q.dtype == mx.float32:
+        return fast.attend(q, k, v, scale=scale)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def swiglu(a, b):
+    """silu(a) * b. Ours on the CPU (kernels/small.cpp: one vectorized, threaded pass; MLX's CPU sigmoid
+    is one scalar exp per element on one thread: 59 ms against 6.4 a layer in a 512-token prefill), else MLX's."""
+    fast = KERNELS["module"]
+    if fast is not None and a.dtype == b.dtype == mx.float32 and a.shape == b.shape:
+        return fast.swiglu(a, b)
+    return nn.silu(a) * b
+
+
+def qmm(x, w, scales, biases, group_size, bits, indices=None, sorted_indices=False):
+    """x @ dequantize(w).T; with indices, w holds stacked experts and each batch element of x uses the
+    one indices names. Ours on the CPU (kernels/, see use_kernels), else MLX's."""
+    fast, path = KERNELS["module"], KERNELS["path"]
+    if fast is not None and x.dtype == mx.float32 and scales.dtype == mx.float32:
+        return fast.qmm(x, w, scales, biases, indices, group_size=group_size, bits=bits, path=path)
+    args = dict(transpose=True, group_size=group_size, bits=bits)
+    if indices is None:
+        return mx.quantized_matmul(x, w, scales, biases, **args)
+    return mx.gather_qmm(x, w, scales, biases, rhs_indices=indices, sorted_indices=sorted_indices, **args)
+
+
+KERNEL_CHOICES = ("auto", "int16", "exact", "mlx")
+OUR_OPS = ("qmm", "attend", "rope", "rms_norm", "swiglu")  # what the model calls in mixtral_kernels
+KERNELS = {"name": None, "module": None, "path": None, "line": ""}  # what qmm runs: use_kernels, or at load
+
+
+def our_kernels():
+    """-> (mixtral_kernels, None) where they are built and MLX computes on the CPU, else (None, why not)."""
+    if not on_cpu():
+        return None, "MLX computes on the GPU"
+    try:
+        import mixtral_kernels
+    except ImportError as e:
+        return None, f"{e}; pip install ./kernels builds them (a C++ compiler needed)"
+    missing = [op for op in OUR_OPS if not hasattr(mixtral_kernels, op)]
+    if missing:  # built from an older checkout
+        return (
+            None,
+            f"the installed mixtral_kernels lacks {', '.join(missing)}: pip install --force-reinstall ./kernels",
+        )
+    return mixtral_kernels, None
+
+
+def use_kernels(choice: Optional[str] = None) -> str:
+    """Choose the kernels of the quantized projections in the usual layout:
+    - "int16": ours (kernels/, the CPU only), activations rounded to int16 with one scale per weight
+      group, integer dot products: the CPU default (its error against transformers equals the exact path's);
+    - "exact": ours, float32 products and sums (MLX's arithmetic, in another order);
+    - "mlx": MLX's own quantized_matmul and gather_qmm (on a GPU, always);
+    - "auto" or None: $MIXTRAL_KERNELS if set, else int16 where ours are built and MLX computes on the CPU.
+    -> one line that says which kernels run, and how to get the fast ones when they cannot."""
+    choice = choice or os.environ.get("MIXTRAL_KERNELS") or "auto"
+    if choice not in KERNEL_CHOICES:
+        raise MixtralError(f"MIXTRAL_KERNELS={choice!r}: choose one of {', '.join(KERNEL_CHOICES)}")
+    module, why = our_kernels() if choice != "mlx" else (None, "not asked for (MIXTRAL_KERNELS=mlx)")
+    if module is None:
+        if choice in ("int16", "exact") and on_cpu():
+            raise MixtralError(f"MIXTRAL_KERNELS={choice}: our CPU kernels are not available ({why})")
+        KERNELS.update(name="mlx", module=None, path=None, line=f"kernels: MLX's own ({why})")
+        return KERNELS["line"]
+    name = "int16" if choice == "auto" else choice
+    KERNELS.update(name=name, module=module, path=module.INT16 if name == "int16" else module.EXACT)
+    return set_kernel_threads(module.threads())
+
+
+def set_kernel_threads(n: int) -> str:
+    """Our kernels' threads inside each projection, when they run. -> the line that says which kernels run."""
+    if KERNELS["module"] is not None:
+        KERNELS["module"].set_threads(n)
+        simd = KERNELS["module"].simd()
+        KERNELS["line"] = f"kernels: ours, {KERNELS['name']} path, {simd}, {n} threads inside each projection"
+    return KERNELS["line"]
+
+
+def use_threads(model, n: int, projection: type):
+    """n threads for the model: ours run them inside each op (chosen now, if not yet), MLX's own kernels
+    are cut over n CPU streams instead (parallel.use_cpu_threads), attention included."""
+    if KERNELS["name"] is None:
+        use_kernels()
+    set_kernel_threads(n)
+    if n > 1:
+        ours = KERNELS["module"] is not None
+        threaded = lambda layer: ours and isinstance(layer, projection)
+        parallel.use_cpu_threads(model, n, threaded=threaded, attention=not ours)
