@@ -1,17 +1,18 @@
 """Continuous batching: many replies decoded together, each one the same bits as alone (server.py).
 
-    batch = Batch(model, tokenizer.eos_id, size=8)
+    batch = Batch(model, tokenizer.eos_id, size=16)
     batch.add(Sequence(cache, feed=prompt_ids, max_tokens=100, on_token=..., on_end=...))
     while batch.busy:
         batch.step()
 
-A step runs at most one prefill chunk of one sequence (the oldest with prompt left: `chunk` tokens bound
-how long a new prompt delays the others), then one forward pass over the newest token of every decoding
-sequence: a row each, over its own KV cache (lengths differ; no padding), the experts' rows grouped by
-expert so that each expert's weights are read once for all the rows it serves (mixtral.FeedForward).
-Our CPU kernels give a row the same bits alone or among others and in any prefill chunk, attention runs
-per sequence, and each sequence draws from a random key of its own (the one mx.random.seed(seed) would
-give it alone), so a reply in a batch equals the same request alone, token for token (tests/test_batch.py).
+A step is one forward pass over one row of tokens: the newest token of every decoding sequence and up
+to `chunk` prompt tokens of those still prefilling (oldest first; more when none decodes), one after
+another (mixtral.Segments). The projections read each weight once for the whole row, the experts' rows
+grouped by expert; attention runs per sequence over its own KV cache (lengths differ; no padding); the
+output projection runs only on the rows whose next token is drawn. Our CPU kernels give a row the same
+bits alone or among others and in any prefill chunk, and each sequence draws from a random key of its
+own (the one mx.random.seed(seed) would give it alone), so a reply in a batch equals the same request
+alone, token for token (tests/test_batch.py).
 
 Steps are pipelined as mixtral.generate is: step n+1 is built on the lazy tokens of step n before we wait
 for them, so building the graph overlaps the computation. A sequence that ends at step n has had its
@@ -24,10 +25,13 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import mlx.core as mx
+import numpy as np
 
 import mixtral
 
-PREFILL_CHUNK = 128  # tokens of a new prompt per step: ~0.2 s at 700 tokens/s, what it may delay the others
+# Prompt tokens per step while others decode: what a new prompt adds to their step (measured on 2 cores:
+# 15 decoding, a 4000-token prompt raised their step from ~120 to ~220 ms); with none decoding, chat.py's.
+PREFILL_CHUNK, PREFILL_ALONE = 32, 512
 
 
 @dataclass(eq=False)
@@ -55,6 +59,7 @@ class Sequence:
     ttft: float = 0.0  # seconds from start to the first token
     elapsed: float = 0.0
     log: Optional[List[list]] = None  # per layer, the routing of each forward pass that fed this sequence
+    ends_fed: bool = False  # max_tokens <= 0: it ends once its prompt (but the last token) is fed
 
     def __post_init__(self):
         self.prompt_tokens = len(self.feed)
@@ -79,7 +84,7 @@ class Sequence:
 class Batch:
     """Up to `size` sequences decoding together; more wait their turn in arrival order."""
 
-    def __init__(self, model, eos_id: int, size: int = 8, chunk: int = PREFILL_CHUNK):
+    def __init__(self, model, eos_id: int, size: int = 16, chunk: int = PREFILL_CHUNK):
         self.model, self.eos_id, self.size, self.chunk = model, eos_id, size, chunk
         self.running: List[Sequence] = []
         self.waiting: List[Sequence] = []
@@ -106,59 +111,67 @@ class Batch:
         self._end(s, "interrupted")
 
     def step(self):
-        """One prefill chunk (if a prompt is waiting) and one token of every decoding sequence."""
+        """One forward pass: a token of every decoding sequence, and up to `chunk` prompt tokens of those
+        still prefilling, oldest first."""
         while self.waiting and len(self.running) < self.size:
-            self.running.append(self.waiting.pop(0))
-        for s in [s for s in self.running if s.max_tokens <= 0 and len(s.feed) <= 1]:
-            s.started = True  # nothing to generate: a reply of no tokens, as mixtral.complete gives
+            s = self.waiting.pop(0)
+            if s.max_tokens <= 0:  # nothing to generate: the prompt's last token is never fed (mixtral.complete)
+                s.feed, s.ends_fed = s.feed[:-1], True
+            self.running.append(s)
+        for s in [s for s in self.running if s.ends_fed and not s.feed]:
+            s.started = True  # a reply of no tokens
             self._end(s, "length")
         self.model.log_routing(any(s.experts for s in self.running))
-        outputs, fed = self._prefill_chunk()
-        decoding = [s for s in self.running if len(s.feed) <= 1]
-        if decoding:
-            outputs.append(self._decode(decoding))
-            fed.append(decoding)
-        self._keep_routing(fed)
+        segments = []
+        budget = self.chunk if any(s.y is not None for s in self.running) else max(self.chunk, PREFILL_ALONE)
+        for s in self.running:
+            if s.y is not None:  # decoding: the token drawn last step, lazy
+                segments.append((s, s.y))
+            elif budget > 0 and s.feed:
+                n = min(budget, len(s.feed))
+                segments.append((s, mx.array(s.feed[:n], mx.uint32)))
+                s.feed, budget = s.feed[n:], budget - n
+        outputs, drawing = self._forward(segments) if segments else ([], [])
         mx.async_eval(outputs)
         self._deliver()  # the previous step's tokens: waits for them, while this step computes
-        self.in_flight, self.tokens = decoding, outputs[-1] if decoding else None
+        self.in_flight, self.tokens = drawing, outputs[-1] if drawing else None
 
-    def _prefill_chunk(self):
-        """Feed the oldest waiting prompt one chunk (all but its last token, which decoding feeds)."""
-        s = next((s for s in self.running if len(s.feed) > 1), None)
-        if s is None:
-            return [], []
-        n = min(self.chunk, len(s.feed) - 1)
-        self.model(mx.array([s.feed[:n]], dtype=mx.uint32), s.cache)
-        s.feed = s.feed[n:]
-        return [[c.state for c in s.cache]], [[s]]  # only the cache: MLX skips the rest of the graph
-
-    def _decode(self, seqs: List[Sequence]):
-        """One forward pass over each sequence's newest token -> the next tokens (len(seqs),), lazy."""
-        for s in seqs:
-            s.started = True
-        inputs = mx.concatenate([s.y if s.y is not None else mx.array(s.feed[-1:], mx.uint32) for s in seqs])
-        caches = [[s.cache[i] for s in seqs] for i in range(len(self.model.layers))]
-        logits, _ = self.model(inputs[:, None], caches)
-        tokens = mx.concatenate([s.draw(logits[i : i + 1, -1]) for i, s in enumerate(seqs)])
+    def _forward(self, segments):
+        """One pass over the segments' tokens, one after another in a row -> ([what must be computed: the
+        caches of sequences still prefilling, then the next tokens], the sequences those tokens are for)."""
+        ends = np.cumsum([len(tokens) for _, tokens in segments]).tolist()
+        bounds = list(zip([0, *ends[:-1]], ends))
+        caches = [
+            mixtral.Segments((s.cache[i], a, b) for (s, _), (a, b) in zip(segments, bounds))
+            for i in range(len(self.model.layers))
+        ]
+        drawing = [i for i, (s, _) in enumerate(segments) if not s.feed and not s.ends_fed]
+        rows = mx.array([bounds[i][1] - 1 for i in drawing]) if drawing else None
+        inputs = mx.concatenate([tokens for _, tokens in segments])[None]
+        logits, _ = self.model(inputs, caches, rows=rows)
+        self._keep_routing(segments, bounds)
+        if not drawing:
+            return [[c.state for c in s.cache] for s, _ in segments], []  # only the caches: MLX skips the rest
+        tokens = mx.concatenate([segments[i][0].draw(logits[:, j]) for j, i in enumerate(drawing)])
         group = self.model.group
         if group is not None:  # every rank takes rank 0's tokens (in the graph: no wait)
             tokens = mx.distributed.all_sum(mx.where(group.rank() == 0, tokens, 0), group=group)
-        for i, s in enumerate(seqs):
-            s.y = tokens[i : i + 1]
-        return tokens
+        for j, i in enumerate(drawing):
+            segments[i][0].started = True
+            segments[i][0].y = tokens[j : j + 1]
+        others = [[c.state for c in s.cache] for i, (s, _) in enumerate(segments) if i not in drawing]
+        return [*others, tokens], [segments[i][0] for i in drawing]
 
-    def _keep_routing(self, fed: List[List[Sequence]]):
-        """Hand each sequence that keeps its experts its rows of the routing log of this step's passes."""
-        logs = [layer.feed_forward.log for layer in self.model.layers]
-        if logs[0] is None:
-            return
-        for i, log in enumerate(logs):
-            for inds, seqs in zip(log, fed):  # one entry per forward pass, in order
-                for row, s in enumerate(seqs):
-                    if s.experts:
-                        s.log = s.log or [[] for _ in logs]
-                        s.log[i].append(inds[row].reshape(-1, inds.shape[-1]))
+    def _keep_routing(self, segments, bounds):
+        """Hand each sequence that keeps its experts its rows of this pass's routing log."""
+        for i, layer in enumerate(self.model.layers):
+            log = layer.feed_forward.log
+            if log is None:
+                return
+            for (s, _), (a, b) in zip(segments, bounds):
+                if s.experts:
+                    s.log = s.log or [[] for _ in self.model.layers]
+                    s.log[i].append(log[0][0, a:b])
             log.clear()
 
     def _deliver(self):

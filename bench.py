@@ -324,7 +324,8 @@ def server_figures(opts, threads: int) -> dict:
     of it resent each time), with the server's cache reuse on and off; then --clients at once on
     --parallel 1 and the default (and llama-server at -np of the same, with --llama-server)."""
     out = {}
-    for label, flags in (("reuse", ()), ("no_reuse", ("--no-cache-reuse",))):
+    chosen = ("--parallel", opts.parallel) if opts.parallel else ()
+    for label, flags in (("reuse", chosen), ("no_reuse", (*chosen, "--no-cache-reuse"))):
         served = Served(opts.model_path, *flags)
         try:
             messages, ttfts = [], []
@@ -618,6 +619,7 @@ def build_parser():
         default=[1, 4, 16],
         help="with --server: these counts of clients at once, on --parallel 1 and the default (default: 1,4,16)",
     )
+    p.add_argument("--parallel", type=int, help="with --server: server.py's --parallel (default: its own)")
     p.add_argument(
         "--client-tokens", type=int, default=64, help="with --clients: tokens per reply (default: %(default)s)"
     )
@@ -663,7 +665,7 @@ def main(argv=None):
 LEAST = dict(
     dim=1, hidden_dim=1, n_layers=1, n_experts=1, top_k=1, n_heads=1, n_kv_heads=1, head_dim=1, vocab_size=2,
     q_group_size=1, prompt_tokens=1, gen_tokens=1, chat_turns=1, turn_tokens=1, reply_tokens=1, repeat=1,
-    cpu_threads=1, resume_tokens=0, client_tokens=1,
+    cpu_threads=1, resume_tokens=0, client_tokens=1, parallel=1,
 )  # fmt: skip
 
 

@@ -136,6 +136,11 @@ class KVCache:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
+class Segments(list):
+    """One layer's caches of several sequences whose tokens lie one after another in a row, as
+    (KVCache, start, end) of each sequence's positions in that row (batch.py)."""
+
+
 class RoPE(nn.Module):
     # Hugging Face checkpoints store wq/wk permuted for "rotate-half" RoPE (the two halves of each
     # head are the rotated pairs), so we apply the non-traditional form to them as they are.
@@ -173,7 +178,7 @@ class Attention(nn.Module):
         self.group = None  # parallel.shard: the ranks whose partial outputs add up
 
     def __call__(self, x, cache):
-        """cache: a KVCache, or one per row of x (a batch of sequences of different lengths: server.py)."""
+        """cache: a KVCache, or Segments (several sequences one after another in x's one row)."""
         B, T, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, n_heads, T, head_dim)
@@ -183,7 +188,7 @@ class Attention(nn.Module):
             out = self.attend(q, k, v, cache)
         else:  # each sequence at its own position, over its own keys: no padding to change a result
             out = mx.concatenate(
-                [self.attend(q[b : b + 1], k[b : b + 1], v[b : b + 1], c) for b, c in enumerate(cache)]
+                [self.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], c) for c, a, b in cache], axis=2
             )
         return all_sum(self.wo(out.transpose(0, 2, 1, 3).reshape(B, T, -1)), self.group)
 
@@ -214,7 +219,7 @@ class SwitchLinear(nn.Module):
 class FeedForward(nn.Module):
     """The SwiGLU expert, w2(silu(w1 x) * w3 x), for all experts at once: weights are (experts, out, in)."""
 
-    sort_threshold = 64  # routed (token, expert) pairs from which sorting by expert pays
+    sort_threshold = 4  # routed (token, expert) pairs from which sorting by expert pays: two tokens
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -226,7 +231,7 @@ class FeedForward(nn.Module):
     def __call__(self, x, indices):
         # x: (B, T, dim), indices: (B, T, k) -> (B, T, k, dim)
         B, T, k = indices.shape
-        if indices.size >= self.sort_threshold or B > 1:
+        if indices.size >= self.sort_threshold:
             # Many tokens (prefill, or a batch of sequences): group the rows by expert so each expert's
             # weights are read once. Our kernels give each row the same bits either way.
             flat = indices.flatten()
@@ -290,12 +295,15 @@ class Mixtral(nn.Module):
     def make_cache(self) -> List[KVCache]:
         return [KVCache() for _ in self.layers]
 
-    def __call__(self, tokens, cache: Optional[List[KVCache]] = None):
-        """tokens: (B, T) ids after what `cache` holds -> (logits (B, T, vocab) float32, cache)."""
+    def __call__(self, tokens, cache: Optional[List[KVCache]] = None, rows=None):
+        """tokens: (B, T) ids after what `cache` holds -> (logits (B, T, vocab) float32, cache).
+        A batch of sequences (batch.py): tokens (1, T) their tokens one after another, cache a list of
+        Segments per layer, rows the positions whose logits are wanted -> logits (1, len(rows), vocab)."""
         cache = self.make_cache() if cache is None else cache
         h = self.tok_embeddings(tokens)
         for layer, c in zip(self.layers, cache):
             h = layer(h, c)
+        h = h if rows is None else h[:, rows]
         return self.output(self.norm(h)).astype(mx.float32), cache
 
     @property

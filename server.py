@@ -745,8 +745,8 @@ def build_parser():
     p.add_argument(
         "--parallel",
         type=int,
-        help="replies decoded together, each the same as alone; more requests wait (default: 8 on the CPU, 16 on a "
-        "GPU, fewer when the caches would not fit; 1: one at a time)",
+        help="replies decoded together, each the same as alone; more requests wait (default: 16, fewer when the "
+        "caches would not fit; 1: one at a time)",
     )
     p.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting at most; more get 503 (default: %(default)s)"
@@ -839,11 +839,10 @@ def run(args):
 
 
 def default_parallel(max_context: int, cache_tokens: int) -> int:
-    """Replies decoded together by default. On the CPU a batch step costs about a token's step per
-    four rows up to ~8 (the experts' weights are read once for all their rows, then compute dominates);
-    a GPU gains up to 16 and more. Fewer when the caches would not hold a quarter context each."""
-    wanted = 8 if machine.on_cpu() else 16
-    return max(1, min(wanted, cache_tokens // max(1, max_context // 4)))
+    """Replies decoded together by default: 16, fewer when the caches would not hold a quarter of the
+    context for each. On 2 CPU cores throughput grows to about 8 and flattens (the projections become
+    compute-bound: docs/performance.md), but with 16 every client's reply starts at once."""
+    return max(1, min(16, cache_tokens // max(1, max_context // 4)))
 
 
 def listen(host: str, port: int):

@@ -111,7 +111,7 @@ def test_a_sequence_stopped_before_its_reply_never_starts_and_the_others_go_on(m
     ended = []
     a = batch.Sequence(model.make_cache(), long, 5, on_end=ended.append)
     b = batch.Sequence(model.make_cache(), short, 5, on_end=ended.append)
-    run(batch.Batch(model, EOS, size=2, chunk=64), {0: [a, b]}, {1: [a]})
+    run(batch.Batch(model, EOS, size=2, chunk=64), {0: [a, b]}, {0: [a]})  # a: 512 of 700 fed
     assert ended == [a, b] and not a.started and a.ids == [] and a.finish_reason == "interrupted"
     assert b.ids == alone(model, short, 5)[0]
 

@@ -67,7 +67,7 @@ def test_bench_measures_the_server_through_http(mlx_q8):
     result = run_bench("--model-path", mlx_q8, "--server", *TINY[-10:], "--clients", "1,3", "--client-tokens", 4)
     for key in ("server_reuse_ttft_ratio", "server_no_reuse_ttft_ratio"):
         assert result[key] > 0, result
-    assert result["server_parallel"] == 8
+    assert result["server_parallel"] == 16
     for label in ("server", "server_parallel_1"):
         for n in (1, 3):
             assert result[f"{label}_{n}_clients_tokens_per_s"] > 0, result
@@ -103,7 +103,9 @@ def test_llama_server_gets_the_same_clients_with_slots_equal_to_our_parallel(tmp
     flags = ["--server", "--core-only", "--clients", "2", "--client-tokens", 5, "--cpu-threads", 1]
     result = run_bench("--model-path", mlx_q8, *TINY[-10:], *flags, "--llama-server", f"{fake} -m model.gguf")
     args = json.loads(fake.with_suffix(".args").read_text())
-    assert args[:2] == ["-m", "model.gguf"] and args[args.index("-np") + 1] == "8" and args[args.index("-t") + 1] == "1"
+    assert (
+        args[:2] == ["-m", "model.gguf"] and args[args.index("-np") + 1] == "16" and args[args.index("-t") + 1] == "1"
+    )
     assert result["llama_server_2_clients_tokens_per_s"] > 0
     assert result["server_vs_llama_server_2_clients"] == pytest.approx(
         result["server_2_clients_tokens_per_s"] / result["llama_server_2_clients_tokens_per_s"]

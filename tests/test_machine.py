@@ -1,4 +1,4 @@
-"""The memory plan against the Macs people have, and README's memory table against the plan."""
+"""The memory plan against the Macs people have, and docs/memory.md's table against the plan."""
 
 import re
 
@@ -14,7 +14,7 @@ GB, GiB = 1e9, 2**30
 MACS = {ram: (2 / 3 if ram <= 36 else 3 / 4) * ram * GiB for ram in (16, 32, 36, 48, 64, 96, 192)}
 MACS[128] = 107.5 * GiB
 KV_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # Mixtral, float16
-WEIGHTS = {"float16": 93.4 * GB, "8-bit": 49.62 * GB, "4-bit": 26.27 * GB}  # README: Run on several Macs
+WEIGHTS = {"float16": 93.4 * GB, "8-bit": 49.62 * GB, "4-bit": 26.27 * GB}  # docs/several-macs.md
 
 
 def verdict(weights, ram):
@@ -49,7 +49,7 @@ def test_without_a_gpu_working_set_only_the_ram_counts():
 
 
 def readme_rows():
-    table = (ROOT / "README.md").read_text().split("## Memory")[1].split("## ")[0]
+    table = (ROOT / "docs" / "memory.md").read_text()
     rows = {}
     for line in filter(lambda line: line.startswith("|"), table.splitlines()):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -130,7 +130,7 @@ def test_props_give_the_model_its_context_and_chat_py_defaults(server):
     assert props == {
         "model": "q8",
         "max_context": CONTEXT,
-        "parallel": 8,
+        "parallel": 16,
         "persona": chat.DEFAULT_SYSTEM_PROMPT,
         "layers": 2,
         "experts": 8,
