@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,6 +27,7 @@ import runtime
 from folder import DEFAULT_MODEL_PATH
 from machine import DTYPES, compute_dtype, default_cpu_threads, default_dtype, dtype_name, on_cpu
 from runtime import MixtralError, is_out_of_memory, quiet_unless_rank0, run_program, signals_held
+from tokenizer import Tokenizer  # mixtral.Tokenizer, as ever
 
 # --------------------------------------------------------------------------- config
 
@@ -350,74 +351,6 @@ def quantize_model(model: "Mixtral", group_size: int, bits: int, keep=lambda pat
         return QuantizedLinear(m["weight"], m["scales"], m["biases"], group_size, bits)
 
     model.update_modules(tree_map(ours, model.leaf_modules(), is_leaf=nn.Module.is_module))
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-class Tokenizer:
-    def __init__(self, model_path: str):
-        from sentencepiece import SentencePieceProcessor
-
-        if not Path(model_path).is_file():
-            raise MixtralError(f"{model_path}: tokenizer file not found")
-        try:
-            self._sp = SentencePieceProcessor(model_file=str(model_path))
-        except Exception as e:  # sentencepiece raises bare RuntimeErrors/OSErrors
-            raise MixtralError(f"{model_path}: not a sentencepiece model ({e})") from None
-        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
-
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.vocab_size()
-
-    def encode(self, text: str, bos: bool = True) -> List[int]:
-        return ([self.bos_id] if bos else []) + self._sp.encode(text)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode(list(ids))
-
-    def text_stream(self) -> "TextStream":
-        return TextStream(self._sp)
-
-    def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
-        """Yield text as soon as it is final; the pieces joined equal decode(all ids) (TextStream)."""
-        stream = self.text_stream()
-        for i in ids:
-            if piece := stream.push(i):
-                yield piece
-        if piece := stream.flush():
-            yield piece
-
-
-class TextStream:
-    """Token ids pushed one at a time -> the text each makes final (a server pushes the ids of many replies).
-
-    We re-decode the ids since an anchor and return what is new, holding back while the text ends in
-    U+FFFD (a character whose bytes are still arriving as byte-fallback tokens). The anchor moves to
-    every plain piece, so each push decodes a few tokens, not all of them; keeping the anchor token in
-    the window preserves sentencepiece's leading-space handling.
-    """
-
-    def __init__(self, sp):
-        self._sp, self.window, self.done = sp, [], 0  # ids from the anchor on; chars of decode(window) sent
-
-    def push(self, i: int) -> str:
-        self.window.append(int(i))
-        text = self._sp.decode(self.window)
-        if text.endswith("\ufffd"):
-            return ""
-        piece = text[self.done :]
-        if not self._sp.is_byte(self.window[-1]):
-            self.window = [self.window[-1]]
-            self.done = len(self._sp.decode(self.window))
-        else:
-            self.done = len(text)
-        return piece
-
-    def flush(self) -> str:
-        """What is left (an incomplete character's replacement), once the ids end."""
-        return self._sp.decode(self.window)[self.done :] if self.window else ""
 
 
 # --------------------------------------------------------------------------- loading
@@ -757,7 +690,9 @@ def run(args):
         model_args, quantization = read_config(Path(args.model_path))
         kv = machine.kv_bytes_per_token(model_args, default_dtype())
         text = folder.describe(args.model_path, model_args, quantization, kv, dtype_name(default_dtype()))
-        return print(f"{text}\n{ops.use_kernels()}{rank_plan(args, model_args, quantization, kv)}")
+        sizes = lambda: parallel.part_sizes(skeleton(model_args, quantization, lazy_shards(Path(args.model_path))[0]))
+        plan = parallel.rank_plan(model_args, quantization, kv, args.shares, sizes)
+        return print(f"{text}\n{ops.use_kernels()}{plan}")
     if args.verify:
         folder.verify(args.model_path)
         print(f"{args.model_path}: every file is intact", file=sys.stderr)
@@ -772,7 +707,7 @@ def run(args):
             "--prompt - cannot work under mlx.launch, which never passes the end of stdin on; "
             'pass the text itself: --prompt "$(cat FILE)"'
         )
-    prompt = read_prompt(args.prompt) if mx.distributed.init().rank() == 0 else ""
+    prompt = runtime.read_prompt(args.prompt) if mx.distributed.init().rank() == 0 else ""
     tic = time.perf_counter()
     model, tokenizer = load_model(args.model_path, args.dtype, shares=args.shares)
     prompt = parallel.text_from_rank0(prompt, model.group)
@@ -793,36 +728,6 @@ def run(args):
         f"[memory] peak {mx.get_peak_memory() / machine.GB:.2f} GB",
         file=sys.stderr,
     )
-
-
-def rank_plan(args, model_args, quantization, kv: int) -> str:
-    """--info under mlx.launch (or with --shares): what each rank would hold. Nothing is read: the plan
-    comes from the shapes, and the ranks' memory."""
-    group = parallel.world()
-    if group is None and args.shares is None:
-        return ""
-    weights, _ = lazy_shards(Path(args.model_path))
-    sizes = parallel.part_sizes(skeleton(model_args, quantization, weights))
-    unit = quantization["group_size"] if quantization else 1
-    if group is None:  # the plan for len(--shares) ranks, each with this machine's memory
-        plan = parallel.make_plan(model_args, unit, sizes, [machine.model_budget()] * len(args.shares), args.shares)
-    else:
-        plan = parallel.plan_for_sizes(model_args, sizes, group, unit, args.shares)
-    return f"\nranks         {len(plan.heads)}: {plan.describe()}\n{parallel.plan_table(plan, model_args, kv)}"
-
-
-def read_prompt(prompt: str) -> str:
-    """The prompt text; '-' reads stdin, which must be UTF-8."""
-    if prompt != "-":
-        try:
-            prompt.encode("utf-8")  # argv decodes with surrogateescape
-        except UnicodeEncodeError:
-            raise MixtralError("--prompt: not UTF-8 text; convert it first, e.g. with iconv -t UTF-8") from None
-        return prompt
-    try:
-        return sys.stdin.buffer.read().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MixtralError(f"stdin: not UTF-8 text (byte {e.start}); convert it first, e.g. iconv -t UTF-8") from None
 
 
 if __name__ == "__main__":

@@ -359,3 +359,17 @@ def follow(group):
     while (text := text_from_rank0(None, group)) == "":
         time.sleep(0.8 * IDLE_POLL)  # rank 0 comes back no sooner: the wait in the collective is short
     return text
+
+
+def rank_plan(args, quantization, kv: int, shares, sizes) -> str:
+    """--info under mlx.launch (or with --shares): what each rank would hold. Nothing is read: the plan
+    comes from the shapes (sizes(): part_sizes of the model's skeleton), and the ranks' memory."""
+    group = world()
+    if group is None and shares is None:
+        return ""
+    unit = quantization["group_size"] if quantization else 1
+    if group is None:  # the plan for len(--shares) ranks, each with this machine's memory
+        plan = make_plan(args, unit, sizes(), [machine.model_budget()] * len(shares), shares)
+    else:
+        plan = plan_for_sizes(args, sizes(), group, unit, shares)
+    return f"\nranks         {len(plan.heads)}: {plan.describe()}\n{plan_table(plan, args, kv)}"

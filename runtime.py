@@ -373,3 +373,17 @@ def loading_bar(total: int, show: bool):
         ncols=columns or 80,
         nrows=lines or 24,
     )
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt text; '-' reads stdin, which must be UTF-8."""
+    if prompt != "-":
+        try:
+            prompt.encode("utf-8")  # argv decodes with surrogateescape
+        except UnicodeEncodeError:
+            raise MixtralError("--prompt: not UTF-8 text; convert it first, e.g. with iconv -t UTF-8") from None
+        return prompt
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MixtralError(f"stdin: not UTF-8 text (byte {e.start}); convert it first, e.g. iconv -t UTF-8") from None
