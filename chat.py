@@ -13,7 +13,6 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import queue
 import random
@@ -425,21 +424,17 @@ class Chat:
         self.experts |= {"reply_ids": list(reply_ids), "reply": cut(start, len(reply_ids))}
 
     def save(self, path: str, settings: dict):
-        """Write the transcript as UTF-8 JSON, atomically: a failed write leaves any old file whole."""
-        sessions.write_json(path, {"messages": self.conversation(), "settings": settings, "seed": self.seed})
+        """Write the transcript (sessions.write_transcript)."""
+        sessions.write_transcript(path, self.conversation(), settings, self.seed)
 
     def load(self, path: str, text: Optional[str] = None):
         """Continue a transcript saved by /save (`text`: its contents, when already read). Exchanges
         beyond --max-context are dropped, oldest first, as in a live chat."""
+        text = sessions.read_text(path) if text is None else text
+        messages = sessions.transcript_messages(path, text, self.tokenizer.vocab_size)
         try:
-            data = json.loads(read_transcript(path) if text is None else text)
-            messages = data["messages"]
-            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-                raise TypeError("'messages' must be a list of objects")
-            for i, m in enumerate(messages):
-                self._check_tokens(i, m.get("tokens"))
             system, turns = split_system(messages)
-        except (ValueError, KeyError, TypeError, MixtralError) as e:
+        except MixtralError as e:
             raise MixtralError(f"{path}: not a chat transcript ({e})") from None
         if turns and turns[-1]["role"] == "user":
             turns = turns[:-1]  # a question without its answer: the user can ask it again
@@ -455,16 +450,6 @@ class Chat:
             )
         self._rebuild(turns)
 
-    # The KV cache saved beside a transcript (/save FILE, --resume FILE): resuming then prefills nothing.
-
-    def _check_tokens(self, i: int, tokens):
-        """A saved reply's token ids: ints the vocabulary has (others would read garbage embeddings)."""
-        if tokens is None:
-            return
-        n = self.tokenizer.vocab_size
-        if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < n for t in tokens):
-            raise TypeError(f"message {i}: 'tokens' must be a list of token ids from 0 to {n - 1}")
-
 
 def common_prefix(a: List[int], b: List[int]) -> int:
     n = 0
@@ -473,13 +458,6 @@ def common_prefix(a: List[int], b: List[int]) -> int:
             break
         n += 1
     return n
-
-
-def read_transcript(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MixtralError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
 # --------------------------------------------------------------------------- finding the model
@@ -835,7 +813,7 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
     )
     resume = args.resume or (session.transcript if session and session.transcript.is_file() else None)
     if resume:
-        text = parallel.text_from_rank0(read_transcript(resume) if term.rank0 else "", group)
+        text = parallel.text_from_rank0(sessions.read_text(resume) if term.rank0 else "", group)
         if session:
             why = session.resume(chat, text)
         else:

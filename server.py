@@ -603,13 +603,13 @@ class Api:
                 kind="server_error",
                 code="queue_full",
             ).response()
-        ident = f"{'chatcmpl' if job.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        answer = Answer(job, self.model_name)
         if body.get("stream"):
             usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage") is True
             return StreamingResponse(
-                self.stream(job, ident, usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+                answer.stream(usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
-        return await self.whole(request, job, ident)
+        return await answer.whole(request)
 
     def end_all(self, why: str, wait: float = 3.0):
         """Give every request not yet answered whole its final error event (an error answer, if not
@@ -624,8 +624,17 @@ class Api:
         while any(job in self.open and not job.loop.is_closed() for job in live) and time.monotonic() < end:
             time.sleep(0.01)
 
-    def chunk(self, job: Job, ident: str, text=None, finish=None, role=False) -> dict:
-        created, model = int(time.time()), self.model_name
+
+class Answer:
+    """What one request gets back, from its job's events: server-sent events in OpenAI's chunk format, or
+    one JSON answer. However it ends (done, or the client left), its job is cancelled."""
+
+    def __init__(self, job: Job, model_name: str):
+        self.job, self.model_name = job, model_name
+        self.ident = f"{'chatcmpl' if job.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+
+    def chunk(self, text=None, finish=None, role=False) -> dict:
+        job, ident, created, model = self.job, self.ident, int(time.time()), self.model_name
         if job.kind == "chat":
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -639,36 +648,37 @@ class Api:
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
-    async def stream(self, job: Job, ident: str, include_usage: bool):
+    async def stream(self, include_usage: bool):
         """Server-sent events in OpenAI's chunk format, ending with [DONE]. A client that leaves cancels the job."""
+        job = self.job
         try:
             if job.kind == "chat":
-                yield f"data: {json.dumps(self.chunk(job, ident, '', role=True))}\n\n"
+                yield f"data: {json.dumps(self.chunk('', role=True))}\n\n"
             while True:
                 kind, value = await job.events.get()
                 if kind == "text":
-                    yield f"data: {json.dumps(self.chunk(job, ident, value))}\n\n"
+                    yield f"data: {json.dumps(self.chunk(value))}\n\n"
                 elif kind == "error":
                     yield error_event(
                         value.get("error", {}).get("message", "error") if isinstance(value, dict) else value
                     )
                     return
                 else:
-                    final = self.chunk(job, ident, finish=value["finish_reason"])
+                    final = self.chunk(finish=value["finish_reason"])
                     if "experts" in value:
                         final["experts"] = value["experts"]
                     yield f"data: {json.dumps(final)}\n\n"
                     if include_usage:
-                        final = self.chunk(job, ident) | {"choices": [], "usage": value["usage"]}
+                        final = self.chunk() | {"choices": [], "usage": value["usage"]}
                         yield f"data: {json.dumps(final)}\n\n"
                     yield "data: [DONE]\n\n"
                     return
         finally:
             job.cancelled = True  # done, or the client left (the generator is closed): stop generating
 
-    async def whole(self, request: Request, job: Job, ident: str):
+    async def whole(self, request: Request):
         """One JSON answer; a client that leaves before it cancels the job."""
-        parts = []
+        job, parts = self.job, []
         try:
             while True:
                 try:
@@ -703,7 +713,7 @@ class Api:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": value["finish_reason"]}
             obj = "text_completion"
         answer = {
-            "id": ident,
+            "id": self.ident,
             "object": obj,
             "created": created,
             "model": self.model_name,

@@ -65,6 +65,42 @@ def write_json(path: str, data):
         raise MixtralError(f"{path}: cannot write ({e.strerror}); the previous file, if any, is unchanged") from None
 
 
+def read_text(path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MixtralError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+# --------------------------------------------------------------------------- a transcript (/save FILE)
+
+
+def write_transcript(path, messages: List[dict], settings: dict, seed: int):
+    """The conversation as UTF-8 JSON, atomically: a failed write leaves any old file whole."""
+    write_json(path, {"messages": messages, "settings": settings, "seed": seed})
+
+
+def transcript_messages(path, text: str, vocab_size: int) -> List[dict]:
+    """A transcript's text -> its messages; a reply's saved token ids must be ints the vocabulary has
+    (others would read garbage embeddings)."""
+    try:
+        messages = json.loads(text)["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise TypeError("'messages' must be a list of objects")
+        for i, m in enumerate(messages):
+            tokens = m.get("tokens")
+            if tokens is not None and not (
+                isinstance(tokens, list) and all(type(t) is int and 0 <= t < vocab_size for t in tokens)
+            ):
+                raise TypeError(f"message {i}: 'tokens' must be a list of token ids from 0 to {vocab_size - 1}")
+        return messages
+    except (ValueError, KeyError, TypeError) as e:
+        raise MixtralError(f"{path}: not a chat transcript ({e})") from None
+
+
+# --------------------------------------------------------------------------- the KV cache beside it
+
+
 def cache_identity(chat, n: int) -> dict:
     """What a saved cache of the first n tokens belongs to: it is used only where all of it matches."""
     group = chat.model.group
