@@ -125,6 +125,25 @@ def prompt_and_decode(model, opts):
     return opts.prompt_tokens / (first - tic), (opts.gen_tokens - 1) / (end - first)
 
 
+def at_depth(model, opts, depth: int):
+    """-> (prefill tokens/s, decode tokens/s) with `depth` tokens already in the cache, as llama-bench -d
+    measures: --prompt-tokens more prefilled on top of them, then --gen-tokens decoded after them."""
+    random_ids = lambda n: mx.random.randint(3, model.args.vocab_size, (n,)).tolist()
+    cache = model.make_cache()
+    mixtral.prefill(model, random_ids(depth + 1), cache)  # all but the last: depth tokens
+    tic = time.perf_counter()
+    next(mixtral.generate(model, random_ids(opts.prompt_tokens), cache))
+    prompt_tps = opts.prompt_tokens / (time.perf_counter() - tic)
+    for c in cache:
+        c.trim(c.offset - depth)
+    tokens = mixtral.generate(model, random_ids(1), cache)
+    next(tokens)
+    tic = time.perf_counter()
+    for _ in range(opts.gen_tokens - 1):
+        next(tokens)
+    return prompt_tps, (opts.gen_tokens - 1) / (time.perf_counter() - tic)
+
+
 def experts_cost(model, pairs=20, tokens=32):
     """The decode step's cost of keeping the router's choices (chat.py's /experts): many short runs
     with and without, alternating, so that the machine's drift touches both alike. -> (cost from the
@@ -517,9 +536,11 @@ def llama_command(text: str, flag: str = "--llama-bench", program: str = "llama-
 
 def run_llama_bench(opts, threads: int) -> dict:
     """llama.cpp's llama-bench, as --llama-bench gives it, at this run's prompt, generation, threads
-    and repeats -> its prompt and generation tokens/s."""
+    and repeats (and each --depth, with a float16 cache) -> its prompt and generation tokens/s."""
     cmd = llama_command(opts.llama_bench) + ["-p", str(opts.prompt_tokens), "-n", str(opts.gen_tokens)]
     cmd += ["-t", str(threads), "-r", str(opts.repeat), "-o", "jsonl"]
+    if opts.depth:
+        cmd += ["-d", ",".join(map(str, [0, *opts.depth])), "-ctk", "f16", "-ctv", "f16"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     except OSError as e:
@@ -528,8 +549,9 @@ def run_llama_bench(opts, threads: int) -> dict:
     for line in r.stdout.splitlines():
         if line.startswith("{"):
             d = json.loads(line)
-            out["generation_tps" if d.get("n_gen") else "prompt_tps"] = d["avg_ts"]
-    if r.returncode or len(out) != 2:
+            depth = f"depth_{d['n_depth']}_" if d.get("n_depth") else ""
+            out[depth + ("generation_tps" if d.get("n_gen") else "prompt_tps")] = d["avg_ts"]
+    if r.returncode or len(out) != 2 + 2 * len(opts.depth or []):
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise runtime.MixtralError(f"--llama-bench: {cmd[0]} exited {r.returncode} ({tail}), check its command")
     return out
@@ -555,13 +577,13 @@ def comparison_table(rows: list, llama: dict | None) -> str:
 
 
 def client_counts(text: str) -> list:
-    """--clients 1,4,16 -> [1, 4, 16]."""
+    """--clients 1,4,16 -> [1, 4, 16] (and --depth's)."""
     try:
         counts = [int(n) for n in text.split(",")]
     except ValueError:
         counts = []
     if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give counts of clients, each at least 1, e.g. 1,4,16")
+        raise argparse.ArgumentTypeError(f"{text!r}: give counts, each at least 1, e.g. 1,4,16")
     return counts
 
 
@@ -612,6 +634,12 @@ def build_parser():
         action="store_true",
         help="also measure server.py on --model-path through HTTP: a replayed conversation with cache reuse "
         "on and off, and 1, 4, 16 concurrent clients",
+    )
+    p.add_argument(
+        "--depth",
+        type=client_counts,
+        help="also prefill and decode with this many tokens already in the cache, e.g. 4096,16384 (as llama-bench -d; "
+        "--llama-bench gets -d and a float16 cache)",
     )
     p.add_argument(
         "--clients",
@@ -735,6 +763,8 @@ def run(opts):
         result["ranks"] = per_rank(model, mine)
         kv = machine.kv_bytes_per_token(model.args, model.dtype)
         print(f"plan: {model.plan.describe()}\n{parallel.plan_table(model.plan, model.args, kv)}", file=sys.stderr)
+    for depth in opts.depth or []:
+        result[f"depth_{depth}_prompt_tps"], result[f"depth_{depth}_generation_tps"] = at_depth(model, opts, depth)
     if opts.resume_tokens:
         result |= resume_figures(model, tokenizer, opts)
     if opts.server:
@@ -756,6 +786,10 @@ def run(opts):
         result["llama_cpp"] = llama = run_llama_bench(opts, result["cpu_threads"])
         result["prompt_vs_llama_cpp"] = result["prompt_tps"] / llama["prompt_tps"]
         result["decode_vs_llama_cpp"] = gen_tps / llama["generation_tps"]
+        for depth in opts.depth or []:
+            for what in ("prompt", "generation"):
+                key = f"depth_{depth}_{what}_tps"
+                result[f"{key.removesuffix('_tps')}_vs_llama_cpp"] = result[key] / llama[key]
 
     width = max(map(len, result))
     for k, v in result.items():

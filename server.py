@@ -5,9 +5,9 @@ recent conversations kept, so that a client resending the whole conversation pre
     curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "Hi!"}]}'
 
-Two threads. The main thread owns MLX: it loads the model and runs one request at a time, in arrival
-order, on chat.Chat (MLX streams belong to the thread that made them, and the model is not
-thread-safe). A second thread runs the HTTP server (Starlette on uvicorn): it checks requests, queues
+Two threads. The main thread owns MLX: it loads the model and decodes up to --parallel requests together
+(batch.py), each on its chat.Chat, the others waiting in arrival order (MLX streams belong to the thread
+that made them, and the model is not thread-safe). A second thread runs the HTTP server (Starlette on uvicorn): it checks requests, queues
 them (a bounded queue: 503 when full) and streams what the main thread produces. Ctrl-C and SIGTERM
 reach the main thread: in-flight streams get a final error event, and the program exits 130 or 143.
 """
