@@ -154,3 +154,103 @@ def test_each_sequence_keeps_the_experts_of_its_own_tokens(model):
     model.log_routing(False)
     for s, want, p in zip(seqs, expected, prompts):
         assert [layer[: len(p) + len(s.ids)] for layer in s.choices()] == want
+
+
+# --------------------------------------------------------------------------- the server's engine
+
+
+def engine_replies(model, tokenizer, jobs, arrivals, leaving, size):
+    """Run server.Engine's steps as serve() does: jobs join at their arrival step, leave at theirs.
+    -> each job's (text, finish_reason), or None when it left before its answer."""
+    import server
+
+    engine = server.Engine(model, tokenizer, 512, 2**30, size=size)
+    answers = {}
+    for job in jobs:
+        parts = []
+
+        def send(kind, value=None, parts=parts, job=job):
+            if kind == "text":
+                parts.append(value)
+            else:
+                answers[id(job)] = ("".join(parts), value["finish_reason"] if kind == "done" else value)
+
+        job.send = send
+    step = 0
+    while engine.batch.busy or any(k >= step for k in arrivals):
+        new = [job for job in arrivals.get(step, [])]
+        for job in leaving.get(step, []):
+            job.cancelled = True
+        engine.step(new, engine.cancelled())
+        step += 1
+    return [answers.get(id(job)) for job in jobs]
+
+
+def chat_alone(model, tokenizer, spec):
+    """The reply as the server gave it before batching: chat.Chat.respond (mixtral.generate, the global
+    random sequence from the seed), its text through the stop strings."""
+    import chat
+    import server
+
+    c = chat.Chat(model, tokenizer, system="", max_context=512, max_tokens=spec["max_tokens"], seed=0)
+    c.temp, c.top_p, c.min_p = spec["temp"], spec["top_p"], spec["min_p"]
+    if spec["seed"] is not None:
+        mx.random.seed(spec["seed"])
+    reply, _ = c.respond(spec["prompt"])
+    stops, text, hit = server.StopStrings(spec["stop"]), "", False
+    for piece in reply:
+        part, hit = stops.feed(piece)
+        text += part
+        if hit:
+            break
+    reply.close()
+    text += "" if hit else stops.flush()
+    return text, "length" if reply.finish_reason == "length" and not hit else "stop"
+
+
+@settings(max_examples=examples(5))
+@given(
+    seed=st.integers(0, 2**16), n=st.integers(1, 6), size=st.integers(1, 4), name=st.sampled_from(["int16", "exact"])
+)
+def test_the_servers_replies_in_a_batch_equal_each_alone(model, tokenizer, kernels, seed, n, size, name):
+    """server.Engine with random arrivals, conversations that share prefixes (cache hits) or not, long
+    and short messages, stop strings, budgets, seeds, and clients that leave: each answer equals the
+    same request answered alone by chat.Chat (the path before batching), token for token."""
+    import server
+
+    kernels(name)
+    rng = np.random.default_rng(seed)
+    words = ["sea", "why", "no", "stone", "later", "rain"]
+
+    def job():
+        first = [{"role": "user", "content": f"Topic {rng.integers(3)}."}]
+        text = " ".join(rng.choice(words, int(rng.choice([1, 8, 150]))))
+        messages = first + (
+            [{"role": "assistant", "content": "Fine."}, {"role": "user", "content": text}] * int(rng.integers(2))
+        )
+        sampled = dict(temp=0.9, top_p=0.9, min_p=0.0, seed=int(rng.integers(99))) if rng.random() < 0.5 else {}
+        return dict(
+            kind="chat",
+            prompt=messages,
+            max_tokens=int(rng.integers(1, 10)),
+            temp=sampled.get("temp", 0.0),
+            top_p=sampled.get("top_p", 1.0),
+            min_p=0.0,
+            stop=[str(rng.choice(["a", "e", " t"]))] if rng.random() < 0.3 else [],
+            seed=sampled.get("seed"),
+        )
+
+    specs = [job() for _ in range(n)]
+    alone = [chat_alone(model, tokenizer, spec) for spec in specs]
+    jobs = [server.Job(**spec) for spec in specs]
+    arrivals, leaving = {}, {}
+    for j in jobs:
+        arrivals.setdefault(int(rng.integers(0, 6)), []).append(j)
+        if rng.random() < 0.2:
+            leaving.setdefault(int(rng.integers(0, 12)), []).append(j)
+    together = engine_replies(model, tokenizer, jobs, arrivals, leaving, size)
+    for j, a, t in zip(jobs, alone, together):
+        if j.cancelled:  # left: what it got is the start of the answer alone (or that and a held-back stop's start)
+            assert t is None or a[0].startswith(t[0]) or t[0].startswith(a[0]), (a, t)
+        else:
+            assert t == a, (j, a, t)
