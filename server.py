@@ -255,14 +255,28 @@ class Engine:
         """Start the new jobs, stop those numbered (their clients left), run one step of the batch. Every
         rank calls it with rank 0's jobs and numbers, and so runs the same batch."""
         for job in new:
-            self.start(job)
+            try:
+                self.start(job)
+            except MixtralError as e:  # this request's own fault: the others go on
+                job.refuse(BadRequest(str(e)))
         for n in stop:
             if n in self.jobs:
                 self.batch.stop(self.jobs[n].sequence)
         if self.batch.busy:
-            self.batch.step()
+            try:
+                self.batch.step()
+            except MixtralError as e:  # e.g. out of memory: every running request gets it; the server goes on
+                self.drop_all(e)
         if not self.batch.busy:
             mx.clear_cache()  # what the replies and a dropped conversation held goes back to the system
+
+    def drop_all(self, e: Exception):
+        """End every request in the batch with e, their conversations dropped (a step broken off half-way
+        leaves their caches unknown)."""
+        for job in self.jobs.values():
+            job.refuse(BadRequest(str(e), status=500, kind="server_error"))
+        self.jobs.clear()
+        self.batch = batch.Batch(self.model, self.tokenizer.eos_id, self.batch.size)
 
     def cancelled(self) -> List[int]:
         return [n for n, job in self.jobs.items() if job.cancelled]

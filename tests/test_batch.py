@@ -254,3 +254,24 @@ def test_the_servers_replies_in_a_batch_equal_each_alone(model, tokenizer, kerne
             assert t is None or a[0].startswith(t[0]) or t[0].startswith(a[0]), (a, t)
         else:
             assert t == a, (j, a, t)
+
+
+def test_an_error_in_a_step_answers_every_running_request_and_the_engine_goes_on(model, tokenizer, monkeypatch):
+    import server
+    from runtime import MixtralError
+
+    engine = server.Engine(model, tokenizer, 512, 2**30, size=4)
+    got = []
+    jobs = [server.Job("chat", [{"role": "user", "content": f"Hi {i}"}], 5, 0.0, 1.0, 0.0, [], None) for i in range(3)]
+    for job in jobs:
+        job.send = lambda kind, value=None, job=job: got.append((job, kind, value))
+    broken = lambda self: (_ for _ in ()).throw(MixtralError("out of memory"))
+    with monkeypatch.context() as m:
+        m.setattr(batch.Batch, "step", broken)
+        engine.step(jobs[:2], [])
+    assert [(j, k) for j, k, _ in got] == [(jobs[0], "error"), (jobs[1], "error")]
+    assert got[0][2]["status"] == 500 and "out of memory" in got[0][2]["error"]["message"]
+    engine.step(jobs[2:], [])
+    while engine.batch.busy:
+        engine.step([], [])
+    assert got[-1][0] is jobs[2] and got[-1][1] == "done"
