@@ -150,8 +150,10 @@ class Batch:
         inputs = mx.concatenate([tokens for _, tokens in segments])[None]
         logits, _ = self.model(inputs, caches, rows=rows)
         self._keep_routing(segments, bounds)
+        # Of a sequence still prefilling only its cache is wanted: MLX skips the rest of the graph for it.
+        others = [[c.state for c in s.cache] for i, (s, _) in enumerate(segments) if i not in drawing]
         if not drawing:
-            return [[c.state for c in s.cache] for s, _ in segments], []  # only the caches: MLX skips the rest
+            return others, []
         tokens = mx.concatenate([segments[i][0].draw(logits[:, j]) for j, i in enumerate(drawing)])
         group = self.model.group
         if group is not None:  # every rank takes rank 0's tokens (in the graph: no wait)
@@ -159,7 +161,6 @@ class Batch:
         for j, i in enumerate(drawing):
             segments[i][0].started = True
             segments[i][0].y = tokens[j : j + 1]
-        others = [[c.state for c in s.cache] for i, (s, _) in enumerate(segments) if i not in drawing]
         return [*others, tokens], [segments[i][0] for i in drawing]
 
     def _keep_routing(self, segments, bounds):

@@ -178,10 +178,9 @@ def engine_replies(model, tokenizer, jobs, arrivals, leaving, size):
         job.send = send
     step = 0
     while engine.batch.busy or any(k >= step for k in arrivals):
-        new = [job for job in arrivals.get(step, [])]
         for job in leaving.get(step, []):
             job.cancelled = True
-        engine.step(new, engine.cancelled())
+        engine.step(arrivals.get(step, []), engine.cancelled())
         step += 1
     return [answers.get(id(job)) for job in jobs]
 
