@@ -82,10 +82,11 @@ def load(opts):
         # As load_model places a model: this rank's share (the model is random anyway), CPU streams.
         mixtral.place(model, "world", opts.cpu_threads, opts.q_group_size if opts.q_bits else 1, opts.shares)
         mx.eval(model.parameters())
+        model.kv_dtype = ops.kv_dtype(opts.kv_dtype, dtype)
         tokenizer = mixtral.Tokenizer(opts.tokenizer) if opts.tokenizer else None
     else:
         model, tokenizer = mixtral.load_model(
-            opts.model_path, opts.dtype, cpu_threads=opts.cpu_threads, shares=opts.shares
+            opts.model_path, opts.dtype, cpu_threads=opts.cpu_threads, shares=opts.shares, kv_dtype=opts.kv_dtype
         )
     return model, tokenizer, time.perf_counter() - tic
 
@@ -142,6 +143,13 @@ def at_depth(model, opts, depth: int):
     for _ in range(opts.gen_tokens - 1):
         next(tokens)
     return prompt_tps, (opts.gen_tokens - 1) / (time.perf_counter() - tic)
+
+
+def kv_bytes_measured(model) -> float:
+    """The KV cache's bytes per position, from its arrays after one token (not from its dtype's size)."""
+    cache = model.make_cache()
+    mx.eval(model(mx.array([[1]]), cache)[0])
+    return sum(c.nbytes for c in cache) / cache[0].keys.shape[2]
 
 
 def experts_cost(model, pairs=20, tokens=32):
@@ -486,7 +494,7 @@ def run_mlx_lm(opts):
 SAME_RUN = (
     "dim", "hidden_dim", "n_layers", "n_experts", "top_k", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
     "q_bits", "q_group_size", "tokenizer", "prompt_tokens", "gen_tokens", "chat_turns", "turn_tokens",
-    "reply_tokens", "repeat", "dtype", "cpu_threads",
+    "reply_tokens", "repeat", "dtype", "kv_dtype", "cpu_threads",
 )  # fmt: skip
 COMPARED = (
     "kernels",
@@ -611,9 +619,7 @@ def build_parser():
     p.add_argument("--turn-tokens", type=int, default=32, help="words per chat message")
     p.add_argument("--reply-tokens", type=int, default=32, help="tokens per chat reply")
     p.add_argument("--repeat", type=int, default=1, help="runs; figures are medians")
-    p.add_argument(
-        "--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)"
-    )
+    mixtral.add_dtype_flags(p)
     p.add_argument("--cpu-threads", type=int, help="CPU threads (default: all cores on the CPU)")
     p.add_argument(
         "--shares",
@@ -729,6 +735,8 @@ def run(opts):
         "device": str(mx.default_device()),
         "device_name": mx.device_info().get("device_name", ""),
         "compute_dtype": mixtral.dtype_name(model.dtype),
+        "kv_dtype": mixtral.dtype_name(model.kv_dtype),
+        "kv_bytes_per_token": kv_bytes_measured(model),
         "kernels": ops.KERNELS["line"],
         "cpu_threads": ops.KERNELS["module"].threads()
         if ops.KERNELS["module"]
@@ -761,7 +769,7 @@ def run(opts):
             "collectives_ms_per_token": collective_ms(model),
         }
         result["ranks"] = per_rank(model, mine)
-        kv = machine.kv_bytes_per_token(model.args, model.dtype)
+        kv = machine.kv_bytes_per_token(model.args, model.kv_dtype)
         print(f"plan: {model.plan.describe()}\n{parallel.plan_table(model.plan, model.args, kv)}", file=sys.stderr)
     for depth in opts.depth or []:
         result[f"depth_{depth}_prompt_tps"], result[f"depth_{depth}_generation_tps"] = at_depth(model, opts, depth)

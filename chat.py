@@ -712,9 +712,7 @@ def add_model_flags(p):
         default=folder.DEFAULT_MODEL_PATH,
         help="converted folder, or a Hugging Face folder / Hub id to convert once (default: %(default)s)",
     )
-    p.add_argument(
-        "--dtype", choices=list(mixtral.DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)"
-    )
+    mixtral.add_dtype_flags(p)
     p.add_argument("--tokenizer", help="tokenizer.model for a first-run conversion of a folder that lacks one")
     p.add_argument(
         "--shares",
@@ -790,7 +788,7 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
     model_path = resolve_model(args.model_path, term.remark, args.tokenizer)
     if args.verify:
         folder.verify(model_path)
-    model, tokenizer = mixtral.load_model(model_path, args.dtype, shares=args.shares)
+    model, tokenizer = mixtral.load_model(model_path, args.dtype, shares=args.shares, kv_dtype=args.kv_dtype)
     if args.verbose:
         term.remark(ops.KERNELS["line"])
     group = model.group
@@ -824,7 +822,9 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
                 f"(not all of the saved cache of {resume} is used: {why}; the next message prefills "
                 f"{len(chat.tokens) - chat.fed} tokens first)"
             )
-    settings = {k: getattr(args, k) for k in ("model_path", "max_tokens", "temp", "top_p", "min_p", "dtype")}
+    settings = {
+        k: getattr(args, k) for k in ("model_path", "max_tokens", "temp", "top_p", "min_p", "dtype", "kv_dtype")
+    }
     settings["max_context"] = max_context
 
     def autosave():

@@ -54,7 +54,7 @@ def kv_bytes_per_token(args, dtype) -> int:
 def rank_kv_bytes_per_token(model) -> int:
     """The KV cache's bytes per token on this rank: its KV heads' (all of them, alone)."""
     heads = model.layers[0].attention.n_kv_heads
-    return kv_bytes_per_token(model.args, model.dtype) * heads // model.args.n_kv_heads
+    return kv_bytes_per_token(model.args, model.kv_dtype or model.dtype) * heads // model.args.n_kv_heads
 
 
 GB = 1e9  # every size we print in GB is 10^9 bytes

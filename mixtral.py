@@ -25,7 +25,7 @@ import ops
 import parallel
 import runtime
 from folder import DEFAULT_MODEL_PATH
-from machine import DTYPES, compute_dtype, default_cpu_threads, default_dtype, dtype_name, on_cpu
+from machine import DTYPES, compute_dtype, default_cpu_threads, default_dtype, dtype_name, on_cpu  # noqa: F401 (mixtral.default_dtype)
 from runtime import MixtralError, is_out_of_memory, quiet_unless_rank0, run_program, signals_held
 from tokenizer import Tokenizer  # mixtral.Tokenizer, as ever
 
@@ -98,13 +98,16 @@ def all_sum(x, group):
 
 
 class KVCache:
-    """Keys and values of one layer, grown `grow_by` positions at a time so decoding does not copy the whole cache per token."""
+    """Keys and values of one layer, grown `grow_by` positions at a time so decoding does not copy the whole cache per token.
+    dtype: what they are stored in (None: as they come). On the CPU float16 by default (machine.default_kv_dtype):
+    half the bytes a decode step reads at depth; our attention kernel widens them in registers."""
 
     grow_by = 256
 
-    def __init__(self):
+    def __init__(self, dtype=None):
         self.keys = self.values = None
         self.offset = 0
+        self.dtype = dtype
 
     def update_and_fetch(self, keys, values):
         B, H, T, D = keys.shape  # (B, n_kv_heads, T, head_dim)
@@ -118,9 +121,10 @@ class KVCache:
 
     def _grow(self, old, new, n):
         B, H, _, D = new.shape
+        dtype = self.dtype or new.dtype
         if old is None:
-            return mx.zeros((B, H, n, D), new.dtype)
-        return mx.concatenate([old[:, :, : self.offset], mx.zeros((B, H, n - self.offset, D), new.dtype)], axis=2)
+            return mx.zeros((B, H, n, D), dtype)
+        return mx.concatenate([old[:, :, : self.offset], mx.zeros((B, H, n - self.offset, D), dtype)], axis=2)
 
     def trim(self, n: int) -> int:
         """Forget the last n positions (chat's /undo and /regen); returns how many were dropped."""
@@ -292,9 +296,10 @@ class Mixtral(nn.Module):
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.group = self.plan = None  # parallel.shard: the ranks, and what each holds (parallel.Plan)
+        self.kv_dtype = None  # what make_cache's caches store (None: the compute dtype); load_model sets it
 
     def make_cache(self) -> List[KVCache]:
-        return [KVCache() for _ in self.layers]
+        return [KVCache(self.kv_dtype) for _ in self.layers]
 
     def __call__(self, tokens, cache: Optional[List[KVCache]] = None, rows=None):
         """tokens: (B, T) ids after what `cache` holds -> (logits (B, T, vocab) float32, cache).
@@ -369,6 +374,7 @@ def load_model(
     cpu_threads: Optional[int] = None,
     group="world",
     shares: Optional[List[float]] = None,
+    kv_dtype=None,
 ):
     """Load a converted folder (config.json, weights.*.npz, tokenizer.model) -> (Mixtral, Tokenizer).
 
@@ -378,6 +384,8 @@ def load_model(
     group: the ranks to cut every layer over (parallel.shard); default those mlx.launch started, if any.
     shares: each rank's part of every layer, e.g. [2, 1, 1]; default in proportion to the memory each
     rank can give the model (parallel.make_plan).
+    kv_dtype: what the KV cache stores (a name or mx.Dtype); default float16 where our CPU attention reads it
+    in place, else the compute dtype (ops.kv_dtype).
     """
     path, dtype = Path(model_path), compute_dtype(dtype)
     with signals_held() as deliver:  # Ctrl-C and SIGTERM land between tensors, never inside a read
@@ -392,6 +400,7 @@ def load_model(
         attach(model, weights, dtype, path)
         del weights  # from here the model alone holds the tensors: cut ones can be freed once cut
         place(model, group, cpu_threads, quantization["group_size"] if quantization else 1, shares)
+        model.kv_dtype = ops.kv_dtype(kv_dtype, dtype)
         if not lazy:
             read_weights(model, shards, deliver)
     return model, tokenizer
@@ -671,13 +680,24 @@ def build_parser():
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 is off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    add_dtype_flags(p)
     p.add_argument(
         "--shares",
         type=parallel.shares_flag,
         help="each rank's part of every layer under mlx.launch, e.g. 2,1,1 (default: in proportion to each rank's memory)",
     )
     return p
+
+
+def add_dtype_flags(p):
+    """--dtype and --kv-dtype, shared with chat.py, server.py and bench.py."""
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    p.add_argument(
+        "--kv-dtype",
+        choices=list(DTYPES),
+        help="what the KV cache stores (default: float16 on the CPU, where our attention reads it in place; "
+        "else the compute dtype)",
+    )
 
 
 def main(argv=None):
@@ -688,8 +708,9 @@ def main(argv=None):
 def run(args):
     if args.info:
         model_args, quantization = read_config(Path(args.model_path))
-        kv = machine.kv_bytes_per_token(model_args, default_dtype())
-        text = folder.describe(args.model_path, model_args, quantization, kv, dtype_name(default_dtype()))
+        kv_dtype = ops.kv_dtype(args.kv_dtype, compute_dtype(args.dtype))
+        kv = machine.kv_bytes_per_token(model_args, kv_dtype)
+        text = folder.describe(args.model_path, model_args, quantization, kv, dtype_name(kv_dtype))
         sizes = lambda: parallel.part_sizes(skeleton(model_args, quantization, lazy_shards(Path(args.model_path))[0]))
         plan = parallel.rank_plan(model_args, quantization, kv, args.shares, sizes)
         return print(f"{text}\n{ops.use_kernels()}{plan}")
@@ -709,7 +730,7 @@ def run(args):
         )
     prompt = runtime.read_prompt(args.prompt) if mx.distributed.init().rank() == 0 else ""
     tic = time.perf_counter()
-    model, tokenizer = load_model(args.model_path, args.dtype, shares=args.shares)
+    model, tokenizer = load_model(args.model_path, args.dtype, shares=args.shares, kv_dtype=args.kv_dtype)
     prompt = parallel.text_from_rank0(prompt, model.group)
     print(f"[load] {time.perf_counter() - tic:.1f} s, dtype {model.dtype}; {ops.KERNELS['line']}", file=sys.stderr)
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import parallel
-from machine import on_cpu
+from machine import compute_dtype, on_cpu
 from runtime import MixtralError
 
 
@@ -41,8 +41,22 @@ def sdpa(q, k, v, scale: float, mask=None):
     that share it; MLX's general CPU path is 5x slower for one token, 10x for a prefill), else MLX's."""
     fast = KERNELS["module"]
     if fast is not None and (mask == "causal" or mask is None and q.shape[2] == 1) and q.dtype == mx.float32:
-        return fast.attend(q, k, v, scale=scale)
+        return fast.attend(q, k, v, scale=scale)  # a float16 or bfloat16 cache read as it is stored
+    if k.dtype != q.dtype:  # a cache in another dtype than the compute (--kv-dtype): MLX's kernel takes one
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def kv_dtype(choice, compute):
+    """The KV cache's dtype: `choice` (a name, an mx.Dtype), or by default (None, "auto") float16 where our
+    attention reads it in place (the CPU: half the bytes a decode step reads at depth; docs/performance.md
+    has its error), else the compute dtype (a GPU computes in float16 already; MLX's CPU attention would
+    convert the whole cache every step)."""
+    if choice not in (None, "auto"):
+        return compute_dtype(choice)
+    if KERNELS["name"] is None:
+        use_kernels()
+    return mx.float16 if KERNELS["module"] is not None and compute == mx.float32 else compute
 
 
 def swiglu(a, b):

@@ -809,7 +809,7 @@ def run(args):
     rank0 = mx.distributed.init().rank() == 0
     listener = listen(args.host, args.port) if rank0 else None  # a port in use is refused before loading
     model_path = chat.resolve_model(args.model_path, log, args.tokenizer)
-    model, tokenizer = mixtral.load_model(model_path, args.dtype, shares=args.shares)
+    model, tokenizer = mixtral.load_model(model_path, args.dtype, shares=args.shares, kv_dtype=args.kv_dtype)
     group = model.group
     # What every rank can hold: each computes its own, the smallest counts (shares may be uneven).
     max_context = args.max_context or parallel.least(machine.default_context(model), group)

@@ -108,6 +108,7 @@ def cache_identity(chat, n: int) -> dict:
         "format": CACHE_FORMAT,
         "model": chat.model_id,
         "dtype": machine.dtype_name(chat.model.dtype),
+        "kv_dtype": machine.dtype_name(chat.model.kv_dtype or chat.model.dtype),
         "rank": str(group.rank() if group else 0),
         "ranks": str(group.size() if group else 1),
         "shares": chat.model.plan.describe() if chat.model.plan else "whole",
@@ -179,6 +180,7 @@ def read_segment(chat, file: Path, start: int) -> Optional[str]:
             return f"{file.name} holds tokens {meta.get('start')} to {n}, not from {start}"
         if meta.get("tokens_sha256") != cache_identity(chat, n)["tokens_sha256"]:
             return "it holds another conversation (the transcript was edited, or cut to fit --max-context)"
+        meta.setdefault("kv_dtype", meta.get("dtype"))  # saved before the cache had its own dtype
         for key, want in cache_identity(chat, n).items():
             if meta.get(key) != want:
                 return f"it was saved with another {key} ({meta.get(key)}, here {want})"
@@ -186,7 +188,7 @@ def read_segment(chat, file: Path, start: int) -> Optional[str]:
             return "it is damaged (its checksum differs)"
         for i, layer in enumerate(chat.model.layers):
             for x in (arrays[f"{i}.k"], arrays[f"{i}.v"]):
-                heads, dtype = layer.attention.n_kv_heads, chat.model.dtype
+                heads, dtype = layer.attention.n_kv_heads, chat.model.kv_dtype or chat.model.dtype
                 if x.shape[2] != n - start or x.dtype != dtype or x.shape[1] != heads:
                     return f"{file.name}: layer {i} has the wrong shape or dtype"
         for i, c in enumerate(chat.cache):

@@ -13,7 +13,9 @@
 
 #include "mlx/backend/cpu/encoder.h"
 
-#if defined(__aarch64__) && defined(__ARM_NEON)
+#if defined(__x86_64__)
+#include <immintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
 #endif
 
@@ -21,10 +23,13 @@ namespace mixtral_kernels {
 
 namespace {
 
+// T: how the cache's keys and values are stored (float, float16_t or bfloat16_t); arithmetic is float32.
+template <typename T>
 struct Problem {
-  const float *q, *k, *v;
+  const float* q;
+  const T *k, *v;
   float* out;
-  int64_t B, Hq, Hkv, T, S, D;
+  int64_t B, Hq, Hkv, T_, S, D;
   int64_t qs[3], ks[3], vs[3]; // strides (elements) of q's, k's and v's (b, h, position)
   float scale;
 };
@@ -32,48 +37,96 @@ struct Problem {
 // Query rows per unit of work: the block's keys and values are read once for all its rows.
 constexpr int64_t BLOCK = 16;
 
+// Lanes of T widened to float32 in registers: a half-size cache is read as it is stored, never copied.
+#if defined(__AVX512F__)
+constexpr int LANES = 16;
+using Vec = __m512;
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec load(const mx::float16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+inline Vec load(const mx::bfloat16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec broadcast(float w) { return _mm512_set1_ps(w); }
+inline void store(float* p, Vec a) { _mm512_storeu_ps(p, a); }
+inline float sum(Vec a) { return _mm512_reduce_add_ps(a); }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+constexpr int LANES = 8;
+using Vec = __m256;
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec load(const mx::float16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline Vec load(const mx::bfloat16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec broadcast(float w) { return _mm256_set1_ps(w); }
+inline void store(float* p, Vec a) { _mm256_storeu_ps(p, a); }
+inline float sum(Vec a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+constexpr int LANES = 4;
+using Vec = float32x4_t;
+inline Vec load(const float* p) { return vld1q_f32(p); }
+inline Vec load(const mx::float16_t* p) { return vcvt_f32_f16(vld1_f16((const __fp16*)p)); }
+inline Vec load(const mx::bfloat16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t*)p), 16)); }
+inline Vec fma(Vec a, Vec b, Vec c) { return vfmaq_f32(c, a, b); }
+inline Vec broadcast(float w) { return vdupq_n_f32(w); }
+inline void store(float* p, Vec a) { vst1q_f32(p, a); }
+inline float sum(Vec a) { return vaddvq_f32(a); }
+#else
+constexpr int LANES = 0; // scalar only
+#endif
+
 // x . y in float32, in SIMD lanes (the compiler keeps a sum's order, so it would not vectorize one).
-inline float dot(const float* x, const float* y, int64_t n) {
+template <typename T>
+inline float dot(const float* x, const T* y, int64_t n) {
   int64_t i = 0;
   float total = 0;
-#if defined(__AVX512F__)
-  __m512 acc = _mm512_setzero_ps();
-  for (; i + 16 <= n; i += 16)
-    acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i), acc);
-  total = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__) && defined(__FMA__)
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8)
-    acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), acc);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  total = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-#elif defined(__aarch64__) && defined(__ARM_NEON)
-  float32x4_t acc = vdupq_n_f32(0);
-  for (; i + 4 <= n; i += 4)
-    acc = vfmaq_f32(acc, vld1q_f32(x + i), vld1q_f32(y + i));
-  total = vaddvq_f32(acc);
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)) || \
+    (defined(__aarch64__) && defined(__ARM_NEON))
+  Vec acc = broadcast(0.0f);
+  for (; i + LANES <= n; i += LANES)
+    acc = fma(load(x + i), load(y + i), acc);
+  total = sum(acc);
+#endif
+  for (; i < n; ++i) // fused, as the lanes are: a float and a half cache then round alike
+    total = std::fma(x[i], static_cast<float>(y[i]), total);
+  return total;
+}
+
+// o += w * y over n floats.
+template <typename T>
+inline void axpy(float* __restrict o, float w, const T* __restrict y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)) || \
+    (defined(__aarch64__) && defined(__ARM_NEON))
+  const Vec wv = broadcast(w);
+  for (; i + LANES <= n; i += LANES)
+    store(o + i, fma(wv, load(y + i), load(o + i)));
 #endif
   for (; i < n; ++i)
-    total += x[i] * y[i];
-  return total;
+    o[i] = std::fma(w, static_cast<float>(y[i]), o[i]);
 }
 
 // Query rows t0..t1 of the G query heads that share KV head h, batch b: scores, softmax, the weighted
 // sum of values. Row t is the key position S - T + t, so it sees positions 0..S - T + t (causal,
-// aligned to the end of the keys: a decode step's one row sees them all). Float32 throughout.
-void head_group(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, std::vector<float>& scores) {
-  const int64_t G = p.Hq / p.Hkv, S = p.S, D = p.D, rows = (t1 - t0) * G, past = S - p.T;
-  const float* K = p.k + b * p.ks[0] + h * p.ks[1];
-  const float* V = p.v + b * p.vs[0] + h * p.vs[1];
+// aligned to the end of the keys: a decode step's one row sees them all). Float32 arithmetic throughout.
+template <typename T>
+void head_group(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t t1, std::vector<float>& scores) {
+  const int64_t G = p.Hq / p.Hkv, S = p.S, D = p.D, rows = (t1 - t0) * G, past = S - p.T_;
+  const T* K = p.k + b * p.ks[0] + h * p.ks[1];
+  const T* V = p.v + b * p.vs[0] + h * p.vs[1];
   // Row r = (t - t0) * G + g: query head h * G + g at position t.
   const float* q = p.q + b * p.qs[0] + h * G * p.qs[1];
-  float* out = p.out + (b * p.Hq + h * G) * p.T * D;
+  float* out = p.out + (b * p.Hq + h * G) * p.T_ * D;
   std::vector<const float*> q_row(rows);
   std::vector<float*> out_row(rows);
   for (int64_t r = 0; r < rows; ++r) {
     q_row[r] = q + r % G * p.qs[1] + (t0 + r / G) * p.qs[2];
-    out_row[r] = out + (r % G * p.T + t0 + r / G) * D;
+    out_row[r] = out + (r % G * p.T_ + t0 + r / G) * D;
   }
   scores.resize(rows * S);
   float* sc = scores.data();
@@ -81,7 +134,7 @@ void head_group(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, 
   auto first = [&](int64_t j) { return std::max<int64_t>(0, (j - past - t0) * G); };
   const int64_t end = past + t1; // positions the block's last row sees
   for (int64_t j = 0; j < end; ++j) {
-    const float* kj = K + j * p.ks[2];
+    const T* kj = K + j * p.ks[2];
     for (int64_t r = first(j); r < rows; ++r)
       sc[r * S + j] = dot(q_row[r], kj, D) * p.scale;
   }
@@ -100,19 +153,16 @@ void head_group(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t t1, 
     std::fill(out_row[r], out_row[r] + D, 0.0f);
   }
   for (int64_t j = 0; j < end; ++j) {
-    const float* __restrict vj = V + j * p.vs[2];
-    for (int64_t r = first(j); r < rows; ++r) {
-      float* __restrict o = out_row[r];
-      const float w = sc[r * S + j];
-      for (int64_t d = 0; d < D; ++d)
-        o[d] += w * vj[d];
-    }
+    const T* vj = V + j * p.vs[2];
+    for (int64_t r = first(j); r < rows; ++r)
+      axpy(out_row[r], sc[r * S + j], vj, D);
   }
 }
 
 // A 4-D strided array as a dense one (rare: the cache's views keep their rows contiguous).
-std::vector<float> gather(const float* a, const mx::Shape& shape, const std::vector<int64_t>& st) {
-  std::vector<float> out;
+template <typename T>
+std::vector<T> gather(const T* a, const mx::Shape& shape, const std::vector<int64_t>& st) {
+  std::vector<T> out;
   out.reserve(int64_t(shape[0]) * shape[1] * shape[2] * shape[3]);
   for (int64_t i = 0; i < shape[0]; ++i)
     for (int64_t j = 0; j < shape[1]; ++j)
@@ -122,15 +172,54 @@ std::vector<float> gather(const float* a, const mx::Shape& shape, const std::vec
   return out;
 }
 
-void run(const Problem& p) {
-  const int64_t blocks = (p.T + BLOCK - 1) / BLOCK, units = p.B * p.Hkv * blocks;
+template <typename T>
+void run(const Problem<T>& p) {
+  const int64_t blocks = (p.T_ + BLOCK - 1) / BLOCK, units = p.B * p.Hkv * blocks;
   const int n = std::max<int64_t>(1, std::min<int64_t>(Pool::get().size, units));
   Pool::get().run(n, [&](int i) {
     std::vector<float> scores;
     for (int64_t u = i; u < units; u += n) { // interleaved: later rows see more positions
       const int64_t t0 = u % blocks * BLOCK;
-      head_group(p, u / blocks / p.Hkv, u / blocks % p.Hkv, t0, std::min(p.T, t0 + BLOCK), scores);
+      head_group(p, u / blocks / p.Hkv, u / blocks % p.Hkv, t0, std::min(p.T_, t0 + BLOCK), scores);
     }
+  });
+}
+
+template <typename T>
+void dispatch(mx::cpu::CommandEncoder& encoder, const std::vector<mx::array>& inputs, mx::array& out, float scale) {
+  const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
+  Problem<T> p{
+      q.data<float>(),
+      k.data<T>(),
+      v.data<T>(),
+      out.data<float>(),
+      q.shape(0),
+      q.shape(1),
+      k.shape(1),
+      q.shape(2),
+      k.shape(2),
+      k.shape(3),
+      {int64_t(q.strides()[0]), int64_t(q.strides()[1]), int64_t(q.strides()[2])},
+      {int64_t(k.strides()[0]), int64_t(k.strides()[1]), int64_t(k.strides()[2])},
+      {int64_t(v.strides()[0]), int64_t(v.strides()[1]), int64_t(v.strides()[2])},
+      scale};
+  // Views as they come (a cache's first S positions); rows of D that are not contiguous are copied.
+  const bool rows = q.strides()[3] == 1 && k.strides()[3] == 1 && v.strides()[3] == 1;
+  std::array<std::vector<int64_t>, 3> strides;
+  for (int i = 0; i < 3; ++i)
+    strides[i].assign(inputs[i].strides().begin(), inputs[i].strides().end());
+  encoder.dispatch([p, rows, strides, keep = inputs, out = mx::array::unsafe_weak_copy(out)]() mutable {
+    std::vector<float> dense_q;
+    std::vector<T> dense_k, dense_v;
+    if (!rows) {
+      dense_q = gather(p.q, keep[0].shape(), strides[0]);
+      dense_k = gather(p.k, keep[1].shape(), strides[1]);
+      dense_v = gather(p.v, keep[2].shape(), strides[2]);
+      p.q = dense_q.data(), p.k = dense_k.data(), p.v = dense_v.data();
+      p.qs[0] = p.Hq * p.T_ * p.D, p.qs[1] = p.T_ * p.D, p.qs[2] = p.D;
+      p.ks[0] = p.vs[0] = p.Hkv * p.S * p.D, p.ks[1] = p.vs[1] = p.S * p.D, p.ks[2] = p.vs[2] = p.D;
+    }
+    run(p);
   });
 }
 
@@ -143,7 +232,9 @@ void require(bool ok, const std::string& what) {
 
 mx::array attend(const mx::array& q, const mx::array& k, const mx::array& v, float scale, mx::StreamOrDevice s) {
   require(q.ndim() == 4 && k.ndim() == 4 && v.shape() == k.shape(), "q, k, v must be (B, H, T, D), k and v alike");
-  require(q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32, "float32 only");
+  require(q.dtype() == mx::float32, "q must be float32");
+  require(k.dtype() == v.dtype() && (k.dtype() == mx::float32 || k.dtype() == mx::float16 || k.dtype() == mx::bfloat16),
+          "k and v must be both float32, float16 or bfloat16");
   require(q.shape(2) <= k.shape(2), "q's positions must be the last of k's (at most as many)");
   require(q.shape(0) == k.shape(0) && q.shape(3) == k.shape(3), "q and k must agree in batch and head size");
   require(k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0, "query heads must be a multiple of KV heads");
@@ -158,39 +249,14 @@ void Attend::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   for (auto& a : inputs)
     encoder.set_input_array(a);
   encoder.set_output_array(out);
-  const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
-  Problem p{
-      q.data<float>(),
-      k.data<float>(),
-      v.data<float>(),
-      out.data<float>(),
-      q.shape(0),
-      q.shape(1),
-      k.shape(1),
-      q.shape(2),
-      k.shape(2),
-      k.shape(3),
-      {int64_t(q.strides()[0]), int64_t(q.strides()[1]), int64_t(q.strides()[2])},
-      {int64_t(k.strides()[0]), int64_t(k.strides()[1]), int64_t(k.strides()[2])},
-      {int64_t(v.strides()[0]), int64_t(v.strides()[1]), int64_t(v.strides()[2])},
-      scale_};
-  // Views as they come (a cache's first S positions); rows of D that are not contiguous are copied.
-  const bool rows = q.strides()[3] == 1 && k.strides()[3] == 1 && v.strides()[3] == 1;
-  std::array<std::vector<int64_t>, 3> strides;
-  for (int i = 0; i < 3; ++i)
-    strides[i].assign(inputs[i].strides().begin(), inputs[i].strides().end());
-  encoder.dispatch([p, rows, strides, keep = inputs, out = mx::array::unsafe_weak_copy(out)]() mutable {
-    std::array<std::vector<float>, 3> dense;
-    if (!rows) {
-      const float* src[3] = {p.q, p.k, p.v};
-      for (int i = 0; i < 3; ++i)
-        dense[i] = gather(src[i], keep[i].shape(), strides[i]);
-      p.q = dense[0].data(), p.k = dense[1].data(), p.v = dense[2].data();
-      p.qs[0] = p.Hq * p.T * p.D, p.qs[1] = p.T * p.D, p.qs[2] = p.D;
-      p.ks[0] = p.vs[0] = p.Hkv * p.S * p.D, p.ks[1] = p.vs[1] = p.S * p.D, p.ks[2] = p.vs[2] = p.D;
-    }
-    run(p);
-  });
+  switch (inputs[1].dtype()) {
+    case mx::float16:
+      return dispatch<mx::float16_t>(encoder, inputs, out, scale_);
+    case mx::bfloat16:
+      return dispatch<mx::bfloat16_t>(encoder, inputs, out, scale_);
+    default:
+      return dispatch<float>(encoder, inputs, out, scale_);
+  }
 }
 
 void Attend::eval_gpu(const std::vector<mx::array>&, mx::array&) {

@@ -10,7 +10,8 @@ namespace mx = mlx::core;
 
 namespace mixtral_kernels {
 
-// q (B, Hq, T, D), k and v (B, Hkv, S, D) float32 with Hq a multiple of Hkv and T <= S -> (B, Hq, T, D).
+// q (B, Hq, T, D) float32, k and v (B, Hkv, S, D) float32, float16 or bfloat16 (a half-size cache, read in
+// place and widened in registers), with Hq a multiple of Hkv and T <= S -> (B, Hq, T, D).
 // q, k and v may be views (of a larger cache, say): any strides, the last axis contiguous.
 mx::array attend(const mx::array& q, const mx::array& k, const mx::array& v, float scale, mx::StreamOrDevice s = {});
 

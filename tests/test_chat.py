@@ -467,6 +467,35 @@ def test_resume_with_the_saved_cache_prefills_only_the_new_message_and_replies_a
     assert prefilled[0] < 20 < prefilled[1], prefilled
 
 
+@pytest.mark.parametrize("folder", ["mlx_q8", "mlx_fp"])
+def test_a_two_turn_greedy_chat_has_the_same_ids_on_a_float16_and_a_float32_cache(request, folder, tokenizer):
+    ids = {}
+    for kv_dtype in ("float16", "float32"):
+        model, _ = mixtral.load_model(request.getfixturevalue(folder), kv_dtype=kv_dtype)
+        assert model.make_cache()[0].dtype == getattr(mx, kv_dtype)
+        c = new_chat(model, tokenizer, temp=0.0, max_tokens=24)
+        "".join(c.ask("Hello there, who are you?"))
+        "".join(c.ask("And what do you like to do on a rainy afternoon?"))
+        ids[kv_dtype] = c.tokens
+    assert ids["float16"] == ids["float32"] and len(ids["float16"]) > 60
+
+
+@pytest.mark.parametrize("saved, resumed", [("float32", "float16"), ("float16", "float32")])
+def test_a_cache_saved_in_another_kv_dtype_is_refused_in_one_line_and_the_reply_is_a_full_prefills(
+    tmp_path, mlx_q8, saved, resumed
+):
+    talk = tmp_path / "talk.json"
+    opts = ["--model-path", mlx_q8, "--max-tokens", 6, "--temp", 0]
+    r = run_script("chat.py", *opts, "--kv-dtype", saved, stdin=f"hello there\n/save {talk}\n")
+    assert r.returncode == 0 and (tmp_path / "talk.kv.safetensors").is_file(), r.stderr
+    other = run_script("chat.py", *opts, "--kv-dtype", resumed, "--resume", talk, stdin="and now?\n")
+    (tmp_path / "talk.kv.safetensors").unlink()
+    fresh = run_script("chat.py", *opts, "--kv-dtype", resumed, "--resume", talk, stdin="and now?\n")
+    assert other.stdout == fresh.stdout and other.stdout.strip(), (other.stderr, fresh.stderr)
+    said = [line for line in other.stderr.splitlines() if "of the saved cache" in line]
+    assert len(said) == 1 and f"another kv_dtype ({saved}, here {resumed})" in said[0], other.stderr
+
+
 def test_a_session_writes_only_the_new_tokens_each_turn_and_resumes_exactly(tmp_path, model, tokenizer):
     session = sessions.Session("demo", root=tmp_path)
     c = new_chat(model, tokenizer, temp=0.0)

@@ -327,8 +327,8 @@ def mlx_lm_checkpoint(hf_path, out, bits):
     return out
 
 
-def logits_of_ours(path, ids):
-    model, _ = mixtral.load_model(path, dtype=mx.float32)
+def logits_of_ours(path, ids, kv_dtype=None):
+    model, _ = mixtral.load_model(path, dtype=mx.float32, kv_dtype=kv_dtype)
     return np.array(model(mx.array([ids]))[0][0])
 
 
@@ -342,7 +342,9 @@ def fidelity(tmp_path_factory):
     """RMS logit error against transformers (float32), 17 teacher-forced positions, averaged over three
     held-out checkpoints that route every token to all 8 experts (so no expert choice can flip and
     the figure measures rounding alone)."""
-    errors = {"standard": [], "input-major": [], "mlx-lm": []} | {f"{b}-bit {k}": [] for b in (8, 4) for k in PATHS}
+    errors = {"standard": [], "input-major": [], "mlx-lm": [], "float32 cache": []} | {
+        f"{b}-bit {k}": [] for b in (8, 4) for k in PATHS
+    }
     for seed in (20, 21, 22):
         d = tmp_path_factory.mktemp(f"fidelity{seed}")
         hf = write_hf_checkpoint(
@@ -363,7 +365,8 @@ def fidelity(tmp_path_factory):
         convert_form(hf, d / "standard", q_bits=8)
         convert_form(hf, d / "input-major", q_bits=None, input_major=8)  # an earlier version's folder
         for layout in ("standard", "input-major"):
-            errors[layout].append(rms(logits_of_ours(d / layout, ids)))  # the default kernels
+            errors[layout].append(rms(logits_of_ours(d / layout, ids)))  # the default kernels and cache
+        errors["float32 cache"].append(rms(logits_of_ours(d / "standard", ids, kv_dtype="float32")))
         convert_form(hf, d / "4-bit", q_bits=4)
         before = dict(ops.KERNELS)
         try:
@@ -385,6 +388,11 @@ def test_the_default_int16_path_is_as_faithful_as_the_exact_one(fidelity, bits):
     # The CPU default rounds activations to int16 (blocks of 32): it may cost at most 10% more error.
     assert fidelity[f"{bits}-bit int16"] <= 1.10 * fidelity[f"{bits}-bit exact"], fidelity
     assert fidelity[f"{bits}-bit exact"] <= 1.01 * fidelity[f"{bits}-bit mlx"], fidelity  # the same arithmetic
+
+
+def test_the_default_float16_kv_cache_costs_at_most_5_percent_more_logit_error_than_float32(fidelity):
+    # Its rounding (2^-11 of each key and value) is small beside the 8-bit weights' (2^-9 of a group's range).
+    assert fidelity["standard"] <= 1.05 * fidelity["float32 cache"], fidelity
 
 
 def test_8bit_standard_layout_is_as_faithful_as_mlx_lm(fidelity):

@@ -257,6 +257,65 @@ def test_attention_equals_mlx_sdpa_for_a_decode_step_and_a_causal_prefill(
     assert got.shape == ref.shape and np.abs(got - ref).max() <= bound, (np.abs(got - ref).max(), bound)
 
 
+def float64_attention(q, k, v, scale):
+    """softmax(q k^T scale) v in float64, causal and aligned to the end of the keys; KV heads shared (GQA)."""
+    q, k, v = (np.array(a.astype(mx.float32), np.float64) for a in (q, k, v))
+    group, T, S = q.shape[1] // k.shape[1], q.shape[2], k.shape[2]
+    k, v = k.repeat(group, axis=1), v.repeat(group, axis=1)
+    s = np.einsum("bhtd,bhsd->bhts", q, k) * scale
+    s[..., np.arange(S)[None, :] > (S - T + np.arange(T))[:, None]] = -np.inf
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    return np.einsum("bhts,bhsd->bhtd", p / p.sum(axis=-1, keepdims=True), v)
+
+
+@settings(max_examples=examples(40))
+@given(
+    seed=st.integers(0, 2**16),
+    kv_dtype=st.sampled_from(["float16", "bfloat16"]),
+    kv_heads=st.integers(1, 4),
+    group=st.sampled_from([1, 4]),
+    positions=st.integers(1, 600),
+    rows=st.sampled_from([1, 1, 3, 16, 33]),
+    head_dim=st.sampled_from([8, 20, 64, 128]),
+    spare=st.integers(0, 40),
+)
+def test_attention_over_a_half_size_cache_is_float32_attention_over_its_values(
+    seed, kv_dtype, kv_heads, group, positions, rows, head_dim, spare
+):
+    """A float16 or bfloat16 cache is read as stored and widened in registers (exactly: every half value
+    is a float32), so the output has the same bits as the kernel on the widened float32 copy, and is within
+    the float32 bound of the module's docstring of float64 attention over the stored values. What the
+    cache's rounding costs the whole model is test_mixtral's (against transformers)."""
+    mk, rng = ours(), np.random.default_rng(seed)
+    rows, dtype = min(rows, positions), getattr(mx, kv_dtype)
+    size = rng.uniform(0.1, 10)
+    cache = lambda: mx.array(rng.standard_normal((1, kv_heads, positions + spare, head_dim)) * size).astype(dtype)
+    k, v = cache()[:, :, :positions], cache()[:, :, :positions]  # views of a larger cache, as the model passes
+    q = mx.array(rng.standard_normal((1, kv_heads * group, rows, head_dim)).astype(np.float32))
+    scale = head_dim**-0.5
+    got = np.array(mk.attend(q, k, v, scale=scale))
+    assert k.dtype == dtype and got.dtype == np.float32
+    assert np.array_equal(got, np.array(mk.attend(q, k.astype(mx.float32), v.astype(mx.float32), scale=scale)))
+    qn, kn, vn = (np.abs(np.array(a.astype(mx.float32), np.float64)) for a in (q, k, v))
+    d = 2 * (head_dim + 2) * EPS * scale * np.einsum("bhqd,bhsd->bhqs", qn, kn.repeat(group, axis=1)).max()
+    bound = (np.expm1(2 * d) + 2 * (positions + 4) * EPS) * vn.max()
+    err = np.abs(got - float64_attention(q, k, v, scale)).max()
+    assert err <= bound, (err, bound)
+
+
+def test_mlx_attention_takes_a_cache_in_another_dtype_than_the_compute(kernels):
+    """MIXTRAL_KERNELS=mlx (and a GPU) with --kv-dtype other than the compute dtype: MLX's kernel takes
+    one dtype, so ops.sdpa widens the cache for it; the result is our kernel's within float32 rounding."""
+    rng = np.random.default_rng(0)
+    q = mx.array(rng.standard_normal((1, 8, 5, 64)).astype(np.float32))
+    k, v = (mx.array(rng.standard_normal((1, 2, 40, 64))).astype(mx.float16) for _ in range(2))
+    kernels("exact")
+    ours_ = np.array(ops.sdpa(q, k, v, 0.125, mask="causal"))
+    kernels("mlx")
+    theirs = np.array(ops.sdpa(q, k, v, 0.125, mask="causal"))
+    assert theirs.dtype == np.float32 and np.abs(theirs - ours_).max() < 1e-5
+
+
 def test_attention_runs_ours_for_decode_and_prefill_and_mlx_for_another_mask(kernels):
     mk = ours()
     q1, q5, k = mx.zeros((1, 4, 1, 16)), mx.zeros((1, 4, 5, 16)), mx.ones((1, 2, 5, 16))
