@@ -50,6 +50,7 @@ class Sequence:
     min_p: float = 0.0
     seed: Optional[int] = None
     experts: bool = False  # keep the router's choices for every token fed (choices)
+    constraint: Optional[object] = None  # a grammar.Constraint the reply follows (structured output)
     # What happened:
     ids: List[int] = field(default_factory=list)
     finish_reason: Optional[str] = None  # "stop" (EOS or a stop string), "length", "interrupted"
@@ -75,6 +76,8 @@ class Sequence:
 
     def draw(self, logits):
         """The next token from logits (1, vocab), as mixtral.generate draws it alone."""
+        if self.constraint is not None and self.finish_reason is None:
+            logits = mixtral.grammar_mask(logits, self.constraint)
         if self.temp == 0:
             return mixtral.sample(logits)
         self.key, key = mx.random.split(self.key)  # the split mx.random's global sequence makes
@@ -131,14 +134,23 @@ class Batch:
                 n = min(budget, len(s.feed))
                 segments.append((s, mx.array(s.feed[:n], mx.uint32)))
                 s.feed, budget = s.feed[n:], budget - n
-        outputs, drawing = self._forward(segments) if segments else ([], [])
-        mx.async_eval(outputs)
-        self._deliver()  # the previous step's tokens: waits for them, while this step computes
-        self.in_flight, self.tokens = drawing, outputs[-1] if drawing else None
+        caches, drawing, logits = self._forward(segments) if segments else ([], [], None)
+        if any(s.constraint is not None for s in drawing):
+            # A grammar's mask for this draw needs the previous token: draw once it is delivered, while
+            # this step's forward pass runs.
+            mx.async_eval(caches, logits)
+            self._deliver()
+            tokens = self._draw(drawing, logits)
+            mx.async_eval(tokens)
+        else:
+            tokens = self._draw(drawing, logits)
+            mx.async_eval(caches, tokens)
+            self._deliver()  # the previous step's tokens: waits for them, while this step computes
+        self.in_flight, self.tokens = drawing, tokens
 
     def _forward(self, segments):
-        """One pass over the segments' tokens, one after another in a row -> ([what must be computed: the
-        caches of sequences still prefilling, then the next tokens], the sequences those tokens are for)."""
+        """One pass over the segments' tokens, one after another in a row -> (the caches of sequences still
+        prefilling: what must be computed of them, the sequences whose next token is drawn, their logits)."""
         ends = np.cumsum([len(tokens) for _, tokens in segments]).tolist()
         bounds = list(zip([0, *ends[:-1]], ends))
         caches = [
@@ -152,16 +164,20 @@ class Batch:
         self._keep_routing(segments, bounds)
         # Of a sequence still prefilling only its cache is wanted: MLX skips the rest of the graph for it.
         others = [[c.state for c in s.cache] for i, (s, _) in enumerate(segments) if i not in drawing]
+        return others, [segments[i][0] for i in drawing], logits if drawing else None
+
+    def _draw(self, drawing: List[Sequence], logits):
+        """Each drawing sequence's next token from its row of logits -> the tokens (lazy), or None."""
         if not drawing:
-            return others, []
-        tokens = mx.concatenate([segments[i][0].draw(logits[:, j]) for j, i in enumerate(drawing)])
+            return None
+        tokens = mx.concatenate([s.draw(logits[:, j]) for j, s in enumerate(drawing)])
         group = self.model.group
         if group is not None:  # every rank takes rank 0's tokens (in the graph: no wait)
             tokens = mx.distributed.all_sum(mx.where(group.rank() == 0, tokens, 0), group=group)
-        for j, i in enumerate(drawing):
-            segments[i][0].started = True
-            segments[i][0].y = tokens[j : j + 1]
-        return [*others, tokens], [segments[i][0] for i in drawing]
+        for j, s in enumerate(drawing):
+            s.started = True
+            s.y = tokens[j : j + 1]
+        return tokens
 
     def _keep_routing(self, segments, bounds):
         """Hand each sequence that keeps its experts its rows of this pass's routing log."""
@@ -187,6 +203,8 @@ class Batch:
             if y == self.eos_id:
                 self._end(s, "stop")
                 continue
+            if s.constraint is not None:
+                s.constraint.accept(y)
             s.ids.append(y)
             why = s.on_token(y)
             if why is None and len(s.ids) >= s.max_tokens:

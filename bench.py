@@ -33,6 +33,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 import chat
+import grammar
 import machine
 import mixtral
 import ops
@@ -124,6 +125,41 @@ def prompt_and_decode(model, opts):
         next(tokens)
     end = time.perf_counter()
     return opts.prompt_tokens / (first - tic), (opts.gen_tokens - 1) / (end - first)
+
+
+def schema_rules(opts) -> str:
+    """--json-schema's grammar: 'object' is any JSON object, else a schema file."""
+    return (
+        grammar.from_flags(True, None) if opts.json_schema == "object" else grammar.from_flags(False, opts.json_schema)
+    )
+
+
+def grammar_figures(model, tokenizer, opts, pairs: int = 3) -> dict:
+    """Decode tokens/s under --json-schema's grammar and without it, in alternating runs (medians): the
+    same prompt, sampled (temp 0.7), each run up to --gen-tokens or EOS."""
+    rules = schema_rules(opts)
+    prompt = tokenizer.encode("[INST] Describe a person as JSON. [/INST]")
+
+    def tps(seed, constrained):
+        constraint = grammar.Constraint(tokenizer, rules) if constrained else None
+        tokens = mixtral.generate(model, prompt, temp=0.7, seed=seed, constraint=constraint)
+        next(tokens)
+        tic, n = time.perf_counter(), 0
+        while n < opts.gen_tokens - 1 and next(tokens) != tokenizer.eos_id:
+            n += 1
+        return n / (time.perf_counter() - tic), n
+
+    runs = {True: [], False: []}
+    for seed in range(pairs):
+        for constrained in (True, False):
+            runs[constrained].append(tps(seed, constrained))
+    with_, without = (statistics.median(t for t, _ in runs[c]) for c in (True, False))
+    return {
+        "grammar_generation_tps": with_,
+        "grammar_tokens": [n for _, n in runs[True]],
+        "free_generation_tps": without,
+        "grammar_vs_free": with_ / without,
+    }
 
 
 def at_depth(model, opts, depth: int):
@@ -686,6 +722,12 @@ def build_parser():
         action="store_true",
         help="only prefill, decode and the chat turns: skip the decode step's breakdown and the experts' cost",
     )
+    p.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="also time decoding under this JSON Schema's grammar (or 'object': any JSON object) against "
+        "without, alternating, as structured output runs",
+    )
     p.add_argument("--json", help="write the JSON here instead of stdout")
     return p
 
@@ -723,6 +765,10 @@ def run(opts):
         llama_command(opts.llama_bench)
     if opts.llama_server is not None:
         llama_command(opts.llama_server, "--llama-server", "llama-server")
+    if opts.json_schema and not (opts.model_path or opts.tokenizer):
+        raise runtime.MixtralError("--json-schema needs a tokenizer: --model-path, or --synthetic with --tokenizer")
+    if opts.json_schema:
+        schema_rules(opts)  # a schema that cannot be used fails now, before the model loads
     if opts.compare_kernels and mx.distributed.init().size() > 1:
         raise runtime.MixtralError("--compare-kernels runs on one machine: run it without mlx.launch")
     mx.random.seed(0)  # the same prompts on every rank
@@ -775,6 +821,8 @@ def run(opts):
         result[f"depth_{depth}_prompt_tps"], result[f"depth_{depth}_generation_tps"] = at_depth(model, opts, depth)
     if opts.resume_tokens:
         result |= resume_figures(model, tokenizer, opts)
+    if opts.json_schema:
+        result |= grammar_figures(model, tokenizer, opts)
     if opts.server:
         generate_tps = prompt_and_decode(model, opts)[1]  # in-process, right before the server runs
         result |= server_figures(opts, result["cpu_threads"])

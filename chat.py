@@ -26,6 +26,7 @@ from typing import List, Optional
 import mlx.core as mx
 
 import folder
+import grammar
 import machine
 import mixtral
 import ops
@@ -141,6 +142,7 @@ class Chat:
         on_notice=lambda text: None,
         model_id: str = "",
         experts: bool = False,
+        rules: Optional[str] = None,
     ):
         # model_id: what the weights are (folder.identity), for a saved cache to name what it belongs to
         self.model, self.tokenizer, self.on_notice, self.model_id = model, tokenizer, on_notice, model_id
@@ -148,6 +150,7 @@ class Chat:
         self.temp, self.top_p, self.min_p = temp, top_p, min_p
         self.experts = None  # the last turn's chosen experts, when `experts` keeps them (/experts)
         self.known_ids = lambda text: None  # a reply's generated ids by its text, beyond this conversation
+        self.rules = rules  # a grammar every reply follows (--json, --json-schema), or None
         model.log_routing(experts)
         self.seed = random.randrange(2**31) if seed is None else seed
         mx.random.seed(self.seed)
@@ -391,6 +394,7 @@ class Chat:
                 temp=self.temp,
                 top_p=self.top_p,
                 min_p=self.min_p,
+                constraint=grammar.Constraint(self.tokenizer, self.rules) if self.rules else None,
             )
             broken = False
         except GeneratorExit:  # the reader stopped: an ordinary end
@@ -748,6 +752,7 @@ def build_parser():
         help="drop tokens below this share of the top one (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, help="random seed (default: a new one, saved by /save)")
+    grammar.add_flags(p)
     p.add_argument("--verbose", action="store_true", help="per-turn speed and context use")
     p.add_argument("--verify", action="store_true", help="check every model file against its manifest (sha256) first")
     return p
@@ -785,6 +790,8 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
     session = (
         sessions.Session(args.session) if args.session is not None else None
     )  # a bad name, one in use: before loading
+    # Rank 0's draw is every rank's: only it needs the grammar (a bad schema fails here, before loading).
+    rules = grammar.from_flags(args.json, args.json_schema) if term.rank0 else None
     model_path = resolve_model(args.model_path, term.remark, args.tokenizer)
     if args.verify:
         folder.verify(model_path)
@@ -808,6 +815,7 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
         on_notice=term.remark,
         model_id=folder.identity(model_path),
         experts=True,  # for /experts: keeping the router's choices costs no wait (bench.py: experts_cost)
+        rules=rules,
     )
     resume = args.resume or (session.transcript if session and session.transcript.is_file() else None)
     if resume:

@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 import folder
+import grammar
 import machine
 import ops
 import parallel
@@ -542,32 +543,50 @@ def generate(
     min_p: float = 0.0,
     seed: Optional[int] = None,
     prefill_chunk: int = 512,
+    constraint=None,
 ) -> Iterator[int]:
     """Yield token ids after prompt_ids without end (the caller stops on EOS or a budget).
 
     prompt_ids are appended to `cache` (a new one when None): pass the cache of an earlier call to
     continue a conversation. Sampled ids are fed back through the cache one step at a time.
+    constraint: a grammar.Constraint the ids must follow (structured output), or None.
     """
     if seed is not None:
         mx.random.seed(seed)
     cache = model.make_cache() if cache is None else cache
 
-    def next_token(tokens):
-        logits, _ = model(tokens[None], cache)
+    def draw(logits):
+        if constraint is not None:
+            logits = grammar_mask(logits, constraint)
         y = sample(logits[:, -1, :], temp, top_p, min_p)[0]
         if model.group is not None:  # every rank takes rank 0's token (in the graph: no wait)
             y = mx.distributed.all_sum(mx.where(model.group.rank() == 0, y, 0), group=model.group)
         return y
 
-    y = next_token(mx.array(prefill(model, list(prompt_ids), cache, prefill_chunk), dtype=mx.uint32))
+    y = draw(model(mx.array([prefill(model, list(prompt_ids), cache, prefill_chunk)], dtype=mx.uint32), cache)[0])
     mx.async_eval(y)
     while True:
         # Build step n+1 on the lazy token of step n before waiting for it: the graph construction
-        # overlaps the computation.
-        next_y = next_token(y[None])
-        mx.async_eval(next_y)
-        yield y.item()
+        # overlaps the computation. Under a constraint the draw waits for token n's mask, computed
+        # while step n+1's forward pass runs.
+        logits, _ = model(y[None][None], cache)
+        if constraint is None:
+            next_y = draw(logits)
+            mx.async_eval(next_y)
+            yield y.item()
+        else:
+            mx.async_eval(logits)
+            token = y.item()
+            yield token
+            constraint.accept(token)
+            next_y = draw(logits)
+            mx.async_eval(next_y)
         y = next_y
+
+
+def grammar_mask(logits, constraint):
+    """logits (1, T, vocab) with -inf at every token the constraint refuses next (the last position's)."""
+    return mx.where(constraint.mask(), logits, -mx.inf)
 
 
 def routing_choices(model: Mixtral) -> List[List[List[int]]]:
@@ -680,6 +699,7 @@ def build_parser():
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 is off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    grammar.add_flags(p)
     add_dtype_flags(p)
     p.add_argument(
         "--shares",
@@ -728,7 +748,10 @@ def run(args):
             "--prompt - cannot work under mlx.launch, which never passes the end of stdin on; "
             'pass the text itself: --prompt "$(cat FILE)"'
         )
-    prompt = runtime.read_prompt(args.prompt) if mx.distributed.init().rank() == 0 else ""
+    rank0 = mx.distributed.init().rank() == 0
+    # Rank 0's draw is every rank's: only it needs the grammar (a bad schema fails here, before the load).
+    rules = grammar.from_flags(args.json, args.json_schema) if rank0 else None
+    prompt = runtime.read_prompt(args.prompt) if rank0 else ""
     tic = time.perf_counter()
     model, tokenizer = load_model(args.model_path, args.dtype, shares=args.shares, kv_dtype=args.kv_dtype)
     prompt = parallel.text_from_rank0(prompt, model.group)
@@ -737,9 +760,9 @@ def run(args):
     prompt_ids = tokenizer.encode(prompt)
     machine.check_memory(model, len(prompt_ids) + args.max_tokens, "--max-tokens", args.model_path)
     reply = Reply(prompt_tokens=len(prompt_ids))
-    reply.pieces = complete(
-        model, tokenizer, prompt_ids, reply, args.max_tokens, temp=args.temp, top_p=args.top_p, seed=args.seed
-    )
+    constraint = grammar.Constraint(tokenizer, rules) if rules else None
+    sampling = dict(temp=args.temp, top_p=args.top_p, seed=args.seed, constraint=constraint)
+    reply.pieces = complete(model, tokenizer, prompt_ids, reply, args.max_tokens, **sampling)
     for text in reply:
         print(text, end="", flush=True)
     print()

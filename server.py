@@ -46,6 +46,7 @@ from starlette.staticfiles import StaticFiles
 
 import batch
 import chat
+import grammar
 import machine
 import mixtral
 import parallel
@@ -98,6 +99,8 @@ class Job:
     stop: List[str]
     seed: Optional[int]
     experts: bool = False  # the final chunk carries the experts the router chose (as /experts FILE writes)
+    rules: Optional[str] = None  # the grammar response_format asks for (rank 0's alone: its draw is every rank's)
+    constraint: Optional["grammar.Constraint"] = None  # its state along the reply, made before the job is queued
     events: asyncio.Queue = None
     loop: asyncio.AbstractEventLoop = None
     cancelled: bool = False  # the client left: stop within a step
@@ -203,6 +206,10 @@ def parse_job(body, kind: str, model_name: str, system_prompt: str) -> Job:
         seed=seed,
         experts=body.get("experts", False),
     )
+    try:
+        job.rules = grammar.compile_format(body.get("response_format"))
+    except grammar.FormatError as e:
+        raise BadRequest(str(e), param="response_format", code="invalid_response_format") from None
     if kind == "completion":
         if not isinstance(body.get("prompt"), str):
             raise BadRequest("'prompt' must be a string", param="prompt")
@@ -339,6 +346,7 @@ class Engine:
             job.min_p,
             job.seed,
             job.experts,
+            job.constraint,
         )
         self.jobs[number] = job
         self.batch.add(job.sequence)
@@ -494,11 +502,13 @@ class Api:
         counts,
         props: Optional[dict] = None,
         webui: bool = True,
+        tokenizer=None,
     ):
         self.model_name, self.jobs, self.api_key, self.system_prompt = model_name, jobs, api_key, system_prompt
         self.counts = counts  # -> {"running", "waiting", "generations"}: sequences in the batch, requests run (/health)
         self.props, self.webui = {"model": model_name, **(props or {})}, webui
         self.created = int(time.time())
+        self.tokenizer = tokenizer  # for response_format's grammars
         self.open: set = set()  # jobs whose answer is not yet written out whole (queued, running or sending)
 
     def app(self, listen_host: str, allowed_hosts: List[str], cors_origin: Optional[str]) -> Starlette:
@@ -528,6 +538,12 @@ class Api:
             middleware=middleware,
             exception_handlers={404: self.not_found, 405: self.not_allowed},
         )
+
+    def constrain(self, rules: str) -> "grammar.Constraint":
+        try:
+            return grammar.Constraint(self.tokenizer, rules)
+        except (grammar.FormatError, MixtralError) as e:
+            raise BadRequest(str(e), param="response_format", code="invalid_response_format") from None
 
     async def not_found(self, request, exc):
         return BadRequest(f"no such endpoint: {request.method} {request.url.path}", status=404).response()
@@ -588,6 +604,8 @@ class Api:
         try:
             body = await read_json(request)
             job = parse_job(body, kind, self.model_name, self.system_prompt)
+            if job.rules:  # the grammar's matcher (up to a second for a large schema): not on the model's thread
+                job.constraint = await asyncio.to_thread(self.constrain, job.rules)
         except BadRequest as e:
             return e.response()
         job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
@@ -751,6 +769,8 @@ async def read_json(request: Request):
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise BadRequest("the body nests too deeply to read (more than about 1000 levels)") from None
 
 
 # --------------------------------------------------------------------------- the program
@@ -847,7 +867,7 @@ def run(args):
         "waiting": len(engine.batch.waiting),
         "generations": engine.generations,
     }
-    api = Api(name, jobs, args.api_key, args.system_prompt, counts, props, webui=not args.no_webui)
+    api = Api(name, jobs, args.api_key, args.system_prompt, counts, props, webui=not args.no_webui, tokenizer=tokenizer)
     app = api.app(args.host, args.allowed_host, args.cors_origin)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
