@@ -97,6 +97,51 @@ inline float dot(const float* x, const T* y, int64_t n) {
   return total;
 }
 
+// x . y[0..3] for four rows y[i] = y0 + i * stride: four dot()s side by side, each summed in dot()'s
+// order (the same bits), so the four chains of multiply-adds overlap instead of waiting on each other.
+template <typename T>
+inline void dot4(const float* x, const T* y0, int64_t stride, int64_t n, float* out) {
+  const T* y[4] = {y0, y0 + stride, y0 + 2 * stride, y0 + 3 * stride};
+  int64_t i = 0;
+  float total[4] = {0, 0, 0, 0};
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)) || \
+    (defined(__aarch64__) && defined(__ARM_NEON))
+  Vec acc[4] = {broadcast(0.0f), broadcast(0.0f), broadcast(0.0f), broadcast(0.0f)};
+  for (; i + LANES <= n; i += LANES) {
+    const Vec xi = load(x + i);
+    for (int r = 0; r < 4; ++r)
+      acc[r] = fma(xi, load(y[r] + i), acc[r]);
+  }
+  for (int r = 0; r < 4; ++r)
+    total[r] = sum(acc[r]);
+#endif
+  for (int r = 0; r < 4; ++r) {
+    for (int64_t k = i; k < n; ++k)
+      total[r] = std::fma(x[k], static_cast<float>(y[r][k]), total[r]);
+    out[r] = total[r];
+  }
+}
+
+// o += w[0] * y[0] + ... + w[3] * y[3] (rows y[i] = y0 + i * stride), in that order: four axpy()s with
+// the same bits, o kept in registers across them.
+template <typename T>
+inline void axpy4(float* __restrict o, const float* w, const T* __restrict y0, int64_t stride, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)) || \
+    (defined(__aarch64__) && defined(__ARM_NEON))
+  const Vec w0 = broadcast(w[0]), w1 = broadcast(w[1]), w2 = broadcast(w[2]), w3 = broadcast(w[3]);
+  for (; i + LANES <= n; i += LANES) {
+    Vec a = fma(w0, load(y0 + i), load(o + i));
+    a = fma(w1, load(y0 + stride + i), a);
+    a = fma(w2, load(y0 + 2 * stride + i), a);
+    store(o + i, fma(w3, load(y0 + 3 * stride + i), a));
+  }
+#endif
+  for (; i < n; ++i)
+    for (int r = 0; r < 4; ++r)
+      o[i] = std::fma(w[r], static_cast<float>(y0[r * stride + i]), o[i]);
+}
+
 // o += w * y over n floats.
 template <typename T>
 inline void axpy(float* __restrict o, float w, const T* __restrict y, int64_t n) {
@@ -133,7 +178,18 @@ void head_group(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t t
   // Position j is seen by the rows from (j - past - t0) * G on (causal), by all when j <= past + t0.
   auto first = [&](int64_t j) { return std::max<int64_t>(0, (j - past - t0) * G); };
   const int64_t end = past + t1; // positions the block's last row sees
-  for (int64_t j = 0; j < end; ++j) {
+  // Four positions at a time: a row scores all four from the first it sees (a score it does not see
+  // is never read: its softmax stops at its own position).
+  int64_t j = 0;
+  for (; j + 4 <= end; j += 4) {
+    for (int64_t r = first(j); r < rows; ++r) {
+      float* s = sc + r * S + j;
+      dot4(q_row[r], K + j * p.ks[2], p.ks[2], D, s);
+      for (int i = 0; i < 4; ++i)
+        s[i] *= p.scale;
+    }
+  }
+  for (; j < end; ++j) {
     const T* kj = K + j * p.ks[2];
     for (int64_t r = first(j); r < rows; ++r)
       sc[r * S + j] = dot(q_row[r], kj, D) * p.scale;
@@ -152,7 +208,16 @@ void head_group(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t t
       s[j] *= inverse;
     std::fill(out_row[r], out_row[r] + D, 0.0f);
   }
-  for (int64_t j = 0; j < end; ++j) {
+  // Four positions at a time for the rows that see all four; one at a time where a row stops.
+  j = 0;
+  for (; j + 4 <= end; j += 4) {
+    for (int64_t r = first(j); r < first(j + 3); ++r)
+      for (int64_t i = 0; i < 4 && j + i <= past + t0 + r / G; ++i)
+        axpy(out_row[r], sc[r * S + j + i], V + (j + i) * p.vs[2], D);
+    for (int64_t r = first(j + 3); r < rows; ++r)
+      axpy4(out_row[r], sc + r * S + j, V + j * p.vs[2], p.vs[2], D);
+  }
+  for (; j < end; ++j) {
     const T* vj = V + j * p.vs[2];
     for (int64_t r = first(j); r < rows; ++r)
       axpy(out_row[r], sc[r * S + j], vj, D);
