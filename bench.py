@@ -134,25 +134,26 @@ def schema_rules(opts) -> str:
     )
 
 
-def grammar_figures(model, tokenizer, opts, pairs: int = 3) -> dict:
-    """Decode tokens/s under --json-schema's grammar and without it, in alternating runs (medians): the
-    same prompt, sampled (temp 0.7), each run up to --gen-tokens or EOS."""
+def grammar_figures(model, tokenizer, opts, pairs: int = 5) -> dict:
+    """Decode tokens/s under --json-schema's grammar and without it, in alternating pairs of runs (medians):
+    the same prompt and seed, sampled (temp 0.7); a constrained run goes to --gen-tokens or EOS, and its
+    free twin decodes as many tokens (a short run and a long one do not measure alike)."""
     rules = schema_rules(opts)
     prompt = tokenizer.encode("[INST] Describe a person as JSON. [/INST]")
 
-    def tps(seed, constrained):
+    def tps(seed, constrained, most):
         constraint = grammar.Constraint(tokenizer, rules) if constrained else None
         tokens = mixtral.generate(model, prompt, temp=0.7, seed=seed, constraint=constraint)
         next(tokens)
         tic, n = time.perf_counter(), 0
-        while n < opts.gen_tokens - 1 and next(tokens) != tokenizer.eos_id:
+        while n < most and next(tokens) != tokenizer.eos_id:
             n += 1
         return n / (time.perf_counter() - tic), n
 
     runs = {True: [], False: []}
     for seed in range(pairs):
-        for constrained in (True, False):
-            runs[constrained].append(tps(seed, constrained))
+        runs[True].append(tps(seed, True, opts.gen_tokens - 1))
+        runs[False].append(tps(seed, False, runs[True][-1][1]))
     with_, without = (statistics.median(t for t, _ in runs[c]) for c in (True, False))
     return {
         "grammar_generation_tps": with_,

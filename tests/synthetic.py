@@ -147,3 +147,57 @@ def write_input_major(unquantized, path, bits=8, group_size=64):
     manifest.update(bits=bits, group_size=group_size, layout="input-major", files=files)
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return path
+
+
+# Mixtral 8x7B's layer sizes: what bench.py's real-size figures run on (docs/performance.md).
+REAL_SIZE = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    num_local_experts=8,
+    vocab_size=32000,
+)
+
+
+def write_large_checkpoint(path, layers: int, seed=0, shard_bytes=1 << 30, sizes=REAL_SIZE):
+    """A checkpoint of Mixtral's real layer sizes with `layers` layers, in Hugging Face layout, for benchmarks:
+    numpy's generator and 1 GiB shards (write_hf_checkpoint's router QR and MLX's CPU sampling take an hour
+    at these sizes); the router's rows random, not orthogonal (no test compares its choices). ~3 GB a layer."""
+    import numpy as np
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = hf_config(**sizes, num_hidden_layers=layers)
+    shapes, rng = hf_tensor_shapes(config), np.random.default_rng(seed)
+    names, shard, size = [], {}, 0
+    weight_map = {}
+    for name, shape in shapes.items():
+        a = rng.standard_normal(shape, dtype=np.float32)
+        a = 1.0 + 0.1 * a if name.endswith("norm.weight") else a * shape[-1] ** -0.5
+        shard[name], size = mx.array(a).astype(mx.bfloat16), size + 2 * a.size
+        if size > shard_bytes or name == list(shapes)[-1]:
+            names.append(f"part-{len(names)}.safetensors")
+            mx.save_safetensors(str(path / names[-1]), shard, metadata={"format": "pt"})
+            weight_map |= {k: names[-1] for k in shard}
+            shard, size = {}, 0
+    final = {n: f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i, n in enumerate(names)}
+    for n, f in final.items():
+        (path / n).rename(path / f)
+    total = sum(2 * math.prod(s) for s in shapes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copyfile(TOKENIZER, path / "tokenizer.model")
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write a Mixtral checkpoint of the real layer sizes (random weights).")
+    p.add_argument("path", help="the Hugging Face folder to write (then: convert.py --hf-path PATH ...)")
+    p.add_argument("--layers", type=int, default=4, help="layers of Mixtral's 32 (default: %(default)s, ~12 GB)")
+    a = p.parse_args()
+    print(write_large_checkpoint(a.path, a.layers))
