@@ -192,9 +192,10 @@ class Constraint:
         return mx.array(allowed.astype(np.bool_))
 
     def accept(self, token: int):
-        """The drawn token (one mask() allowed). A token it refuses means the mask was not applied: a bug."""
+        """The drawn token, one mask() allowed. A refusal means the grammar could not go on (a limit of the
+        engine reached mid-reply: its mask then allows nothing): the reply ends with that error."""
         if not self.matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+            raise MixtralError(f"the JSON grammar could not go on ({first_line(self.matcher.get_error())})")
 
     @property
     def done(self) -> bool:
