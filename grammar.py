@@ -201,8 +201,3 @@ class Constraint:
     def done(self) -> bool:
         """No token but EOS can follow (the JSON is complete and cannot go on)."""
         return self.matcher.is_stopped()
-
-
-def apply(logits, mask):
-    """logits (1, vocab) with -inf where mask is False."""
-    return mx.where(mask, logits, -mx.inf)
