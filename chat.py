@@ -790,7 +790,8 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
     session = (
         sessions.Session(args.session) if args.session is not None else None
     )  # a bad name, one in use: before loading
-    # Rank 0's draw is every rank's: only it needs the grammar (a bad schema fails here, before loading).
+    # Rank 0 reads the schema (a bad one fails here, before loading) and gives every rank its grammar below:
+    # each rank then draws as rank 0 does, step for step (the draws' collectives must pair up).
     rules = grammar.from_flags(args.json, args.json_schema) if term.rank0 else None
     model_path = resolve_model(args.model_path, term.remark, args.tokenizer)
     if args.verify:
@@ -799,6 +800,7 @@ def converse(args, term: Terminal, ctrl_c: CtrlC):
     if args.verbose:
         term.remark(ops.KERNELS["line"])
     group = model.group
+    rules = parallel.text_from_rank0(rules, group)
     # Every rank must make the same decisions: the context is what every rank can hold, the transcript rank 0's.
     max_context = args.max_context or parallel.least(machine.default_context(model), group)
     machine.check_memory(model, max_context, "--max-context", model_path)

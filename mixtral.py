@@ -749,12 +749,14 @@ def run(args):
             'pass the text itself: --prompt "$(cat FILE)"'
         )
     rank0 = mx.distributed.init().rank() == 0
-    # Rank 0's draw is every rank's: only it needs the grammar (a bad schema fails here, before the load).
+    # Rank 0 reads the schema (a bad one fails here, before the load) and gives every rank its grammar below:
+    # each rank then draws as rank 0 does, step for step (the draws' collectives must pair up).
     rules = grammar.from_flags(args.json, args.json_schema) if rank0 else None
     prompt = runtime.read_prompt(args.prompt) if rank0 else ""
     tic = time.perf_counter()
     model, tokenizer = load_model(args.model_path, args.dtype, shares=args.shares, kv_dtype=args.kv_dtype)
     prompt = parallel.text_from_rank0(prompt, model.group)
+    rules = parallel.text_from_rank0(rules, model.group)
     print(f"[load] {time.perf_counter() - tic:.1f} s, dtype {model.dtype}; {ops.KERNELS['line']}", file=sys.stderr)
 
     prompt_ids = tokenizer.encode(prompt)

@@ -166,6 +166,27 @@ def test_piped_chat_over_two_ranks_prints_the_transcript_of_one_process(tmp_path
     )
 
 
+def test_a_chat_under_a_json_schema_over_two_ranks_replies_as_one_process(tmp_path, converted, monkeypatch):
+    # Rank 0 reads the schema and hands every rank its grammar: each draws step for step as rank 0 does
+    # (a rank without it queued one draw more at a reply's end, and the ranks' collectives fell apart).
+    monkeypatch.setenv("MIXTRAL_KERNELS", "exact")  # the ranks' logits equal one process's to ~1e-5
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}, "mood": {"enum": ["bored", "annoyed"]}},
+        "required": ["name", "mood"],
+        "additionalProperties": False,
+    }
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    args = [ROOT / "chat.py", "--model-path", converted["8-bit standard"], "--max-tokens", 60, "--temp", 0]
+    args += ["--json-schema", tmp_path / "schema.json"]
+    one = subprocess.run(
+        [sys.executable, *map(str, args)], input="hi\nagain\n", capture_output=True, text=True, timeout=120
+    )
+    two = launch(2, *args, stdin="hi\nagain\n/quit\n")
+    assert one.returncode == 0 and two.stdout == one.stdout and "Traceback" not in two.stderr, two.stderr[-3000:]
+    assert one.stdout.count("}") >= 2  # two replies, each a closed object
+
+
 def test_each_rank_saves_and_resumes_its_part_of_the_cache_and_rank_0_reports_the_experts(tmp_path, converted):
     model, talk, experts = converted["8-bit standard"], tmp_path / "talk.json", tmp_path / "experts.json"
     args = [ROOT / "chat.py", "--model-path", model, "--max-tokens", 6, "--temp", 0, "--verbose"]
