@@ -100,7 +100,7 @@ def all_sum(x, group):
 
 class KVCache:
     """Keys and values of one layer, grown `grow_by` positions at a time so decoding does not copy the whole cache per token.
-    dtype: what they are stored in (None: as they come). On the CPU float16 by default (machine.default_kv_dtype):
+    dtype: what they are stored in (None: as they come). On the CPU float16 by default (ops.kv_dtype):
     half the bytes a decode step reads at depth; our attention kernel widens them in registers."""
 
     grow_by = 256
@@ -585,7 +585,7 @@ def generate(
 
 
 def grammar_mask(logits, constraint):
-    """logits (1, T, vocab) with -inf at every token the constraint refuses next (the last position's)."""
+    """logits (..., vocab) with -inf at every token the constraint refuses next."""
     return mx.where(constraint.mask(), logits, -mx.inf)
 
 
