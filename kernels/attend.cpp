@@ -39,6 +39,7 @@ constexpr int64_t BLOCK = 16;
 
 // Lanes of T widened to float32 in registers: a half-size cache is read as it is stored, never copied.
 #if defined(__AVX512F__)
+#define MK_LANES 1 // Vec, load, fma, broadcast, store and sum below
 constexpr int LANES = 16;
 using Vec = __m512;
 inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
@@ -51,6 +52,7 @@ inline Vec broadcast(float w) { return _mm512_set1_ps(w); }
 inline void store(float* p, Vec a) { _mm512_storeu_ps(p, a); }
 inline float sum(Vec a) { return _mm512_reduce_add_ps(a); }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MK_LANES 1
 constexpr int LANES = 8;
 using Vec = __m256;
 inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
@@ -67,6 +69,7 @@ inline float sum(Vec a) {
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 #elif defined(__aarch64__) && defined(__ARM_NEON)
+#define MK_LANES 1
 constexpr int LANES = 4;
 using Vec = float32x4_t;
 inline Vec load(const float* p) { return vld1q_f32(p); }
@@ -85,8 +88,7 @@ template <typename T>
 inline float dot(const float* x, const T* y, int64_t n) {
   int64_t i = 0;
   float total = 0;
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)) || \
-    (defined(__aarch64__) && defined(__ARM_NEON))
+#ifdef MK_LANES
   Vec acc = broadcast(0.0f);
   for (; i + LANES <= n; i += LANES)
     acc = fma(load(x + i), load(y + i), acc);
@@ -104,8 +106,7 @@ inline void dot4(const float* x, const T* y0, int64_t stride, int64_t n, float* 
   const T* y[4] = {y0, y0 + stride, y0 + 2 * stride, y0 + 3 * stride};
   int64_t i = 0;
   float total[4] = {0, 0, 0, 0};
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)) || \
-    (defined(__aarch64__) && defined(__ARM_NEON))
+#ifdef MK_LANES
   Vec acc[4] = {broadcast(0.0f), broadcast(0.0f), broadcast(0.0f), broadcast(0.0f)};
   for (; i + LANES <= n; i += LANES) {
     const Vec xi = load(x + i);
@@ -127,8 +128,7 @@ inline void dot4(const float* x, const T* y0, int64_t stride, int64_t n, float* 
 template <typename T>
 inline void axpy4(float* __restrict o, const float* w, const T* __restrict y0, int64_t stride, int64_t n) {
   int64_t i = 0;
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)) || \
-    (defined(__aarch64__) && defined(__ARM_NEON))
+#ifdef MK_LANES
   const Vec w0 = broadcast(w[0]), w1 = broadcast(w[1]), w2 = broadcast(w[2]), w3 = broadcast(w[3]);
   for (; i + LANES <= n; i += LANES) {
     Vec a = fma(w0, load(y0 + i), load(o + i));
@@ -146,8 +146,7 @@ inline void axpy4(float* __restrict o, const float* w, const T* __restrict y0, i
 template <typename T>
 inline void axpy(float* __restrict o, float w, const T* __restrict y, int64_t n) {
   int64_t i = 0;
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)) || \
-    (defined(__aarch64__) && defined(__ARM_NEON))
+#ifdef MK_LANES
   const Vec wv = broadcast(w);
   for (; i + LANES <= n; i += LANES)
     store(o + i, fma(wv, load(y + i), load(o + i)));
