@@ -127,6 +127,14 @@ def prompt_and_decode(model, opts):
     return opts.prompt_tokens / (first - tic), (opts.gen_tokens - 1) / (end - first)
 
 
+def warm_up(model, opts):
+    """One short prefill and decode before anything is timed, as llama-bench's warm-up run: the first
+    pass after loading measured up to 30% slower (fresh pages, the allocator's first buffers)."""
+    prompt = mx.random.randint(3, model.args.vocab_size, (min(64, opts.prompt_tokens),)).tolist()
+    for _, _ in zip(range(min(8, opts.gen_tokens)), mixtral.generate(model, prompt)):
+        pass
+
+
 def schema_rules(opts) -> str:
     """--json-schema's grammar: 'object' is any JSON object, else a schema file."""
     return (
@@ -774,6 +782,7 @@ def run(opts):
         raise runtime.MixtralError("--compare-kernels runs on one machine: run it without mlx.launch")
     mx.random.seed(0)  # the same prompts on every rank
     model, tokenizer, load_s = load(opts)
+    warm_up(model, opts)
     runs = [prompt_and_decode(model, opts) for _ in range(opts.repeat)]
     turns = [chat_turns(model, tokenizer, opts) for _ in range(opts.repeat)]
     build_ms, run_ms = decode_breakdown(model, opts) if not opts.core_only else (None, None)

@@ -447,9 +447,15 @@ def attach(model: Mixtral, weights: dict, dtype, path: Path):
             raise MixtralError(
                 f"{path}: tensor {name} has shape {tuple(weights[name].shape)}, config.json implies {tuple(param.shape)}"
             )
-    # Floating tensors (norms, router, unquantized weights, quantization scales/biases) compute in dtype.
-    cast = lambda w: w.astype(dtype) if mx.issubdtype(w.dtype, mx.floating) else w
-    model.load_weights([(k, cast(w)) for k, w in weights.items()], strict=True)
+    # Floating tensors (norms, router, unquantized weights) compute in dtype; quantization scales and
+    # biases stay as stored where our kernels read them so (ops.scales_dtype).
+    def cast(k, w):
+        if not mx.issubdtype(w.dtype, mx.floating):
+            return w
+        quantization = k.endswith((".scales", ".biases"))
+        return w.astype(ops.scales_dtype(w.dtype, dtype) if quantization else dtype)
+
+    model.load_weights([(k, cast(k, w)) for k, w in weights.items()], strict=True)
 
 
 def place(model: Mixtral, group="world", cpu_threads: Optional[int] = None, group_size: int = 1, shares=None):

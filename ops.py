@@ -59,6 +59,16 @@ def kv_dtype(choice, compute):
     return mx.float16 if KERNELS["module"] is not None and compute == mx.float32 else compute
 
 
+def scales_dtype(stored, compute):
+    """What the quantization scales and biases are kept as in memory: as the checkpoint stores them where
+    our kernels read them (the CPU in float32: half precision widens exactly in registers, and a decode
+    step reads 1.0625 bytes a weight, not 1.125), else the compute dtype, as MLX's kernels want."""
+    if KERNELS["name"] is None:
+        use_kernels()
+    ours = KERNELS["module"] is not None and compute == mx.float32
+    return stored if ours and stored in (mx.float16, mx.bfloat16, mx.float32) else compute
+
+
 def swiglu(a, b):
     """silu(a) * b. Ours on the CPU (kernels/small.cpp: one vectorized, threaded pass; MLX's CPU sigmoid
     is one scalar exp per element on one thread: 59 ms against 6.4 a layer in a 512-token prefill), else MLX's."""
@@ -70,10 +80,13 @@ def swiglu(a, b):
 
 def qmm(x, w, scales, biases, group_size, bits, indices=None, sorted_indices=False):
     """x @ dequantize(w).T; with indices, w holds stacked experts and each batch element of x uses the
-    one indices names. Ours on the CPU (kernels/, see use_kernels), else MLX's."""
+    one indices names. Ours on the CPU (kernels/, see use_kernels; scales in float32 or as a checkpoint
+    stores them, float16 or bfloat16), else MLX's."""
     fast, path = KERNELS["module"], KERNELS["path"]
-    if fast is not None and x.dtype == mx.float32 and scales.dtype == mx.float32:
+    if fast is not None and x.dtype == mx.float32:
         return fast.qmm(x, w, scales, biases, indices, group_size=group_size, bits=bits, path=path)
+    if scales.dtype != x.dtype:  # kept as stored for ours (scales_dtype), then MLX's kernels chosen
+        scales, biases = scales.astype(x.dtype), biases.astype(x.dtype)
     args = dict(transpose=True, group_size=group_size, bits=bits)
     if indices is None:
         return mx.quantized_matmul(x, w, scales, biases, **args)

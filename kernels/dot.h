@@ -350,14 +350,4 @@ float dot_int16(const Row& r, const int16_t* xq, const float* xs, const float* x
 #endif
 }
 
-// Ask for a row read ahead now (one prefetch per cache line): the memory works while this one computes.
-inline void prefetch_row(const Row& r, int64_t bytes, int64_t groups) {
-  for (int64_t i = 0; i < bytes; i += 64)
-    __builtin_prefetch(r.w + i);
-  for (int64_t i = 0; i < groups; i += 16) {
-    __builtin_prefetch(r.scales + i);
-    __builtin_prefetch(r.biases + i);
-  }
-}
-
 } // namespace mixtral_kernels

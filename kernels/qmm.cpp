@@ -10,9 +10,14 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "mlx/backend/cpu/encoder.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace mixtral_kernels {
 
@@ -33,13 +38,14 @@ std::string simd() {
 struct Problem {
   const float* x; // (rows, K)
   const uint8_t* w; // (experts, N, K * bits / 8)
-  const float* scales; // (experts, N, K / G)
-  const float* biases;
+  const void* scales; // (experts, N, K / G): float32, float16 or bfloat16, as stored
+  const void* biases;
   const uint32_t* expert; // one per batch element
   float* out; // (rows, N)
   int64_t batches, rows_per_batch, N, K;
   int G, bits;
   Path path;
+  mx::Dtype scale_type; // of scales and biases
 };
 
 // x's per-group sums (the biases' term), and for the int16 path x rounded to int16 with one scale per
@@ -89,9 +95,34 @@ static int64_t rows_ahead(int64_t row_bytes) {
   return row_bytes <= 4096 ? 4096 / row_bytes : 0;
 }
 
-template <int BITS, int G>
+// n scales (or biases) as float32: float32 ones in place, float16 and bfloat16 ones widened into `to`
+// (exactly: each is a float). A checkpoint's scales are stored in half precision (convert.py), and read
+// so they are 1/16 of an 8-bit weight's bytes, not 1/8.
+template <typename S>
+static const float* widened(const S* from, int64_t n, float* to) {
+  if constexpr (std::is_same_v<S, float>) {
+    return from;
+  } else {
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm_loadu_si128((const __m128i*)(from + i));
+      _mm256_storeu_ps(to + i, std::is_same_v<S, mx::float16_t>
+                           ? _mm256_cvtph_ps(h)
+                           : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+#endif
+    for (; i < n; ++i)
+      to[i] = static_cast<float>(from[i]);
+    return to;
+  }
+}
+
+template <int BITS, int G, typename S>
 static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
   const int64_t row_bytes = p.K * BITS / 8, groups = p.K / p.G;
+  const S *scales = static_cast<const S*>(p.scales), *biases = static_cast<const S*>(p.biases);
+  std::vector<float> widened_row(std::is_same_v<S, float> ? 0 : 2 * groups);
   // Cache blocking, as a GEMM's: a tile of x rows (up to 64, in L2) against a block of weight rows
   // (about 128 KB, in L2), the x rows 4 at a time (in L1) against each weight row of the block in
   // turn: every widened weight vector serves 4 rows of x, and x is read from L1, not L2 (a weight row
@@ -105,9 +136,19 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
     while (b1 < p.batches && p.expert[b1] == p.expert[b0])
       ++b1;
     const int64_t e = p.expert[b0], r_begin = b0 * p.rows_per_batch, r_end = b1 * p.rows_per_batch;
-    auto row = [&](int64_t n) {
+    auto row = [&](int64_t n) { // weight row n of expert e, its scales and biases as float32
       const int64_t wr = e * p.N + n;
-      return Row{p.w + wr * row_bytes, p.scales + wr * groups, p.biases + wr * groups};
+      return Row{p.w + wr * row_bytes, widened(scales + wr * groups, groups, widened_row.data()),
+                 widened(biases + wr * groups, groups, widened_row.data() + groups)};
+    };
+    auto read_ahead = [&](int64_t n) { // ask for weight row n now: memory works while this one computes
+      const int64_t wr = e * p.N + n;
+      for (int64_t i = 0; i < row_bytes; i += 64)
+        __builtin_prefetch(p.w + wr * row_bytes + i);
+      for (int64_t i = 0; i < groups * int64_t(sizeof(S)); i += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(scales + wr * groups) + i);
+        __builtin_prefetch(reinterpret_cast<const char*>(biases + wr * groups) + i);
+      }
     };
     for (int64_t t0 = r_begin; t0 < r_end; t0 += tile) {
       const int64_t t1 = std::min(r_end, t0 + tile);
@@ -116,8 +157,8 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
         int64_t r = t0;
         auto each_row = [&](auto&& f) { // f(n) for the block's weight rows, the first time reading ahead
           for (int64_t n = nb; n < nb1; ++n) {
-            if (r == t0 && ahead && n + ahead < n1) // ask for a later row now: memory works while this one computes
-              prefetch_row(row(n + ahead), row_bytes, groups);
+            if (r == t0 && ahead && n + ahead < n1)
+              read_ahead(n + ahead);
             f(n);
           }
         };
@@ -156,7 +197,13 @@ static void run(const Problem& p) {
   int n = std::max<int64_t>(1, std::min<int64_t>(Pool::get().size, p.N / 8));
   Pool::get().run(n, [&](int t) {
     int64_t n0 = p.N * t / n / 8 * 8, n1 = t + 1 == n ? p.N : p.N * (t + 1) / n / 8 * 8;
-    with_group(p.G, [&](auto g) { p.bits == 8 ? compute<8, g()>(p, q, n0, n1) : compute<4, g()>(p, q, n0, n1); });
+    with_group(p.G, [&](auto g) {
+      auto as = [&](auto s) { // the scales' type
+        using S = decltype(s);
+        p.bits == 8 ? compute<8, g(), S>(p, q, n0, n1) : compute<4, g(), S>(p, q, n0, n1);
+      };
+      p.scale_type == mx::float16 ? as(mx::float16_t{}) : p.scale_type == mx::bfloat16 ? as(mx::bfloat16_t{}) : as(0.0f);
+    });
   });
 }
 
@@ -179,8 +226,11 @@ mx::array qmm(
     mx::StreamOrDevice s) {
   require(bits == 4 || bits == 8, "bits must be 4 or 8");
   require(group_size == 32 || group_size == 64 || group_size == 128, "group_size must be 32, 64 or 128");
-  require(x.dtype() == mx::float32 && scales.dtype() == mx::float32 && biases.dtype() == mx::float32,
-          "x, scales and biases must be float32");
+  const auto stored_as = scales.dtype();
+  require(x.dtype() == mx::float32, "x must be float32");
+  require((stored_as == mx::float32 || stored_as == mx::float16 || stored_as == mx::bfloat16) &&
+              biases.dtype() == stored_as,
+          "scales and biases must be float32, float16 or bfloat16, both the same");
   require(w.dtype() == mx::uint32 && x.ndim() >= 2, "w must be uint32 and x at least 2-D");
   const int K = x.shape(-1), N = w.shape(-2);
   int M = x.shape(-2);
@@ -258,8 +308,8 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   Problem p{
       nullptr,
       reinterpret_cast<const uint8_t*>(inputs[1].data<uint32_t>()),
-      inputs[2].data<float>(),
-      inputs[3].data<float>(),
+      inputs[2].data<void>(),
+      inputs[3].data<void>(),
       nullptr,
       out.data<float>(),
       batches,
@@ -268,7 +318,8 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
       K,
       group_size_,
       bits_,
-      path_};
+      path_,
+      inputs[2].dtype()};
   encoder.dispatch([p, batch = batch_, keep = inputs, out = mx::array::unsafe_weak_copy(out)]() mutable {
     const auto& x = keep[0];
     std::vector<float> copy, rows;

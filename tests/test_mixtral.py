@@ -242,10 +242,37 @@ def test_router_stays_unquantized_and_experts_use_gather_qmm(mlx_q8):
 def test_default_compute_dtype_is_float32_on_cpu_and_overridable(mlx_q8):
     with mx.stream(mx.cpu):
         assert mixtral.default_dtype() == (mx.float32 if mx.default_device() == mx.cpu else mx.float16)
-    assert mixtral.load_model(mlx_q8)[0].layers[0].feed_forward.experts.w1.scales.dtype == mixtral.default_dtype()
+    assert mixtral.load_model(mlx_q8)[0].dtype == mixtral.default_dtype()
     model, _ = mixtral.load_model(mlx_q8, dtype="bfloat16")
     assert model.dtype == mx.bfloat16
     assert model.layers[0].feed_forward.experts.w1.scales.dtype == mx.bfloat16
+
+
+def stored_scales(path, name="layers.0.feed_forward.experts.w1.scales"):
+    return next(v for f in sorted(Path(path).glob("weights.*.npz")) for k, v in mx.load(str(f)).items() if k == name)
+
+
+@pytest.mark.parametrize("choice", ["int16", "exact"])
+def test_our_kernels_keep_the_scales_as_stored_with_the_logits_of_float32_scales(mlx_q8, kernels, choice):
+    """The checkpoint's half-precision scales and biases are read as they are (1.0625 bytes a weight, not
+    1.125); widening a half is exact, so the logits are those of the same scales widened to float32."""
+    kernels(choice)
+    stored = stored_scales(mlx_q8)
+    assert stored.dtype in (mx.float16, mx.bfloat16)
+    model, _ = mixtral.load_model(mlx_q8)
+    quantized = [m for m in model.modules() if isinstance(m, mixtral.QuantizedLinear)]
+    assert model.layers[0].feed_forward.experts.w1.scales.dtype == stored.dtype
+    tokens = mx.array([[1, 5, 9, 200, 7, 3]])
+    kept = model(tokens)[0]
+    for m in quantized:
+        m.scales, m.biases = m.scales.astype(mx.float32), m.biases.astype(mx.float32)
+    assert np.array_equal(np.array(kept), np.array(model(tokens)[0]))
+
+
+def test_mlx_kernels_keep_the_scales_in_the_compute_dtype(mlx_q8, kernels):
+    kernels("mlx")
+    model, _ = mixtral.load_model(mlx_q8)
+    assert model.layers[0].feed_forward.experts.w1.scales.dtype == model.dtype
 
 
 def test_params_json_holds_mixtral_8x7b():
