@@ -447,6 +447,7 @@ def attach(model: Mixtral, weights: dict, dtype, path: Path):
             raise MixtralError(
                 f"{path}: tensor {name} has shape {tuple(weights[name].shape)}, config.json implies {tuple(param.shape)}"
             )
+
     # Floating tensors (norms, router, unquantized weights) compute in dtype; quantization scales and
     # biases stay as stored where our kernels read them so (ops.scales_dtype).
     def cast(k, w):
