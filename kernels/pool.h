@@ -48,8 +48,10 @@ class Pool {
     }
     wake_.notify_all();
     f(0);
-    while (pending_.load(std::memory_order_acquire) != 0)
-      pause();
+    // Waiting for the others: a worker the OS paused may be waiting for this core, so give it up now
+    // and then rather than spin through the worker's time slice.
+    for (int i = 1; pending_.load(std::memory_order_acquire) != 0; ++i)
+      i % 1024 ? pause() : std::this_thread::yield();
     job_ = nullptr;
   }
 
@@ -93,9 +95,13 @@ class Pool {
     auto until = std::chrono::steady_clock::now() + SPIN;
     for (int i = 0; generation_.load(std::memory_order_acquire) == seen; ++i) {
       pause();
-      if (i % 256 == 255 && std::chrono::steady_clock::now() > until) {
+      if (i % 256 != 255)
+        continue;
+      if (std::chrono::steady_clock::now() > until) {
         std::unique_lock<std::mutex> lock(m_);
         wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+      } else {
+        std::this_thread::yield(); // a thread that waits for a core (Python building the next step) gets it
       }
     }
     return generation_.load(std::memory_order_acquire);
