@@ -72,11 +72,20 @@ def launch(n, *args, stdin=None, timeout=180, wait=True):
     # says readable, read() gets nothing), and a 2-rank run on 2 cores took 10x as long.
     inp, keep = os.pipe()
     os.write(keep, (stdin or "").encode())  # a few lines: they fit in the pipe's buffer
+    pipes = dict(stdin=inp, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Its own session: at the timeout the launcher goes with its ranks (killing the launcher alone left
+    # them polling a core, and every test after ran on one).
+    proc = subprocess.Popen(cmd, **pipes, text=True, start_new_session=True)
     try:
-        r = subprocess.run(cmd, stdin=inp, capture_output=True, text=True, timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
     finally:
         os.close(inp)
         os.close(keep)
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     # mlx.launch exits 0 whatever the ranks did: a rank that crashed (aborted, killed) shows here. Its own
     # SIGTERM (-15) can end a rank still importing, before it has a handler, when another rank failed.
     crashed = re.search(r"exited with code -(?!15\b)\d+", r.stderr)
