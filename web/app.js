@@ -312,10 +312,6 @@ async function reply(restore) {
     painting = true;
     requestAnimationFrame(() => {
       painting = false;
-      if (first === null && m.content) {
-        first = performance.now();
-        m.stats.ttft = (first - sent) / 1000;
-      }
       if (first !== null && !m.stats.final) m.stats.tps = pieces / Math.max((performance.now() - first) / 1000, 1e-3);
       view.update();
       $("messages").scrollTop = $("messages").scrollHeight;
@@ -328,6 +324,11 @@ async function reply(restore) {
       if (event.error) throw new Error(event.error.message);
       const choice = event.choices?.[0];
       if (choice?.delta?.content) {
+        if (first === null) {
+          // Timed as it arrives: a frame may never come for a reply that ends first (a hidden page).
+          first = performance.now();
+          m.stats.ttft = (first - sent) / 1000;
+        }
         m.content += choice.delta.content;
         pieces += 1;
         paint();
