@@ -131,7 +131,7 @@ def warm_up(model, opts):
     """One short prefill and decode before anything is timed, as llama-bench's warm-up run: the first
     pass after loading measured up to 30% slower (fresh pages, the allocator's first buffers)."""
     prompt = mx.random.randint(3, model.args.vocab_size, (min(64, opts.prompt_tokens),)).tolist()
-    for _, _ in zip(range(min(8, opts.gen_tokens)), mixtral.generate(model, prompt)):
+    for _ in zip(range(min(8, opts.gen_tokens)), mixtral.generate(model, prompt)):
         pass
 
 

@@ -54,19 +54,22 @@ def kv_dtype(choice, compute):
     convert the whole cache every step)."""
     if choice not in (None, "auto"):
         return compute_dtype(choice)
-    if KERNELS["name"] is None:
-        use_kernels()
-    return mx.float16 if KERNELS["module"] is not None and compute == mx.float32 else compute
+    return mx.float16 if ours_compute(compute) else compute
 
 
 def scales_dtype(stored, compute):
     """What the quantization scales and biases are kept as in memory: as the checkpoint stores them where
-    our kernels read them (the CPU in float32: half precision widens exactly in registers, and a decode
-    step reads 1.0625 bytes a weight, not 1.125), else the compute dtype, as MLX's kernels want."""
+    our kernels read them (half precision widens exactly in registers, and a decode step reads 1.0625
+    bytes a weight, not 1.125), else the compute dtype, as MLX's kernels want."""
+    return stored if ours_compute(compute) and stored in (mx.float16, mx.bfloat16, mx.float32) else compute
+
+
+def ours_compute(compute) -> bool:
+    """Our kernels run a model computing in `compute` (the CPU, float32): they read half-precision caches
+    and scales in place. Chooses the kernels now if not yet chosen."""
     if KERNELS["name"] is None:
         use_kernels()
-    ours = KERNELS["module"] is not None and compute == mx.float32
-    return stored if ours and stored in (mx.float16, mx.bfloat16, mx.float32) else compute
+    return KERNELS["module"] is not None and compute == mx.float32
 
 
 def swiglu(a, b):
