@@ -587,13 +587,21 @@ def llama_command(text: str, flag: str = "--llama-bench", program: str = "llama-
     return cmd
 
 
-def run_llama_bench(opts, threads: int) -> dict:
-    """llama.cpp's llama-bench, as --llama-bench gives it, at this run's prompt, generation, threads
-    and repeats (and each --depth, with a float16 cache) -> its prompt and generation tokens/s."""
+def kernel_threads(model) -> int:
+    """The threads our kernels (or the CPU streams' split) run on: what llama.cpp gets as -t."""
+    if ops.KERNELS["module"]:
+        return ops.KERNELS["module"].threads()
+    return next((len(m.streams) for m in model.modules() if isinstance(m, parallel.SplitOutputs)), 1)
+
+
+def run_llama_bench(opts, threads: int, depths=()) -> dict:
+    """llama.cpp's llama-bench, as --llama-bench gives it, at this run's prompt, generation and threads:
+    one run at an empty cache (bench.py runs it beside each of its own), or --repeat runs at each of
+    `depths` with a float16 cache -> its prompt and generation tokens/s."""
     cmd = llama_command(opts.llama_bench) + ["-p", str(opts.prompt_tokens), "-n", str(opts.gen_tokens)]
-    cmd += ["-t", str(threads), "-r", str(opts.repeat), "-o", "jsonl"]
-    if opts.depth:
-        cmd += ["-d", ",".join(map(str, [0, *opts.depth])), "-ctk", "f16", "-ctv", "f16"]
+    cmd += ["-t", str(threads), "-r", str(opts.repeat if depths else 1), "-o", "jsonl"]
+    if depths:
+        cmd += ["-d", ",".join(map(str, depths)), "-ctk", "f16", "-ctv", "f16"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     except OSError as e:
@@ -604,7 +612,7 @@ def run_llama_bench(opts, threads: int) -> dict:
             d = json.loads(line)
             depth = f"depth_{d['n_depth']}_" if d.get("n_depth") else ""
             out[depth + ("generation_tps" if d.get("n_gen") else "prompt_tps")] = d["avg_ts"]
-    if r.returncode or len(out) != 2 + 2 * len(opts.depth or []):
+    if r.returncode or len(out) != 2 * max(1, len(depths)):
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise runtime.MixtralError(f"--llama-bench: {cmd[0]} exited {r.returncode} ({tail}), check its command")
     return out
@@ -783,7 +791,14 @@ def run(opts):
     mx.random.seed(0)  # the same prompts on every rank
     model, tokenizer, load_s = load(opts)
     warm_up(model, opts)
-    runs = [prompt_and_decode(model, opts) for _ in range(opts.repeat)]
+    # With --llama-bench, llama.cpp runs right after each of our runs: on a shared machine the speed of
+    # memory drifts by a third from one minute to the next, and two sets of runs minutes apart compare
+    # the minutes, not the programs.
+    runs, llama_runs = [], []
+    for _ in range(opts.repeat):
+        runs.append(prompt_and_decode(model, opts))
+        if opts.llama_bench is not None:
+            llama_runs.append(run_llama_bench(opts, kernel_threads(model)))
     turns = [chat_turns(model, tokenizer, opts) for _ in range(opts.repeat)]
     build_ms, run_ms = decode_breakdown(model, opts) if not opts.core_only else (None, None)
     gen_tps = statistics.median(r[1] for r in runs)
@@ -794,9 +809,7 @@ def run(opts):
         "kv_dtype": mixtral.dtype_name(model.kv_dtype),
         "kv_bytes_per_token": kv_bytes_measured(model),
         "kernels": ops.KERNELS["line"],
-        "cpu_threads": ops.KERNELS["module"].threads()
-        if ops.KERNELS["module"]
-        else next((len(m.streams) for m in model.modules() if isinstance(m, parallel.SplitOutputs)), 1),
+        "cpu_threads": kernel_threads(model),
         "model": opts.model_path
         or f"synthetic {opts.dim}x{opts.hidden_dim}, {opts.n_layers} layers, {opts.n_experts} experts, {opts.q_bits or 'no'}-bit",
         "load_s": load_s,
@@ -849,9 +862,13 @@ def run(opts):
         rows += other_kernels(opts, ops.KERNELS["name"])
         result["compared"] = rows
     if opts.llama_bench is not None:
-        result["llama_cpp"] = llama = run_llama_bench(opts, result["cpu_threads"])
+        llama = {k: statistics.median(r[k] for r in llama_runs) for k in ("prompt_tps", "generation_tps")}
+        if opts.depth:
+            llama |= run_llama_bench(opts, result["cpu_threads"], opts.depth)
+        result["llama_cpp"] = llama
         result["prompt_vs_llama_cpp"] = result["prompt_tps"] / llama["prompt_tps"]
         result["decode_vs_llama_cpp"] = gen_tps / llama["generation_tps"]
+        result["decode_vs_llama_cpp_each_run"] = [o[1] / t["generation_tps"] for o, t in zip(runs, llama_runs)]
         for depth in opts.depth or []:
             for what in ("prompt", "generation"):
                 key = f"depth_{depth}_{what}_tps"

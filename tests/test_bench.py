@@ -138,6 +138,8 @@ def test_compare_kernels_runs_each_kernel_choice_side_by_side():
 FAKE_LLAMA_BENCH = """#!/usr/bin/env python3
 import json, pathlib, sys
 pathlib.Path(sys.argv[0]).with_suffix(".args").write_text(json.dumps(sys.argv[1:]))
+with pathlib.Path(sys.argv[0]).with_suffix(".calls").open("a") as calls:
+    calls.write(json.dumps(sys.argv[1:]) + "\\n")
 depths = sys.argv[sys.argv.index("-d") + 1].split(",") if "-d" in sys.argv else ["0"]
 for d in map(int, depths):
     print(json.dumps({"model_type": "llama 8x7B Q8_0", "n_prompt": 8, "n_gen": 0, "n_depth": d, "avg_ts": 200.0 - d}))
@@ -164,13 +166,26 @@ def test_depth_times_prefill_and_decode_over_a_filled_cache_beside_llama_bench_d
     fake.chmod(0o755)
     result = run_bench("--synthetic", *TINY, "--core-only", "--depth", "16,40", "--llama-bench", str(fake))
     args = json.loads(fake.with_suffix(".args").read_text())
-    assert args[args.index("-d") :][:6] == ["-d", "0,16,40", "-ctk", "f16", "-ctv", "f16"]
+    assert args[args.index("-d") :][:6] == ["-d", "16,40", "-ctk", "f16", "-ctv", "f16"]
     assert result["llama_cpp"]["depth_40_generation_tps"] == 10.0
     for d in (16, 40):
         assert result[f"depth_{d}_prompt_tps"] > 0 and result[f"depth_{d}_generation_tps"] > 0
         assert result[f"depth_{d}_generation_vs_llama_cpp"] == pytest.approx(
             result[f"depth_{d}_generation_tps"] / (50.0 - d)
         )
+
+
+def test_llama_bench_runs_once_beside_each_of_our_runs(tmp_path):
+    # Each of our --repeat runs is followed by one of llama-bench's: both see the same minutes of a shared
+    # machine, where its memory's speed drifts.
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH)
+    fake.chmod(0o755)
+    result = run_bench("--synthetic", *TINY, "--core-only", "--repeat", "2", "--llama-bench", str(fake))
+    calls = [json.loads(line) for line in fake.with_suffix(".calls").read_text().splitlines()]
+    assert len(calls) == 2 and all(c[c.index("-r") + 1] == "1" and "-d" not in c for c in calls)
+    assert len(result["decode_vs_llama_cpp_each_run"]) == 2
+    assert result["llama_cpp"] == {"prompt_tps": 200.0, "generation_tps": 50.0}
 
 
 def test_a_llama_bench_that_is_not_there_is_a_one_line_error(tmp_path):
