@@ -273,14 +273,19 @@ void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* x
   __m256 t[R];
   for (int i = 0; i < R; ++i)
     t[i] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < groups; c += 8) {
-    const int64_t m = std::min<int64_t>(8, groups - c);
+  // A block of 8 groups from group c on; `whole` (a constant) when all 8 are there, as in every row whose
+  // groups are a multiple of 8 (Mixtral's): the compiler then unrolls the block and keeps it in
+  // registers, and the loads need no mask (4 rows of x, weights in L2: 31 -> 45 billion multiply-adds a
+  // second on one thread; a 512-token prefill 300-330 -> 400-440 tokens/s). Same operations either way.
+  auto block = [&](int64_t c, auto whole) {
+    const int64_t m = whole() ? 8 : std::min<int64_t>(8, groups - c);
     const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(m)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256 scale = _mm256_maskload_ps(r.scales + c, live), bias = _mm256_maskload_ps(r.biases + c, live);
+    auto load = [&](const float* from) { return whole() ? _mm256_loadu_ps(from) : _mm256_maskload_ps(from, live); };
+    const __m256 scale = load(r.scales + c), bias = load(r.biases + c);
     alignas(32) float sx[R][8];
     for (int i = 0; i < R; ++i) {
-      _mm256_store_ps(sx[i], _mm256_mul_ps(scale, _mm256_maskload_ps(xs + i * groups + c, live)));
-      t[i] = _mm256_fmadd_ps(bias, _mm256_maskload_ps(xsum + i * groups + c, live), t[i]);
+      _mm256_store_ps(sx[i], _mm256_mul_ps(scale, load(xs + i * groups + c)));
+      t[i] = _mm256_fmadd_ps(bias, load(xsum + i * groups + c), t[i]);
     }
     int64_t g = 0;
     for (; g + 2 <= m; g += 2) { // two groups to one add into t: the chain through t is half as long
@@ -299,7 +304,12 @@ void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* x
       for (int i = 0; i < R; ++i)
         t[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[i]), _mm256_set1_ps(sx[i][g]), t[i]);
     }
-  }
+  };
+  int64_t c = 0;
+  for (; c + 8 <= groups; c += 8)
+    block(c, std::true_type{});
+  if (c < groups)
+    block(c, std::false_type{});
   for (int i = 0; i < R; ++i)
     out[i * N] = hsum(t[i]);
 }
