@@ -199,6 +199,7 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
             });
         };
         dots(std::integral_constant<int, 4>{});
+        dots(std::integral_constant<int, 3>{}); // what is left of the tile, in one pass
         dots(std::integral_constant<int, 2>{});
         dots(std::integral_constant<int, 1>{});
 #endif
