@@ -6,7 +6,7 @@
         batch.step()
 
 A step is one forward pass over one row of tokens: the newest token of every decoding sequence and up
-to `chunk` prompt tokens of those still prefilling (oldest first; more when none decodes), one after
+to `chunk` prompt tokens for each sequence still prefilling (oldest first; more when none decodes), one after
 another (mixtral.Segments). The projections read each weight once for the whole row, the experts' rows
 grouped by expert; attention runs per sequence over its own KV cache (lengths differ; no padding); the
 output projection runs only on the rows whose next token is drawn. Our CPU kernels give a row the same
@@ -29,9 +29,12 @@ import numpy as np
 
 import mixtral
 
-# Prompt tokens per step while others decode: what a new prompt adds to their step (measured on 2 cores:
-# 15 decoding, a 4000-token prompt raised their step from ~120 to ~220 ms); with none decoding, chat.py's.
-PREFILL_CHUNK, PREFILL_ALONE = 32, 512
+# Prompt tokens per step while others decode, for each sequence still prefilling (oldest first), and
+# PREFILL_STEP at most: one new prompt adds one chunk to their step (measured on 2 cores: 15 decoding, a
+# 4000-token prompt raised their step from ~120 to ~220 ms); many new prompts at once are fed together
+# (15 prompts of 46 tokens at one chunk a step took 22 steps to join, 40% of the 16 replies' time).
+# With none decoding, chat.py's chunk.
+PREFILL_CHUNK, PREFILL_STEP, PREFILL_ALONE = 32, 256, 512
 
 
 @dataclass(eq=False)
@@ -114,8 +117,8 @@ class Batch:
         self._end(s, "interrupted")
 
     def step(self):
-        """One forward pass: a token of every decoding sequence, and up to `chunk` prompt tokens of those
-        still prefilling, oldest first."""
+        """One forward pass: a token of every decoding sequence, and up to `chunk` prompt tokens for each
+        sequence still prefilling (PREFILL_STEP in all), oldest first."""
         while self.waiting and len(self.running) < self.size:
             s = self.waiting.pop(0)
             if s.max_tokens <= 0:  # nothing to generate: the prompt's last token is never fed (mixtral.complete)
@@ -126,7 +129,9 @@ class Batch:
             self._end(s, "length")
         self.model.log_routing(any(s.experts for s in self.running))
         segments = []
-        budget = self.chunk if any(s.y is not None for s in self.running) else max(self.chunk, PREFILL_ALONE)
+        budget = max(self.chunk, PREFILL_ALONE)
+        if any(s.y is not None for s in self.running):
+            budget = max(self.chunk, min(PREFILL_STEP, self.chunk * sum(1 for s in self.running if s.feed)))
         for s in self.running:
             if s.y is not None:  # decoding: the token drawn last step, lazy
                 segments.append((s, s.y))

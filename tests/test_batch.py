@@ -131,6 +131,28 @@ def test_a_long_prompt_is_fed_one_chunk_a_step_while_the_others_decode(model):
     assert [f for f, _ in seen] == list(range(901, 0, -100)) and [n for _, n in seen] == list(range(2, 12))
 
 
+def test_new_prompts_arriving_together_get_a_chunk_each_a_step_up_to_prefill_step_tokens(model):
+    rng = np.random.default_rng(6)
+    prompts = [prompt_of(rng, n) for n in (3, 30, 30, 30, *[100] * 8)]
+    talker, *others = [batch.Sequence(model.make_cache(), p, 40 if len(p) == 3 else 4) for p in prompts]
+    few, many = others[:3], others[3:]
+    b = batch.Batch(model, EOS, size=16, chunk=50)
+    b.add(talker)
+    b.step(), b.step()
+    for s in few:
+        b.add(s)
+    b.step()  # 3 x 50 tokens of room, oldest first: the three prompts (90 tokens) whole
+    assert [len(s.feed) for s in few] == [0, 0, 0]
+    for s in many:
+        b.add(s)
+    b.step()  # 8 x 50 tokens, but PREFILL_STEP (256) in all: two whole prompts and 56 of the third
+    assert [len(s.feed) for s in many] == [0, 0, 44, 100, 100, 100, 100, 100]
+    assert batch.PREFILL_STEP == 256
+    run(b, {}, {})
+    for s, p in zip([talker, *others], prompts):
+        assert s.ids == alone(model, p, s.max_tokens)[0]
+
+
 def test_a_stop_answer_from_on_token_ends_the_sequence_there(model):
     rng = np.random.default_rng(5)
     p = prompt_of(rng, 9)
