@@ -794,11 +794,11 @@ def run(opts):
     # With --llama-bench, llama.cpp runs right after each of our runs: on a shared machine the speed of
     # memory drifts by a third from one minute to the next, and two sets of runs minutes apart compare
     # the minutes, not the programs.
-    runs, llama_runs = [], []
+    runs, llama_runs, threads = [], [], kernel_threads(model)
     for _ in range(opts.repeat):
         runs.append(prompt_and_decode(model, opts))
         if opts.llama_bench is not None:
-            llama_runs.append(run_llama_bench(opts, kernel_threads(model)))
+            llama_runs.append(run_llama_bench(opts, threads))
     turns = [chat_turns(model, tokenizer, opts) for _ in range(opts.repeat)]
     build_ms, run_ms = decode_breakdown(model, opts) if not opts.core_only else (None, None)
     gen_tps = statistics.median(r[1] for r in runs)
@@ -809,7 +809,7 @@ def run(opts):
         "kv_dtype": mixtral.dtype_name(model.kv_dtype),
         "kv_bytes_per_token": kv_bytes_measured(model),
         "kernels": ops.KERNELS["line"],
-        "cpu_threads": kernel_threads(model),
+        "cpu_threads": threads,
         "model": opts.model_path
         or f"synthetic {opts.dim}x{opts.hidden_dim}, {opts.n_layers} layers, {opts.n_experts} experts, {opts.q_bits or 'no'}-bit",
         "load_s": load_s,
@@ -864,7 +864,7 @@ def run(opts):
     if opts.llama_bench is not None:
         llama = {k: statistics.median(r[k] for r in llama_runs) for k in ("prompt_tps", "generation_tps")}
         if opts.depth:
-            llama |= run_llama_bench(opts, result["cpu_threads"], opts.depth)
+            llama |= run_llama_bench(opts, threads, opts.depth)
         result["llama_cpp"] = llama
         result["prompt_vs_llama_cpp"] = result["prompt_tps"] / llama["prompt_tps"]
         result["decode_vs_llama_cpp"] = gen_tps / llama["generation_tps"]
