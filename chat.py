@@ -407,7 +407,10 @@ class Chat:
                     self.model.log_routing()
                 else:
                     self.keep_experts(mixtral.routing_choices(self.model), unfed, prompt if user else None, reply.ids)
-            mx.clear_cache()  # between turns, hand back the step buffers MLX keeps (the soak test: flat RSS)
+            if not broken:  # between turns, hand back the step buffers MLX keeps (the soak test: flat RSS)
+                # Not after an error: clear_cache waits for the CPU streams, holding the GIL, and a step
+                # whose collective lost its peer never ends, so the process could not even end on SIGTERM.
+                mx.clear_cache()
 
     def _close(self, turn: Turn):
         """However a reply ended, it is closed with EOS: fed already when sampled, else with the next
