@@ -5,7 +5,7 @@ projections (qmm), attention (sdpa), RoPE, RMSNorm and SwiGLU, each one op with 
 or where ours are not built (no compiler at install), MLX's own; `use_kernels` says which in one line,
 with the remedy when ours cannot run. MIXTRAL_KERNELS=int16|exact|mlx chooses.
 
-mixtral.py calls these five seams and knows nothing else of the kernels.
+mixtral.py calls these seams and knows nothing else of the kernels.
 """
 
 import os
@@ -27,6 +27,17 @@ def rope(x, head_dim: int, base: float, offset: int):
     return mx.fast.rope(x, head_dim, traditional=False, base=base, scale=1.0, offset=offset)
 
 
+def rope_at(x, head_dim: int, base: float, positions: list):
+    """RoPE of x (B, H, T, D), row t at positions[t] (several sequences' tokens one after another in a row,
+    each at its own place). Ours: one op, each row the bits rope() gives it; MLX's: one per run of positions."""
+    fast = KERNELS["module"]
+    if fast is not None and x.dtype == mx.float32 and x.shape[-1] == head_dim:
+        return fast.rope_at(x, positions, base=base)
+    starts = [t for t in range(len(positions)) if t == 0 or positions[t] != positions[t - 1] + 1]
+    runs = zip(starts, [*starts[1:], len(positions)])
+    return mx.concatenate([rope(x[:, :, a:b], head_dim, base, positions[a]) for a, b in runs], axis=2)
+
+
 def rms_norm(x, weight, eps: float):
     """Ours: one op, where MLX's CPU backend composes 10."""
     fast = KERNELS["module"]
@@ -45,6 +56,24 @@ def sdpa(q, k, v, scale: float, mask=None):
     if k.dtype != q.dtype:  # a cache in another dtype than the compute (--kv-dtype): MLX's kernel takes one
         k, v = k.astype(q.dtype), v.astype(q.dtype)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def sdpa_segments(q, segments: list, scale: float, sdpa_one=sdpa):
+    """Attention of several sequences' rows one after another in q (1, H, T, D), each over its own cache:
+    segments are (keys, values, length, start, end), rows start:end of q the last of the cache's first
+    `length` positions. Ours: one op (kernels/attend.cpp), each row the bits it gets alone; else
+    sdpa_one (sdpa, or parallel's cut of it over CPU streams) per sequence."""
+    fast = KERNELS["module"]
+    if fast is not None and q.dtype == mx.float32:
+        keys, values, lengths, starts, ends = (list(c) for c in zip(*segments))
+        return fast.attend_segments(q, keys, values, lengths, starts, ends, scale=scale)
+    return mx.concatenate(
+        [
+            sdpa_one(q[:, :, a:b], k[:, :, :n], v[:, :, :n], scale=scale, mask="causal" if b - a > 1 else None)
+            for k, v, n, a, b in segments
+        ],
+        axis=2,
+    )
 
 
 def kv_dtype(choice, compute):
@@ -97,7 +126,15 @@ def qmm(x, w, scales, biases, group_size, bits, indices=None, sorted_indices=Fal
 
 
 KERNEL_CHOICES = ("auto", "int16", "exact", "mlx")
-OUR_OPS = ("qmm", "attend", "rope", "rms_norm", "swiglu")  # what the model calls in mixtral_kernels
+OUR_OPS = (
+    "qmm",
+    "attend",
+    "attend_segments",
+    "rope",
+    "rope_at",
+    "rms_norm",
+    "swiglu",
+)  # what the model calls in mixtral_kernels
 KERNELS = {"name": None, "module": None, "path": None, "line": ""}  # what qmm runs: use_kernels, or at load
 
 

@@ -9,6 +9,8 @@
 #include <array>
 #include <cmath>
 #include <stdexcept>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "mlx/backend/cpu/encoder.h"
@@ -32,6 +34,10 @@ struct Problem {
   int64_t B, Hq, Hkv, T_, S, D;
   int64_t qs[3], ks[3], vs[3]; // strides (elements) of q's, k's and v's (b, h, position)
   float scale;
+  int64_t out_head = 0; // elements from one of out's heads to the next; 0: T * D (out a dense (B, Hq, T, D))
+  int64_t head_stride() const {
+    return out_head ? out_head : T_ * D;
+  }
 };
 
 // Query rows per unit of work: the block's keys and values are read once for all its rows.
@@ -165,12 +171,12 @@ void head_group(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t t
   const T* V = p.v + b * p.vs[0] + h * p.vs[1];
   // Row r = (t - t0) * G + g: query head h * G + g at position t.
   const float* q = p.q + b * p.qs[0] + h * G * p.qs[1];
-  float* out = p.out + (b * p.Hq + h * G) * p.T_ * D;
+  float* out = p.out + (b * p.Hq + h * G) * p.head_stride();
   std::vector<const float*> q_row(rows);
   std::vector<float*> out_row(rows);
   for (int64_t r = 0; r < rows; ++r) {
     q_row[r] = q + r % G * p.qs[1] + (t0 + r / G) * p.qs[2];
-    out_row[r] = out + (r % G * p.T_ + t0 + r / G) * D;
+    out_row[r] = out + r % G * p.head_stride() + (t0 + r / G) * D;
   }
   scores.resize(rows * S);
   float* sc = scores.data();
@@ -236,15 +242,21 @@ std::vector<T> gather(const T* a, const mx::Shape& shape, const std::vector<int6
   return out;
 }
 
+// Every problem's (batch, KV head, block of query rows) units over the pool, in one go.
 template <typename T>
-void run(const Problem<T>& p) {
-  const int64_t blocks = (p.T_ + BLOCK - 1) / BLOCK, units = p.B * p.Hkv * blocks;
-  const int n = std::max<int64_t>(1, std::min<int64_t>(Pool::get().size, units));
+void run(const std::vector<Problem<T>>& ps) {
+  std::vector<std::array<int64_t, 4>> units; // problem, batch, KV head, first row
+  for (size_t i = 0; i < ps.size(); ++i)
+    for (int64_t b = 0; b < ps[i].B; ++b)
+      for (int64_t h = 0; h < ps[i].Hkv; ++h)
+        for (int64_t t0 = 0; t0 < ps[i].T_; t0 += BLOCK)
+          units.push_back({int64_t(i), b, h, t0});
+  const int n = std::max<int64_t>(1, std::min<int64_t>(Pool::get().size, units.size()));
   Pool::get().run(n, [&](int i) {
     std::vector<float> scores;
-    for (int64_t u = i; u < units; u += n) { // interleaved: later rows see more positions
-      const int64_t t0 = u % blocks * BLOCK;
-      head_group(p, u / blocks / p.Hkv, u / blocks % p.Hkv, t0, std::min(p.T_, t0 + BLOCK), scores);
+    for (size_t u = i; u < units.size(); u += n) { // interleaved: later rows see more positions
+      const auto [k, b, h, t0] = units[u];
+      head_group(ps[k], b, h, t0, std::min(ps[k].T_, t0 + BLOCK), scores);
     }
   });
 }
@@ -283,7 +295,42 @@ void dispatch(mx::cpu::CommandEncoder& encoder, const std::vector<mx::array>& in
       p.qs[0] = p.Hq * p.T_ * p.D, p.qs[1] = p.T_ * p.D, p.qs[2] = p.D;
       p.ks[0] = p.vs[0] = p.Hkv * p.S * p.D, p.ks[1] = p.vs[1] = p.S * p.D, p.ks[2] = p.vs[2] = p.D;
     }
-    run(p);
+    run(std::vector<Problem<T>>{p});
+  });
+}
+
+// attend_segments: segment i is q's rows starts[i]..ends[i] over the first lengths[i] positions of
+// inputs[1 + 2i] and inputs[2 + 2i] (one sequence's whole cache), its output in the same rows of out.
+template <typename T>
+void dispatch_segments(mx::cpu::CommandEncoder& encoder, const std::vector<mx::array>& inputs, mx::array& out,
+                       float scale, const std::vector<int>& starts, const std::vector<int>& ends,
+                       const std::vector<int>& lengths) {
+  encoder.dispatch([=, keep = inputs, out = mx::array::unsafe_weak_copy(out)]() mutable {
+    // Rows of D that are not contiguous are copied (rare: q is a transposed view, the caches are whole).
+    std::vector<std::vector<float>> dense_q;
+    std::vector<std::vector<T>> dense_kv;
+    auto rows_of = [&](const mx::array& a, auto* data, auto& dense) {
+      using E = std::remove_cv_t<std::remove_pointer_t<decltype(data)>>;
+      if (a.strides()[3] == 1)
+        return std::pair<const E*, mx::Strides>{data, a.strides()};
+      dense.push_back(gather(data, a.shape(), {a.strides().begin(), a.strides().end()}));
+      const int64_t D = a.shape(3), L = a.shape(2) * D, H = a.shape(1) * L;
+      return std::pair<const E*, mx::Strides>{dense.back().data(), {H, L, D, 1}};
+    };
+    const auto& q = keep[0];
+    const auto [qd, qs] = rows_of(q, q.data<float>(), dense_q);
+    const int64_t Hq = q.shape(1), rows = q.shape(2), D = q.shape(3);
+    std::vector<Problem<T>> ps;
+    for (size_t i = 0; i < starts.size(); ++i) {
+      const auto &k = keep[1 + 2 * i], &v = keep[2 + 2 * i];
+      const auto [kd, ks] = rows_of(k, k.data<T>(), dense_kv);
+      const auto [vd, vs] = rows_of(v, v.data<T>(), dense_kv);
+      Problem<T> p{qd + starts[i] * qs[2], kd, vd, out.data<float>() + starts[i] * D, 1, Hq, k.shape(1),
+                   ends[i] - starts[i], lengths[i], D, {qs[0], qs[1], qs[2]}, {ks[0], ks[1], ks[2]},
+                   {vs[0], vs[1], vs[2]}, scale, rows * D};
+      ps.push_back(p);
+    }
+    run(ps);
   });
 }
 
@@ -321,6 +368,55 @@ void Attend::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     default:
       return dispatch<float>(encoder, inputs, out, scale_);
   }
+}
+
+mx::array attend_segments(const mx::array& q, const std::vector<mx::array>& keys, const std::vector<mx::array>& values,
+                          std::vector<int> lengths, std::vector<int> starts, std::vector<int> ends, float scale,
+                          mx::StreamOrDevice s) {
+  const size_t n = keys.size();
+  require(q.ndim() == 4 && q.shape(0) == 1 && q.dtype() == mx::float32, "q must be (1, H, T, D) float32");
+  require(n > 0 && values.size() == n && lengths.size() == n && starts.size() == n && ends.size() == n,
+          "one key cache, value cache, length, start and end for each segment");
+  std::vector<mx::array> inputs = {q};
+  for (size_t i = 0; i < n; ++i) {
+    const auto &k = keys[i], &v = values[i];
+    require(k.ndim() == 4 && v.shape() == k.shape() && k.shape(0) == 1 && k.shape(3) == q.shape(3),
+            "each segment's k and v must be (1, H, S, D), alike, with q's D");
+    require(k.dtype() == keys[0].dtype() && v.dtype() == k.dtype() &&
+                (k.dtype() == mx::float32 || k.dtype() == mx::float16 || k.dtype() == mx::bfloat16),
+            "the caches must all be float32, float16 or bfloat16, the same");
+    require(k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0, "query heads must be a multiple of KV heads");
+    require(starts[i] == (i ? ends[i - 1] : 0) && starts[i] < ends[i], "the segments must cover q's rows in order");
+    require(ends[i] - starts[i] <= lengths[i] && lengths[i] <= k.shape(2),
+            "a segment's rows must be the last of its cache's first `length` positions");
+    inputs.push_back(k);
+    inputs.push_back(v);
+  }
+  require(ends.back() == q.shape(2), "the segments must cover q's rows in order");
+  return mx::array(
+      q.shape(), mx::float32,
+      std::make_shared<AttendSegments>(mx::to_stream(s), scale, std::move(lengths), std::move(starts), std::move(ends)),
+      std::move(inputs));
+}
+
+void AttendSegments::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs)
+    encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  switch (inputs[1].dtype()) {
+    case mx::float16:
+      return dispatch_segments<mx::float16_t>(encoder, inputs, out, scale_, starts_, ends_, lengths_);
+    case mx::bfloat16:
+      return dispatch_segments<mx::bfloat16_t>(encoder, inputs, out, scale_, starts_, ends_, lengths_);
+    default:
+      return dispatch_segments<float>(encoder, inputs, out, scale_, starts_, ends_, lengths_);
+  }
+}
+
+void AttendSegments::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[mixtral_kernels.attend_segments] runs on the CPU only");
 }
 
 void Attend::eval_gpu(const std::vector<mx::array>&, mx::array&) {

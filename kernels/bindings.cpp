@@ -3,6 +3,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "attend.h"
 #include "qmm.h"
@@ -26,6 +27,11 @@ NB_MODULE(_ext, m) {
   m.def("attend", &mk::attend, "q"_a, "k"_a, "v"_a, nb::kw_only(), "scale"_a, "stream"_a = nb::none(),
         "softmax(q . k^T * scale) . v, q's T rows the last T of k's positions (causal, aligned to the end), KV "
         "heads shared by groups of query heads.");
+  m.def("attend_segments", &mk::attend_segments, "q"_a, "keys"_a, "values"_a, "lengths"_a, "starts"_a, "ends"_a,
+        nb::kw_only(), "scale"_a, "stream"_a = nb::none(),
+        "attend() of q's rows starts[i]:ends[i] over keys[i][:, :, :lengths[i]] and values[i] alike, for each i, in one op.");
+  m.def("rope_at", &mk::rope_at, "x"_a, "positions"_a, nb::kw_only(), "base"_a, "stream"_a = nb::none(),
+        "Rotary embedding (rotate-half) of x (B, H, T, D), row t at positions[t].");
   m.def("rope", &mk::rope, "x"_a, nb::kw_only(), "offset"_a, "base"_a, "stream"_a = nb::none(),
         "Rotary embedding (rotate-half) of x (B, H, T, D) at positions offset..offset+T-1.");
   m.def("rms_norm", &mk::rms_norm, "x"_a, "weight"_a, nb::kw_only(), "eps"_a, "stream"_a = nb::none(),

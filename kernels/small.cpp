@@ -50,9 +50,17 @@ inline float exp_poly(float x) {
 
 } // namespace
 
-mx::array rope(const mx::array& x, int offset, float base, mx::StreamOrDevice s) {
+mx::array rope_at(const mx::array& x, std::vector<int> positions, float base, mx::StreamOrDevice s) {
   require(x.ndim() == 4 && x.dtype() == mx::float32 && x.shape(3) % 2 == 0, "rope: x must be (B, H, T, D) float32, D even");
-  return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(mx::to_stream(s), offset, base), {x});
+  require(int64_t(positions.size()) == x.shape(2), "rope: one position for each of x's T rows");
+  return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(mx::to_stream(s), std::move(positions), base), {x});
+}
+
+mx::array rope(const mx::array& x, int offset, float base, mx::StreamOrDevice s) {
+  std::vector<int> positions(x.ndim() == 4 ? x.shape(2) : 0);
+  for (size_t t = 0; t < positions.size(); ++t)
+    positions[t] = offset + int(t);
+  return rope_at(x, std::move(positions), base, s);
 }
 
 void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
@@ -60,14 +68,14 @@ void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
   encoder.set_input_array(inputs[0]);
   encoder.set_output_array(out);
-  encoder.dispatch([x = inputs[0], out = mx::array::unsafe_weak_copy(out), offset = offset_, base = base_]() mutable {
+  encoder.dispatch([x = inputs[0], out = mx::array::unsafe_weak_copy(out), positions = positions_, base = base_]() mutable {
     const int64_t T = x.shape(2), D = x.shape(3), half = D / 2, rows = x.size() / D;
     // As MLX's: inv_freq_i = exp(-i * (log(base) / half)), theta = position * inv_freq, all float32.
     const float step = float(std::log(base) / half);
     std::vector<float> cosines(T * half), sines(T * half);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t i = 0; i < half; ++i) {
-        const float theta = float(t + offset) * std::exp(float(-i) * step);
+        const float theta = float(positions[t]) * std::exp(float(-i) * step);
         cosines[t * half + i] = std::cos(theta);
         sines[t * half + i] = std::sin(theta);
       }

@@ -4,6 +4,8 @@
 // layer in a 512-token prefill, a sixth of the layer.
 #pragma once
 
+#include <vector>
+
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -16,6 +18,10 @@ namespace mixtral_kernels {
 // its angles computed in float32 the same way.
 mx::array rope(const mx::array& x, int offset, float base, mx::StreamOrDevice s = {});
 
+// The same at the given positions, one for each of x's T rows (several sequences' tokens one after
+// another in a row, each at its own place: batch.py). A row gets the bits it gets from rope() at its offset.
+mx::array rope_at(const mx::array& x, std::vector<int> positions, float base, mx::StreamOrDevice s = {});
+
 // x / sqrt(mean(x^2) + eps) * weight over the last axis, float32: as mx.fast.rms_norm.
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s = {});
 
@@ -25,7 +31,8 @@ mx::array swiglu(const mx::array& a, const mx::array& b, mx::StreamOrDevice s = 
 
 class Rope : public mx::UnaryPrimitive {
  public:
-  Rope(mx::Stream stream, int offset, float base) : mx::UnaryPrimitive(stream), offset_(offset), base_(base) {}
+  Rope(mx::Stream stream, std::vector<int> positions, float base)
+      : mx::UnaryPrimitive(stream), positions_(std::move(positions)), base_(base) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override;
   const char* name() const override {
@@ -33,11 +40,11 @@ class Rope : public mx::UnaryPrimitive {
   }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Rope&>(other);
-    return offset_ == o.offset_ && base_ == o.base_;
+    return positions_ == o.positions_ && base_ == o.base_;
   }
 
  private:
-  int offset_;
+  std::vector<int> positions_; // of x's rows along T
   float base_;
 };
 

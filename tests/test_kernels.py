@@ -303,6 +303,65 @@ def test_attention_over_a_half_size_cache_is_float32_attention_over_its_values(
     assert err <= bound, (err, bound)
 
 
+@settings(max_examples=examples(40))
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.lists(st.sampled_from([1, 1, 1, 2, 17, 33]), min_size=1, max_size=6),
+    past=st.lists(st.integers(0, 300), min_size=6, max_size=6),
+    kv_dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 4]),
+    head_dim=st.sampled_from([8, 20, 128]),
+    spare=st.integers(0, 40),
+)
+def test_attention_over_segments_gives_each_the_bits_of_attention_alone(
+    seed, rows, past, kv_dtype, kv_heads, group, head_dim, spare
+):
+    """batch.py's row: sequences' rows one after another in q (as the projections leave it, a transposed
+    view), each over the first positions of its own cache (a decode step's one row, or a prefill chunk's
+    causal rows on top of its past), in one op: each segment's output equals attend() on it alone."""
+    mk, rng = ours(), np.random.default_rng(seed)
+    dtype, scale = getattr(mx, kv_dtype), head_dim**-0.5
+    lengths = [p + r for p, r in zip(past, rows)]
+    cache = lambda n: mx.array(rng.standard_normal((1, kv_heads, n + spare, head_dim))).astype(dtype)
+    keys, values = [cache(n) for n in lengths], [cache(n) for n in lengths]
+    q = mx.array(rng.standard_normal((1, sum(rows), kv_heads * group, head_dim)).astype(np.float32))
+    q = q.transpose(0, 2, 1, 3)
+    ends = np.cumsum(rows).tolist()
+    starts = [0, *ends[:-1]]
+    got = mk.attend_segments(q, keys, values, lengths, starts, ends, scale=scale)
+    for k, v, n, a, b in zip(keys, values, lengths, starts, ends):
+        alone = mk.attend(q[:, :, a:b], k[:, :, :n], v[:, :, :n], scale=scale)
+        assert np.array_equal(np.array(got[:, :, a:b]), np.array(alone)), (a, b, n)
+
+
+@settings(max_examples=examples(30))
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.lists(st.integers(1, 9), min_size=1, max_size=5),
+    offsets=st.lists(st.integers(0, 32768), min_size=5, max_size=5),
+    head_dim=st.sampled_from([2, 64, 128]),
+)
+def test_rope_at_positions_gives_each_row_the_bits_of_rope_at_its_offset(seed, rows, offsets, head_dim):
+    mk, rng = ours(), np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal((1, sum(rows), 4, head_dim)).astype(np.float32)).transpose(0, 2, 1, 3)
+    positions = [o + t for o, r in zip(offsets, rows) for t in range(r)]
+    got = np.array(mk.rope_at(x, positions, base=1e6))
+    a = 0
+    for o, r in zip(offsets, rows):
+        assert np.array_equal(got[:, :, a : a + r], np.array(mk.rope(x[:, :, a : a + r], offset=o, base=1e6)))
+        a += r
+
+
+def test_segments_that_do_not_cover_q_in_order_are_refused_with_a_message():
+    mk = ours()
+    q, k = mx.zeros((1, 4, 3, 16)), mx.zeros((1, 2, 8, 16))
+    with pytest.raises(ValueError, match="must cover q's rows"):
+        mk.attend_segments(q, [k, k], [k, k], [2, 2], [0, 1], [1, 2], scale=0.25)
+    with pytest.raises(ValueError, match="the last of its cache's first"):
+        mk.attend_segments(q, [k], [k], [2], [0], [3], scale=0.25)
+
+
 def test_mlx_attention_takes_a_cache_in_another_dtype_than_the_compute(kernels):
     """MIXTRAL_KERNELS=mlx (and a GPU) with --kv-dtype other than the compute dtype: MLX's kernel takes
     one dtype, so ops.sdpa widens the cache for it; the result is our kernel's within float32 rounding."""

@@ -1,4 +1,4 @@
-"""Quantized projections, attention, RoPE, RMSNorm and SwiGLU for Mixtral on MLX's CPU backend
+"""Quantized projections, attention (one sequence, or several in a row), RoPE, RMSNorm and SwiGLU for Mixtral on MLX's CPU backend
 (qmm.cpp, attend.cpp, small.cpp).
 
     from mixtral_kernels import qmm, EXACT, INT16
@@ -11,7 +11,19 @@ compiler) or was built with a nanobind that differs from mlx's own.
 import mlx.core as mx
 
 try:
-    from ._ext import accepts_arrays, attend, qmm, rms_norm, rope, set_threads, simd, swiglu, threads
+    from ._ext import (
+        accepts_arrays,
+        attend,
+        attend_segments,
+        qmm,
+        rms_norm,
+        rope,
+        rope_at,
+        set_threads,
+        simd,
+        swiglu,
+        threads,
+    )
 except ImportError as e:
     raise ImportError(f"mixtral_kernels was installed without its compiled module ({e})") from None
 
@@ -25,4 +37,17 @@ except TypeError:
         "pip install --force-reinstall ./kernels (its pyproject.toml pins the matching nanobind)"
     ) from None
 
-__all__ = ["qmm", "attend", "rope", "rms_norm", "swiglu", "set_threads", "threads", "simd", "EXACT", "INT16"]
+__all__ = [
+    "qmm",
+    "attend",
+    "attend_segments",
+    "rope",
+    "rope_at",
+    "rms_norm",
+    "swiglu",
+    "set_threads",
+    "threads",
+    "simd",
+    "EXACT",
+    "INT16",
+]
