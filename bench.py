@@ -304,20 +304,33 @@ def chat_turns(model, tokenizer, opts):
 
 def ask(url, messages, max_tokens, extra=None):
     """A streamed chat request to an OpenAI-compatible server -> (reply text, seconds to the first text,
-    seconds to the last, text events: a token each on our server and on llama-server)."""
+    seconds to the last, text events: a token each on our server and on llama-server, and the clock
+    (time.perf_counter) at each event)."""
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True} | (extra or {})
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    tic, first, last, parts = time.perf_counter(), None, None, []
+    tic, parts, stamps = time.perf_counter(), [], []
     with urllib.request.urlopen(request, timeout=600) as r:
         for line in r:
             if not line.startswith(b"data: {"):
                 continue
             choices = json.loads(line[6:])["choices"]
             if choices and choices[0]["delta"].get("content"):
-                last = time.perf_counter() - tic
-                first = first or last
+                stamps.append(time.perf_counter())
                 parts.append(choices[0]["delta"]["content"])
-    return "".join(parts), first, last, len(parts)
+    first, last = (stamps[0] - tic, stamps[-1] - tic) if stamps else (None, None)
+    return "".join(parts), first, last, len(parts), stamps
+
+
+def decode_rate(stamps: list) -> float:
+    """Tokens a second while every client decodes (each list: one client's token times): those that came
+    from the last client's first token to the first client's last, over that time. Without the prompts'
+    prefill, as a single stream's decode figure is (one client: its tokens after the first). Where the
+    clients never all decoded at once, every token after each one's first over the whole span."""
+    start, end = max(s[0] for s in stamps), min(s[-1] for s in stamps)
+    if end > start:
+        return sum(start < t <= end for s in stamps for t in s) / (end - start)
+    start, end = min(s[0] for s in stamps), max(s[-1] for s in stamps)
+    return sum(len(s) - 1 for s in stamps) / max(end - start, 1e-9)
 
 
 class Served:
@@ -376,7 +389,8 @@ def words(n, salt):
 
 def load_figures(served, clients: list, opts, label: str) -> dict:
     """Each count of clients at once, each asking one reply of --client-tokens to its own message: every
-    reply's tokens over the wall time (aggregate decode tokens/s), and the clients' time to first token."""
+    reply's tokens over the wall time (prompts' prefill included), the tokens a second while all of them
+    decode (decode_rate), and the clients' time to first token."""
     out = {}
     for n in clients:
         asks = [[{"role": "user", "content": words(opts.turn_tokens, f"{label} {n} {c}")}] for c in range(n)]
@@ -386,6 +400,7 @@ def load_figures(served, clients: list, opts, label: str) -> dict:
         wall = time.perf_counter() - tic
         ttft = sorted(d[1] for d in done)
         out[f"{label}_{n}_clients_tokens_per_s"] = sum(d[3] for d in done) / wall
+        out[f"{label}_{n}_clients_decode_tokens_per_s"] = decode_rate([d[4] for d in done])
         out[f"{label}_{n}_clients_ttft_median_s"] = statistics.median(ttft)
         out[f"{label}_{n}_clients_ttft_p95_s"] = ttft[min(n - 1, round(0.95 * (n - 1)))]
     return out
@@ -403,14 +418,14 @@ def server_figures(opts, threads: int) -> dict:
             messages, ttfts = [], []
             for turn in range(opts.chat_turns):
                 messages.append({"role": "user", "content": words(opts.turn_tokens, turn)})
-                text, first, _, _ = served.ask(messages, opts.reply_tokens)
+                text, first, *_ = served.ask(messages, opts.reply_tokens)
                 ttfts.append(first)
                 messages.append({"role": "assistant", "content": text})
             out[f"server_{label}_ttft_turn1_s"] = ttfts[0]
             out[f"server_{label}_ttft_turn{opts.chat_turns}_s"] = ttfts[-1]
             out[f"server_{label}_ttft_ratio"] = ttfts[-1] / ttfts[0]
             if label == "reuse":
-                _, first, last, n = served.ask(
+                _, first, last, n, _ = served.ask(
                     [{"role": "user", "content": words(opts.turn_tokens, 999)}], opts.gen_tokens
                 )
                 out["server_generation_tps"] = (n - 1) / (last - first)
@@ -438,6 +453,9 @@ def server_figures(opts, threads: int) -> dict:
             out[f"server_vs_llama_server_{n}_clients"] = (
                 out[f"server_{n}_clients_tokens_per_s"] / out[f"llama_server_{n}_clients_tokens_per_s"]
             )
+            out[f"server_vs_llama_server_{n}_clients_decode"] = (
+                out[f"server_{n}_clients_decode_tokens_per_s"] / out[f"llama_server_{n}_clients_decode_tokens_per_s"]
+            )
     return out
 
 
@@ -447,21 +465,23 @@ def parallel_of(served) -> int:
 
 
 def load_table(result: dict, clients: list) -> str:
-    """Aggregate decode tokens/s and time to first token (median / p95) per count of clients."""
+    """Per count of clients: tokens/s over the wall time (prefill included) and while all decode, and time
+    to first token (median / p95)."""
     labels = [("server", f"ours, --parallel {result['server_parallel']}"), ("server_parallel_1", "ours, --parallel 1")]
     labels += (
         [("llama_server", f"llama-server -np {result['server_parallel']}")]
         if "llama_server_1_clients_tokens_per_s" in result
         else []
     )
-    lines = ["clients  " + "".join(f"{name:>34}" for _, name in labels)]
+    lines = ["clients  " + "".join(f"{name:>44}" for _, name in labels)]
+    lines.append(" " * 9 + f"{'all tok/s, decoding, first token s':>44}" * len(labels))
     for n in clients:
         cells = [
-            f"{result[f'{k}_{n}_clients_tokens_per_s']:7.1f} tok/s {result[f'{k}_{n}_clients_ttft_median_s']:6.2f} / "
-            f"{result[f'{k}_{n}_clients_ttft_p95_s']:5.2f} s"
+            f"{result[f'{k}_{n}_clients_tokens_per_s']:7.1f} {result[f'{k}_{n}_clients_decode_tokens_per_s']:7.1f} "
+            f"{result[f'{k}_{n}_clients_ttft_median_s']:6.2f} / {result[f'{k}_{n}_clients_ttft_p95_s']:5.2f}"
             for k, _ in labels
         ]
-        lines.append(f"{n:>7}  " + "".join(f"{c:>34}" for c in cells))
+        lines.append(f"{n:>7}  " + "".join(f"{c:>44}" for c in cells))
     return "\n".join(lines)
 
 
@@ -852,6 +872,15 @@ def run(opts):
         result["server_vs_generate_tps"] = result["server_generation_tps"] / generate_tps
         if 16 in opts.clients:
             result["server_16_clients_vs_one_stream"] = result["server_16_clients_tokens_per_s"] / generate_tps
+            # Decode against decode: the tokens a second while all 16 decode, over one stream's (in process,
+            # and through the server: its one client alone, both in this run).
+            result["server_16_clients_decode_vs_one_stream"] = (
+                result["server_16_clients_decode_tokens_per_s"] / generate_tps
+            )
+            if 1 in opts.clients:
+                result["server_16_clients_decode_vs_one_client"] = (
+                    result["server_16_clients_decode_tokens_per_s"] / result["server_1_clients_decode_tokens_per_s"]
+                )
     if opts.mlx_lm_model:
         lm = run_mlx_lm(opts)
         result["mlx_lm"] = lm

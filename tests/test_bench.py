@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import bench
 from conftest import assert_one_line_error, run_script
 
 TINY = [
@@ -71,7 +72,19 @@ def test_bench_measures_the_server_through_http(mlx_q8):
     for label in ("server", "server_parallel_1"):
         for n in (1, 3):
             assert result[f"{label}_{n}_clients_tokens_per_s"] > 0, result
+            assert result[f"{label}_{n}_clients_decode_tokens_per_s"] > 0, result
             assert 0 < result[f"{label}_{n}_clients_ttft_median_s"] <= result[f"{label}_{n}_clients_ttft_p95_s"]
+
+
+def test_the_clients_decode_rate_counts_only_the_tokens_while_all_of_them_decode():
+    # Client b's prompt waits (its first token at 10 s) while a decodes from 1 s on: the stretch when both
+    # decode is 10..12 s, and a's tokens before it (prefill's time, for the two together) are not counted.
+    a = [1.0 + 0.5 * i for i in range(23)]  # 1 .. 12 s
+    b = [10.0 + 0.25 * i for i in range(13)]  # 10 .. 13 s
+    assert bench.decode_rate([a, b]) == pytest.approx((4 + 8) / 2)
+    assert bench.decode_rate([a]) == pytest.approx(22 / 11)  # one client: its tokens after the first
+    # Never all at once: every token after each one's first, over the whole span.
+    assert bench.decode_rate([[0.0, 1.0], [2.0, 3.0, 4.0]]) == pytest.approx(3 / 4)
 
 
 # llama-server's side of the protocol bench.py uses: /health, then streamed chat chunks; it writes its argv beside it.
@@ -109,6 +122,9 @@ def test_llama_server_gets_the_same_clients_with_slots_equal_to_our_parallel(tmp
     assert result["llama_server_2_clients_tokens_per_s"] > 0
     assert result["server_vs_llama_server_2_clients"] == pytest.approx(
         result["server_2_clients_tokens_per_s"] / result["llama_server_2_clients_tokens_per_s"]
+    )
+    assert result["server_vs_llama_server_2_clients_decode"] == pytest.approx(
+        result["server_2_clients_decode_tokens_per_s"] / result["llama_server_2_clients_decode_tokens_per_s"]
     )
 
 
