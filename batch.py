@@ -8,7 +8,8 @@
 A step is one forward pass over one row of tokens: the newest token of every decoding sequence and up
 to `chunk` prompt tokens for each sequence still prefilling (oldest first; more when none decodes), one after
 another (mixtral.Segments). The projections read each weight once for the whole row, the experts' rows
-grouped by expert; attention runs per sequence over its own KV cache (lengths differ; no padding); the
+grouped by expert; attention takes each sequence over its own KV cache (lengths differ; no padding: one
+op for all with our kernels, ops.sdpa_segments); the
 output projection runs only on the rows whose next token is drawn. Our CPU kernels give a row the same
 bits alone or among others and in any prefill chunk, and each sequence draws from a random key of its
 own (the one mx.random.seed(seed) would give it alone), so a reply in a batch equals the same request
