@@ -20,7 +20,7 @@
 #include <immintrin.h>
 #define MK_AVX2 1
 #endif
-#if defined(MK_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(MK_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define MK_AVX512 1
 #endif
 #ifdef MK_AVX2
@@ -47,11 +47,22 @@ inline std::string simd_name() {
 #endif
 }
 
-struct Row {
-  const uint8_t* w; // the packed weight row
-  const float* scales; // its groups' scales and biases
-  const float* biases;
+// Scales and biases in half precision, as a checkpoint stores them (qmm.cpp passes MLX's float16_t and
+// bfloat16_t as these): the x86 dot products widen them in registers, exactly.
+struct Half {
+  uint16_t bits;
 };
+struct BHalf {
+  uint16_t bits;
+};
+
+template <typename S = float>
+struct RowOf {
+  const uint8_t* w; // the packed weight row
+  const S* scales; // its groups' scales and biases
+  const S* biases;
+};
+using Row = RowOf<float>;
 
 // The integer at position k of a packed weight row.
 inline int q_at(const uint8_t* w, int64_t k, int bits) {
@@ -105,6 +116,41 @@ inline __m256 widen8(const uint8_t* w, int64_t k) {
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(word), shifts), _mm256_set1_epi32(0xF));
     return _mm256_cvtepi32_ps(q);
+  }
+}
+
+// 8 scales (or biases) as float32, the first m of them (the rest 0) where m < 8.
+inline float to_float(float v) {
+  return v;
+}
+#ifdef __F16C__
+inline float to_float(Half v) {
+  return _cvtsh_ss(v.bits);
+}
+#endif
+inline float to_float(BHalf v) {
+  uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename S>
+inline __m256 load8(const S* from, int64_t m = 8) {
+  if (m < 8) {
+    alignas(32) float t[8] = {};
+    for (int64_t i = 0; i < m; ++i)
+      t[i] = to_float(from[i]);
+    return _mm256_load_ps(t);
+  }
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm256_loadu_ps(from);
+  } else {
+    const __m128i h = _mm_loadu_si128((const __m128i*)from);
+    if constexpr (std::is_same_v<S, BHalf>)
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    else
+      return _mm256_cvtph_ps(h);
   }
 }
 
@@ -216,8 +262,22 @@ float dot_exact(const Row& r, const float* x, const float* xsum, int64_t K, int 
 // 15 GB/s where the unrolled one reads 23-25 (2 threads here). xq, xs, xsum: R rows of K, K / G, K / G;
 // out: R outputs N apart.
 #if defined(MK_AVX512)
-template <int BITS, int R, int G>
-void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, float* out,
+// 16 scales (or biases) as float32, the live ones (the rest 0).
+template <typename S>
+inline __m512 load16(__mmask16 live, const S* from) {
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm512_maskz_loadu_ps(live, from);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(live, from);
+    if constexpr (std::is_same_v<S, BHalf>)
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    else
+      return _mm512_cvtph_ps(h);
+  }
+}
+
+template <int BITS, int R, int G, typename S>
+void dots_int16(const RowOf<S>& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, float* out,
                 int64_t N) {
   const int64_t groups = K / G;
   __m512 t[R];
@@ -226,7 +286,7 @@ void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* x
   for (int64_t c = 0; c < groups; c += 16) {
     const int64_t m = std::min<int64_t>(16, groups - c);
     const __mmask16 live = __mmask16((1u << m) - 1);
-    const __m512 scale = _mm512_maskz_loadu_ps(live, r.scales + c), bias = _mm512_maskz_loadu_ps(live, r.biases + c);
+    const __m512 scale = load16(live, r.scales + c), bias = load16(live, r.biases + c);
     alignas(64) float sx[R][16];
     for (int i = 0; i < R; ++i) {
       _mm512_store_ps(sx[i], _mm512_mul_ps(scale, _mm512_maskz_loadu_ps(live, xs + i * groups + c)));
@@ -266,8 +326,8 @@ inline void group_int16(const uint8_t* w, const int16_t* xq, int64_t K, int64_t 
   }
 }
 
-template <int BITS, int R, int G>
-void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, float* out,
+template <int BITS, int R, int G, typename S>
+void dots_int16(const RowOf<S>& r, const int16_t* xq, const float* xs, const float* xsum, int64_t K, float* out,
                 int64_t N) {
   const int64_t groups = K / G;
   __m256 t[R];
@@ -279,8 +339,7 @@ void dots_int16(const Row& r, const int16_t* xq, const float* xs, const float* x
   // second on one thread; a 512-token prefill 300-330 -> 400-440 tokens/s). Same operations either way.
   auto block = [&](int64_t c, auto whole) {
     const int64_t m = whole() ? 8 : std::min<int64_t>(8, groups - c);
-    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(m)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    auto load = [&](const float* from) { return whole() ? _mm256_loadu_ps(from) : _mm256_maskload_ps(from, live); };
+    auto load = [&](const auto* from) { return load8(from, m); };
     const __m256 scale = load(r.scales + c), bias = load(r.biases + c);
     alignas(32) float sx[R][8];
     for (int i = 0; i < R; ++i) {

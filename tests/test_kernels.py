@@ -189,6 +189,21 @@ def test_ragged_shapes_and_one_expert_for_every_row(rows, bits):
         assert np.abs(got - ref).max() <= (exact.max() if path == mk.EXACT else 1e-3 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_half_precision_scales_give_the_bits_of_their_float32_values_one_row_or_many(dtype, bits):
+    # A checkpoint's scales are float16 (convert.py): a decoding row reads them as stored, a tile of rows
+    # from a block widened first; both must be the float32 values' bits. 9 groups: a whole block and a part.
+    mk = ours()
+    x, (w, s, b), _ = problem(0, bits, 64, 64 * 9, 37, (), 6)
+    s, b = s.astype(getattr(mx, dtype)), b.astype(getattr(mx, dtype))
+    run = lambda x, s, b: np.array(mk.qmm(x, w, s, b, None, group_size=64, bits=bits, path=mk.INT16))
+    ref = run(x, s.astype(mx.float32), b.astype(mx.float32))
+    assert np.array_equal(run(x, s, b), ref)
+    for i in range(6):
+        assert np.array_equal(run(x[i : i + 1], s, b), ref[i : i + 1]), i
+
+
 def test_a_bad_shape_is_refused_with_a_message():
     mk = ours()
     x, q, _ = problem(0, 8, 64, 128, 16, (), 2)
