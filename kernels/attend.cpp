@@ -354,20 +354,30 @@ mx::array attend(const mx::array& q, const mx::array& k, const mx::array& v, flo
   return mx::array(q.shape(), mx::float32, std::make_shared<Attend>(stream, scale), {q, k, v});
 }
 
-void Attend::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+namespace {
+// out allocated, it and the inputs given to the stream's encoder, then f(encoder, T{}) for the caches' type T.
+template <class F>
+void evaluate(mx::Stream stream, const std::vector<mx::array>& inputs, mx::array& out, F&& f) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
+  auto& encoder = mx::cpu::get_command_encoder(stream);
   for (auto& a : inputs)
     encoder.set_input_array(a);
   encoder.set_output_array(out);
   switch (inputs[1].dtype()) {
     case mx::float16:
-      return dispatch<mx::float16_t>(encoder, inputs, out, scale_);
+      return f(encoder, mx::float16_t{});
     case mx::bfloat16:
-      return dispatch<mx::bfloat16_t>(encoder, inputs, out, scale_);
+      return f(encoder, mx::bfloat16_t{});
     default:
-      return dispatch<float>(encoder, inputs, out, scale_);
+      return f(encoder, 0.0f);
   }
+}
+} // namespace
+
+void Attend::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  evaluate(stream(), inputs, out, [&](auto& encoder, auto cache) {
+    dispatch<decltype(cache)>(encoder, inputs, out, scale_);
+  });
 }
 
 mx::array attend_segments(const mx::array& q, const std::vector<mx::array>& keys, const std::vector<mx::array>& values,
@@ -400,19 +410,9 @@ mx::array attend_segments(const mx::array& q, const std::vector<mx::array>& keys
 }
 
 void AttendSegments::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs)
-    encoder.set_input_array(a);
-  encoder.set_output_array(out);
-  switch (inputs[1].dtype()) {
-    case mx::float16:
-      return dispatch_segments<mx::float16_t>(encoder, inputs, out, scale_, starts_, ends_, lengths_);
-    case mx::bfloat16:
-      return dispatch_segments<mx::bfloat16_t>(encoder, inputs, out, scale_, starts_, ends_, lengths_);
-    default:
-      return dispatch_segments<float>(encoder, inputs, out, scale_, starts_, ends_, lengths_);
-  }
+  evaluate(stream(), inputs, out, [&](auto& encoder, auto cache) {
+    dispatch_segments<decltype(cache)>(encoder, inputs, out, scale_, starts_, ends_, lengths_);
+  });
 }
 
 void AttendSegments::eval_gpu(const std::vector<mx::array>&, mx::array&) {
