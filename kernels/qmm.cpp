@@ -179,21 +179,38 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
         const int64_t nb1 = std::min(n1, nb + block), first = (e * p.N + nb) * groups, count = (nb1 - nb) * groups;
 #if defined(MK_DOTS) && defined(__F16C__)
         if constexpr (!std::is_same_v<S, float>) {
-          // One row of x (a decode step): each weight row's scales and biases are read as stored and widened
-          // in registers. Widening the block's first, for the passes of several rows of x, was a second pass
-          // over them here, where there is one: decode 4% faster on the bench checkpoint, 5-8% at Mixtral's
-          // sizes (each A/B in one process, 14-20 alternating rounds). The same floats: the same bits.
-          if (p.path == Path::int16 && t1 - t0 == 1) {
+          // A tile of at most 4 rows of x (a decode step's one, an expert's few in a batch): one pass over the
+          // block, so each weight row's scales and biases are read as stored and widened in registers.
+          // Widening the block's first, for the passes of a larger tile, was a second pass over them here:
+          // one-row decode 4% faster on the bench checkpoint, 5-8% at Mixtral's sizes, 16 sequences decoding
+          // together 1-3% (each A/B in one process, 14-20 alternating rounds). The same floats, and the pass
+          // the tile would get: the same bits.
+          if (p.path == Path::int16 && t1 - t0 <= 4) {
             using H = std::conditional_t<std::is_same_v<S, mx::float16_t>, Half, BHalf>;
             static_assert(sizeof(H) == sizeof(S) && alignof(H) <= alignof(S));
-            for (int64_t n = nb; n < nb1; ++n) {
-              if (ahead && n + ahead < n1)
-                read_ahead(n + ahead);
-              const int64_t wr = e * p.N + n;
-              const RowOf<H> row{p.w + wr * row_bytes, reinterpret_cast<const H*>(scales + wr * groups),
-                                 reinterpret_cast<const H*>(biases + wr * groups)};
-              dots_int16<BITS, 1, G>(row, q.xq.data() + t0 * p.K, q.xs.data() + t0 * groups,
-                                     q.xsum.data() + t0 * groups, p.K, p.out + t0 * p.N + n, p.N);
+            auto pass = [&](auto rows) {
+              for (int64_t n = nb; n < nb1; ++n) {
+                if (ahead && n + ahead < n1)
+                  read_ahead(n + ahead);
+                const int64_t wr = e * p.N + n;
+                const RowOf<H> row{p.w + wr * row_bytes, reinterpret_cast<const H*>(scales + wr * groups),
+                                   reinterpret_cast<const H*>(biases + wr * groups)};
+                dots_int16<BITS, rows(), G>(row, q.xq.data() + t0 * p.K, q.xs.data() + t0 * groups,
+                                            q.xsum.data() + t0 * groups, p.K, p.out + t0 * p.N + n, p.N);
+              }
+            };
+            switch (t1 - t0) {
+              case 4:
+                pass(std::integral_constant<int, 4>{});
+                break;
+              case 3:
+                pass(std::integral_constant<int, 3>{});
+                break;
+              case 2:
+                pass(std::integral_constant<int, 2>{});
+                break;
+              default:
+                pass(std::integral_constant<int, 1>{});
             }
             continue;
           }

@@ -192,8 +192,9 @@ def test_ragged_shapes_and_one_expert_for_every_row(rows, bits):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_half_precision_scales_give_the_bits_of_their_float32_values_one_row_or_many(dtype, bits):
-    # A checkpoint's scales are float16 (convert.py): a decoding row reads them as stored, a tile of rows
-    # from a block widened first; both must be the float32 values' bits. 9 groups: a whole block and a part.
+    # A checkpoint's scales are float16 (convert.py): a tile of up to 4 rows (one pass) reads them as
+    # stored, a larger tile from a block widened first; all must be the float32 values' bits. 9 groups: a
+    # whole block and a part.
     mk = ours()
     x, (w, s, b), _ = problem(0, bits, 64, 64 * 9, 37, (), 6)
     s, b = s.astype(getattr(mx, dtype)), b.astype(getattr(mx, dtype))
@@ -202,6 +203,8 @@ def test_half_precision_scales_give_the_bits_of_their_float32_values_one_row_or_
     assert np.array_equal(run(x, s, b), ref)
     for i in range(6):
         assert np.array_equal(run(x[i : i + 1], s, b), ref[i : i + 1]), i
+    for rows in (2, 3, 4):
+        assert np.array_equal(run(x[:rows], s, b), ref[:rows]), rows
 
 
 def test_a_bad_shape_is_refused_with_a_message():
