@@ -119,7 +119,7 @@ inline __m256 widen8(const uint8_t* w, int64_t k) {
   }
 }
 
-// 8 scales (or biases) as float32, the first m of them (the rest 0) where m < 8.
+// A scale (or bias) as float32, exactly.
 inline float to_float(float v) {
   return v;
 }
@@ -135,6 +135,7 @@ inline float to_float(BHalf v) {
   return f;
 }
 
+// 8 scales (or biases) as float32, the first m of them (the rest 0) where m < 8.
 template <typename S>
 inline __m256 load8(const S* from, int64_t m = 8) {
   if (m < 8) {

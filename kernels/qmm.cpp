@@ -159,6 +159,15 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
   // A block's scales and biases as float32, widened once for all the passes of x rows over it (widened
   // per row and pass, they were 3-5% of a prefill's time).
   std::vector<float> widened_block(std::is_same_v<S, float> ? 0 : 2 * block * groups);
+  // The scales' type as dot.h reads them in registers (on x86 with F16C: every AVX2 machine).
+  using Stored = std::conditional_t<std::is_same_v<S, mx::float16_t>, Half,
+                                    std::conditional_t<std::is_same_v<S, mx::bfloat16_t>, BHalf, float>>;
+  static_assert(sizeof(Stored) == sizeof(S) && alignof(Stored) <= alignof(S));
+#if defined(MK_DOTS) && defined(__F16C__)
+  constexpr bool in_registers = true;
+#else
+  constexpr bool in_registers = false;
+#endif
   for (int64_t b0 = 0; b0 < p.batches;) {
     int64_t b1 = b0 + 1; // a run of batch elements with the same expert: one weight read
     while (b1 < p.batches && p.expert[b1] == p.expert[b0])
@@ -177,49 +186,23 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
       const int64_t t1 = std::min(r_end, t0 + tile);
       for (int64_t nb = n0; nb < n1; nb += block) {
         const int64_t nb1 = std::min(n1, nb + block), first = (e * p.N + nb) * groups, count = (nb1 - nb) * groups;
-#if defined(MK_DOTS) && defined(__F16C__)
-        if constexpr (!std::is_same_v<S, float>) {
-          // A tile of at most 4 rows of x (a decode step's one, an expert's few in a batch): one pass over the
-          // block, so each weight row's scales and biases are read as stored and widened in registers.
-          // Widening the block's first, for the passes of a larger tile, was a second pass over them here:
-          // one-row decode 4% faster on the bench checkpoint, 5-8% at Mixtral's sizes, 16 sequences decoding
-          // together 1-3% (each A/B in one process, 14-20 alternating rounds). The same floats, and the pass
-          // the tile would get: the same bits.
-          if (p.path == Path::int16 && t1 - t0 <= 4) {
-            using H = std::conditional_t<std::is_same_v<S, mx::float16_t>, Half, BHalf>;
-            static_assert(sizeof(H) == sizeof(S) && alignof(H) <= alignof(S));
-            auto pass = [&](auto rows) {
-              for (int64_t n = nb; n < nb1; ++n) {
-                if (ahead && n + ahead < n1)
-                  read_ahead(n + ahead);
-                const int64_t wr = e * p.N + n;
-                const RowOf<H> row{p.w + wr * row_bytes, reinterpret_cast<const H*>(scales + wr * groups),
-                                   reinterpret_cast<const H*>(biases + wr * groups)};
-                dots_int16<BITS, rows(), G>(row, q.xq.data() + t0 * p.K, q.xs.data() + t0 * groups,
-                                            q.xsum.data() + t0 * groups, p.K, p.out + t0 * p.N + n, p.N);
-              }
-            };
-            switch (t1 - t0) {
-              case 4:
-                pass(std::integral_constant<int, 4>{});
-                break;
-              case 3:
-                pass(std::integral_constant<int, 3>{});
-                break;
-              case 2:
-                pass(std::integral_constant<int, 2>{});
-                break;
-              default:
-                pass(std::integral_constant<int, 1>{});
-            }
-            continue;
-          }
-        }
-#endif
-        const float* block_scales = widened(scales + first, count, widened_block.data());
-        const float* block_biases = widened(biases + first, count, widened_block.data() + block * groups);
+        // A tile of up to 4 rows of x (a decode step's one, an expert's few in a batch) is one pass over the
+        // block: its weight rows' scales and biases are read as stored and widened in registers. A larger
+        // tile's passes share them widened once for the block; for one pass that was a second pass over
+        // them: one-row decode 4% slower on the bench checkpoint, 5-8% at Mixtral's sizes, 16 sequences
+        // decoding together 1-3% (each A/B in one process, 14-20 alternating rounds). The same floats either
+        // way, and the same passes: the same bits.
+        const bool in_place = in_registers && p.path == Path::int16 && t1 - t0 <= 4;
+        const float* block_scales = in_place ? nullptr : widened(scales + first, count, widened_block.data());
+        const float* block_biases =
+            in_place ? nullptr : widened(biases + first, count, widened_block.data() + block * groups);
         auto row = [&](int64_t n) { // weight row n of expert e, its scales and biases as float32
           return Row{p.w + (e * p.N + n) * row_bytes, block_scales + (n - nb) * groups, block_biases + (n - nb) * groups};
+        };
+        auto stored_row = [&](int64_t n) { // the same, its scales and biases as stored
+          const int64_t wr = e * p.N + n;
+          return RowOf<Stored>{p.w + wr * row_bytes, reinterpret_cast<const Stored*>(scales + wr * groups),
+                               reinterpret_cast<const Stored*>(biases + wr * groups)};
         };
         int64_t r = t0;
         auto each_row = [&](auto&& f) { // f(n) for the block's weight rows, the first time reading ahead
@@ -230,17 +213,25 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
           }
         };
 #ifdef MK_DOTS
-        auto dots = [&](auto rows) { // `rows` rows of x against each weight row of the block
-          for (; p.path == Path::int16 && r + rows() <= t1; r += rows())
-            each_row([&](int64_t n) {
-              dots_int16<BITS, rows(), G>(row(n), q.xq.data() + r * p.K, q.xs.data() + r * groups,
-                                          q.xsum.data() + r * groups, p.K, p.out + r * p.N + n, p.N);
-            });
+        auto passes = [&](auto row_of) { // the tile's rows of x 4 at a time against each weight row of the block
+          auto dots = [&](auto rows) {
+            for (; p.path == Path::int16 && r + rows() <= t1; r += rows())
+              each_row([&](int64_t n) {
+                dots_int16<BITS, rows(), G>(row_of(n), q.xq.data() + r * p.K, q.xs.data() + r * groups,
+                                            q.xsum.data() + r * groups, p.K, p.out + r * p.N + n, p.N);
+              });
+          };
+          dots(std::integral_constant<int, 4>{});
+          dots(std::integral_constant<int, 3>{}); // what is left of the tile, in one pass
+          dots(std::integral_constant<int, 2>{});
+          dots(std::integral_constant<int, 1>{});
         };
-        dots(std::integral_constant<int, 4>{});
-        dots(std::integral_constant<int, 3>{}); // what is left of the tile, in one pass
-        dots(std::integral_constant<int, 2>{});
-        dots(std::integral_constant<int, 1>{});
+        if constexpr (in_registers) {
+          if (in_place)
+            passes(stored_row);
+        }
+        if (!in_place)
+          passes(row);
 #endif
         for (; r < t1; ++r)
           each_row([&](int64_t n) {
