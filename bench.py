@@ -898,6 +898,9 @@ def run(opts):
         result["prompt_vs_llama_cpp"] = result["prompt_tps"] / llama["prompt_tps"]
         result["decode_vs_llama_cpp"] = gen_tps / llama["generation_tps"]
         result["decode_vs_llama_cpp_each_run"] = [o[1] / t["generation_tps"] for o, t in zip(runs, llama_runs)]
+        # The median of the pairs' ratios: each pair saw the same minute of the machine, where the ratio of
+        # the two medians may set a fast minute of one side against a slow one of the other.
+        result["decode_vs_llama_cpp_paired"] = statistics.median(result["decode_vs_llama_cpp_each_run"])
         for depth in opts.depth or []:
             for what in ("prompt", "generation"):
                 key = f"depth_{depth}_{what}_tps"

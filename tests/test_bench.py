@@ -200,7 +200,8 @@ def test_llama_bench_runs_once_beside_each_of_our_runs(tmp_path):
     result = run_bench("--synthetic", *TINY, "--core-only", "--repeat", "2", "--llama-bench", str(fake))
     calls = [json.loads(line) for line in fake.with_suffix(".calls").read_text().splitlines()]
     assert len(calls) == 2 and all(c[c.index("-r") + 1] == "1" and "-d" not in c for c in calls)
-    assert len(result["decode_vs_llama_cpp_each_run"]) == 2
+    each = result["decode_vs_llama_cpp_each_run"]
+    assert len(each) == 2 and result["decode_vs_llama_cpp_paired"] == pytest.approx((each[0] + each[1]) / 2)
     assert result["llama_cpp"] == {"prompt_tps": 200.0, "generation_tps": 50.0}
 
 
