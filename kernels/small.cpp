@@ -33,9 +33,12 @@ int64_t row_offset(int64_t r, const mx::Shape& shape, const mx::Strides& strides
 
 // exp(x) as Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so r is exact to
 // float32), exp(r) by a degree-7 polynomial, 2^n put in the exponent bits. No branch and no call, so
-// a loop of it vectorizes. x is clamped to [-87, 88], where exp stays a normal float.
+// a loop of it vectorizes (with CMakeLists' -fno-trapping-math). x is clamped to [-87, 88], where exp
+// stays a normal float, by comparisons: std::fmin and std::fmax (NaN-aware) were two libm calls an
+// element and kept the loop scalar (16 sequences' SwiGLU, 32 x 3584 a layer, took 0.9 ms). NaN stays NaN.
 inline float exp_poly(float x) {
-  x = std::fmin(std::fmax(x, -87.0f), 88.0f);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
   const float n = std::nearbyint(x * 1.44269504088896341f);
   const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
