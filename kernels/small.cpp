@@ -75,10 +75,12 @@ void Rope::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     const int64_t T = x.shape(2), D = x.shape(3), half = D / 2, rows = x.size() / D;
     // As MLX's: inv_freq_i = exp(-i * (log(base) / half)), theta = position * inv_freq, all float32.
     const float step = float(std::log(base) / half);
-    std::vector<float> cosines(T * half), sines(T * half);
+    std::vector<float> inv_freq(half), cosines(T * half), sines(T * half);
+    for (int64_t i = 0; i < half; ++i)
+      inv_freq[i] = std::exp(float(-i) * step);
     for (int64_t t = 0; t < T; ++t)
       for (int64_t i = 0; i < half; ++i) {
-        const float theta = float(positions[t]) * std::exp(float(-i) * step);
+        const float theta = float(positions[t]) * inv_freq[i];
         cosines[t * half + i] = std::cos(theta);
         sines[t * half + i] = std::sin(theta);
       }
