@@ -165,10 +165,16 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
 #else
   constexpr bool in_registers = false;
 #endif
+  // With F16C (every AVX2 machine) every pass reads the weight rows' scales and biases as stored and
+  // widens them in registers. Widened once for the block into a float32 buffer (as tiles of more than
+  // 4 rows had them), a second pass over them cost more than it shared: a 512-token prefill 1.19x faster
+  // in place (bench checkpoint; 1.14x at Mixtral's sizes), 16 sequences decoding together 1.07x (each
+  // A/B in one process, alternating rounds; one-row decode was in place already: the buffer had cost it
+  // 4-8%). The same floats either way, and the same passes: the same bits.
+  const bool in_place = in_registers && p.path == Path::int16;
   // Elsewhere (the exact path, arm64) a block's scales and biases as float32, widened once for all the
   // passes of x rows over it (widened per row and pass in scalar code, they were 3-5% of a prefill).
-  const bool widens = !std::is_same_v<S, float> && !(in_registers && p.path == Path::int16);
-  std::vector<float> widened_block(widens ? 2 * block * groups : 0);
+  std::vector<float> widened_block(std::is_same_v<S, float> || in_place ? 0 : 2 * block * groups);
   for (int64_t b0 = 0; b0 < p.batches;) {
     int64_t b1 = b0 + 1; // a run of batch elements with the same expert: one weight read
     while (b1 < p.batches && p.expert[b1] == p.expert[b0])
@@ -187,13 +193,6 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
       const int64_t t1 = std::min(r_end, t0 + tile);
       for (int64_t nb = n0; nb < n1; nb += block) {
         const int64_t nb1 = std::min(n1, nb + block), first = (e * p.N + nb) * groups, count = (nb1 - nb) * groups;
-        // With F16C (every AVX2 machine) every pass reads the weight rows' scales and biases as stored and
-        // widens them in registers. Widened once for the block into a float32 buffer (as tiles of more
-        // than 4 rows had them), a second pass over them cost more than it shared: a 512-token prefill
-        // 1.19x faster in place (bench checkpoint; 1.14x at Mixtral's sizes), 16 sequences decoding together
-        // 1.07x (each A/B in one process, alternating rounds; one-row decode was in place already: the
-        // buffer had cost it 4-8%). The same floats either way, and the same passes: the same bits.
-        const bool in_place = in_registers && p.path == Path::int16;
         const float* block_scales = in_place ? nullptr : widened(scales + first, count, widened_block.data());
         const float* block_biases =
             in_place ? nullptr : widened(biases + first, count, widened_block.data() + block * groups);
