@@ -4,6 +4,7 @@
 // heads, a third of the whole prefill. Here the threads take (KV head, block of query rows) units, and
 // each cached key and value row is read once for all the query heads that share it and the block's rows.
 #include "attend.h"
+#include "exp.h"
 #include "pool.h"
 
 #include <array>
@@ -161,6 +162,24 @@ inline void axpy(float* __restrict o, float w, const T* __restrict y, int64_t n)
     o[i] = std::fma(w, static_cast<float>(y[i]), o[i]);
 }
 
+// The sum (or the max) of s[0..n) in 8 running lanes, then the lanes in a fixed order: a vector loop
+// where one running total was a chain of n dependent adds (a row at 16k of context: 16k of them). The
+// same order for a row whatever else the op computes, so a row keeps its bits alone or in a batch.
+template <bool SUM>
+inline float lanes_sum(const float* s, int64_t n) {
+  float lane[8];
+  for (int l = 0; l < 8; ++l)
+    lane[l] = SUM ? 0.0f : s[0];
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l)
+      lane[l] = SUM ? lane[l] + s[j + l] : std::max(lane[l], s[j + l]);
+  for (; j < n; ++j)
+    lane[j % 8] = SUM ? lane[j % 8] + s[j] : std::max(lane[j % 8], s[j]);
+  auto op = [](float a, float b) { return SUM ? a + b : std::max(a, b); };
+  return op(op(op(lane[0], lane[1]), op(lane[2], lane[3])), op(op(lane[4], lane[5]), op(lane[6], lane[7])));
+}
+
 // Query rows t0..t1 of the G query heads that share KV head h, batch b: scores, softmax, the weighted
 // sum of values. Row t is the key position S - T + t, so it sees positions 0..S - T + t (causal,
 // aligned to the end of the keys: a decode step's one row sees them all). Float32 arithmetic throughout.
@@ -202,13 +221,10 @@ void head_group(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t t
   for (int64_t r = 0; r < rows; ++r) {
     float* s = sc + r * S;
     const int64_t n = past + t0 + r / G + 1;
-    float top = s[0];
-    for (int64_t j = 1; j < n; ++j)
-      top = std::max(top, s[j]);
-    float total = 0;
+    const float top = lanes_sum<false>(s, n);
     for (int64_t j = 0; j < n; ++j)
-      total += (s[j] = std::exp(s[j] - top));
-    const float inverse = 1.0f / total;
+      s[j] = exp_poly(s[j] - top);
+    const float inverse = 1.0f / lanes_sum<true>(s, n);
     for (int64_t j = 0; j < n; ++j)
       s[j] *= inverse;
     std::fill(out_row[r], out_row[r] + D, 0.0f);
