@@ -166,7 +166,7 @@ inline void axpy(float* __restrict o, float w, const T* __restrict y, int64_t n)
 // where one running total was a chain of n dependent adds (a row at 16k of context: 16k of them). The
 // same order for a row whatever else the op computes, so a row keeps its bits alone or in a batch.
 template <bool SUM>
-inline float lanes_sum(const float* s, int64_t n) {
+inline float lanes_reduce(const float* s, int64_t n) {
   float lane[8];
   for (int l = 0; l < 8; ++l)
     lane[l] = SUM ? 0.0f : s[0];
@@ -221,10 +221,10 @@ void head_group(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t t
   for (int64_t r = 0; r < rows; ++r) {
     float* s = sc + r * S;
     const int64_t n = past + t0 + r / G + 1;
-    const float top = lanes_sum<false>(s, n);
+    const float top = lanes_reduce<false>(s, n);
     for (int64_t j = 0; j < n; ++j)
       s[j] = exp_poly(s[j] - top);
-    const float inverse = 1.0f / lanes_sum<true>(s, n);
+    const float inverse = 1.0f / lanes_reduce<true>(s, n);
     for (int64_t j = 0; j < n; ++j)
       s[j] *= inverse;
     std::fill(out_row[r], out_row[r] + D, 0.0f);

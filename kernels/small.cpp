@@ -5,7 +5,6 @@
 #include "exp.h"
 #include "pool.h"
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
