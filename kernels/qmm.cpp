@@ -113,11 +113,16 @@ static void prepare(const Problem& p, Prepared& q, int64_t r0, int64_t r1) {
   }
 }
 
-// How many weight rows ahead of the one being computed to ask for: the row about 4 KB on. The
-// hardware's prefetcher stops at each 4 KB page, so short rows gain from one page asked for in advance
-// (Mixtral's 4 KB rows: 22 -> 24-26 GB/s a projection); rows longer than a page (w2's 14 KB) read
-// faster without (a whole row asked for at once: 16 against 19 GB/s).
-static int64_t rows_ahead(int64_t row_bytes) {
+// How many weight rows ahead of the one being computed to ask for, where the dot product does not ask
+// ahead itself (dot.h's kAheadBytes: the int16 path on x86): the row about 4 KB on. The hardware's
+// prefetcher stops at each 4 KB page, so short rows gain from one page asked for in advance (Mixtral's
+// 4 KB rows: 22 -> 24-26 GB/s a projection); rows longer than a page (w2's 14 KB) read faster without
+// (a whole row asked for at once: 16 against 19 GB/s).
+static int64_t rows_ahead(const Problem& p, int64_t row_bytes) {
+#ifdef MK_DOTS
+  if (p.path == Path::int16)
+    return 0;
+#endif
   return row_bytes <= 4096 ? 4096 / row_bytes : 0;
 }
 
@@ -155,7 +160,7 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
   // bound: a 512-token prefill's projections 49-55 -> 77-81 billion multiply-adds per second).
   const int64_t x_bytes = p.path == Path::int16 ? 2 : 4;
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(64, (256 << 10) / (p.K * x_bytes)));
-  const int64_t block = std::max<int64_t>(8, (128 << 10) / row_bytes), ahead = rows_ahead(row_bytes);
+  const int64_t block = std::max<int64_t>(8, (128 << 10) / row_bytes), ahead = rows_ahead(p, row_bytes);
   // The scales' type as dot.h reads them in registers (on x86 with F16C: every AVX2 machine).
   using Stored = std::conditional_t<std::is_same_v<S, mx::float16_t>, Half,
                                     std::conditional_t<std::is_same_v<S, mx::bfloat16_t>, BHalf, float>>;
@@ -213,12 +218,14 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
           }
         };
 #ifdef MK_DOTS
-        auto passes = [&](auto row_of) { // the tile's rows of x 4 at a time against each weight row of the block
+        // The tile's rows of x 4 at a time against each weight row of the block; the first pass reads the
+        // block from memory (and asks ahead), the others find it in L2.
+        auto passes = [&](auto row_of) {
           auto dots = [&](auto rows) {
             for (; p.path == Path::int16 && r + rows() <= t1; r += rows())
               each_row([&](int64_t n) {
                 dots_int16<BITS, rows(), G>(row_of(n), q.xq.data() + r * p.K, q.xs.data() + r * groups,
-                                            q.xsum.data() + r * groups, p.K, p.out + r * p.N + n, p.N);
+                                            q.xsum.data() + r * groups, p.K, p.out + r * p.N + n, p.N, r == t0);
               });
           };
           dots(std::integral_constant<int, 4>{});
