@@ -614,11 +614,12 @@ def kernel_threads(model) -> int:
     return next((len(m.streams) for m in model.modules() if isinstance(m, parallel.SplitOutputs)), 1)
 
 
-def run_llama_bench(opts, threads: int, depths=()) -> dict:
+def run_llama_bench(opts, threads: int, depths=(), what=("prompt", "generation")) -> dict:
     """llama.cpp's llama-bench, as --llama-bench gives it, at this run's prompt, generation and threads:
-    one run at an empty cache (bench.py runs it beside each of its own), or --repeat runs at each of
-    `depths` with a float16 cache -> its prompt and generation tokens/s."""
-    cmd = llama_command(opts.llama_bench) + ["-p", str(opts.prompt_tokens), "-n", str(opts.gen_tokens)]
+    one run at an empty cache of `what` (bench.py runs it beside each of its own), or --repeat runs at each
+    of `depths` with a float16 cache -> its prompt and generation tokens/s, those asked for."""
+    cmd = llama_command(opts.llama_bench)
+    cmd += ["-p", str(opts.prompt_tokens if "prompt" in what else 0), "-n", str(opts.gen_tokens if "generation" in what else 0)]
     cmd += ["-t", str(threads), "-r", str(opts.repeat if depths else 1), "-o", "jsonl"]
     if depths:
         cmd += ["-d", ",".join(map(str, depths)), "-ctk", "f16", "-ctv", "f16"]
@@ -632,7 +633,7 @@ def run_llama_bench(opts, threads: int, depths=()) -> dict:
             d = json.loads(line)
             depth = f"depth_{d['n_depth']}_" if d.get("n_depth") else ""
             out[depth + ("generation_tps" if d.get("n_gen") else "prompt_tps")] = d["avg_ts"]
-    if r.returncode or len(out) != 2 * max(1, len(depths)):
+    if r.returncode or len(out) != len(what) * max(1, len(depths)):
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise runtime.MixtralError(f"--llama-bench: {cmd[0]} exited {r.returncode} ({tail}), check its command")
     return out
@@ -811,14 +812,18 @@ def run(opts):
     mx.random.seed(0)  # the same prompts on every rank
     model, tokenizer, load_s = load(opts)
     warm_up(model, opts)
-    # With --llama-bench, llama.cpp runs right after each of our runs: on a shared machine the speed of
-    # memory drifts by a third from one minute to the next, and two sets of runs minutes apart compare
-    # the minutes, not the programs.
+    # With --llama-bench, llama.cpp runs beside each of our runs: its prefill right before ours, its decode
+    # right after ours. On a shared machine the speed of memory drifts by a third from one minute to the
+    # next: two sets of runs minutes apart compare the minutes, not the programs, and even one whole
+    # llama-bench run after ours put its decode half a minute from ours at Mixtral's sizes.
     runs, llama_runs, threads = [], [], kernel_threads(model)
     for _ in range(opts.repeat):
+        if opts.llama_bench is None:
+            runs.append(prompt_and_decode(model, opts))
+            continue
+        llama = run_llama_bench(opts, threads, what=("prompt",))
         runs.append(prompt_and_decode(model, opts))
-        if opts.llama_bench is not None:
-            llama_runs.append(run_llama_bench(opts, threads))
+        llama_runs.append(llama | run_llama_bench(opts, threads, what=("generation",)))
     turns = [chat_turns(model, tokenizer, opts) for _ in range(opts.repeat)]
     build_ms, run_ms = decode_breakdown(model, opts) if not opts.core_only else (None, None)
     gen_tps = statistics.median(r[1] for r in runs)

@@ -157,9 +157,12 @@ pathlib.Path(sys.argv[0]).with_suffix(".args").write_text(json.dumps(sys.argv[1:
 with pathlib.Path(sys.argv[0]).with_suffix(".calls").open("a") as calls:
     calls.write(json.dumps(sys.argv[1:]) + "\\n")
 depths = sys.argv[sys.argv.index("-d") + 1].split(",") if "-d" in sys.argv else ["0"]
+p, n = (int(sys.argv[sys.argv.index(flag) + 1]) for flag in ("-p", "-n"))
 for d in map(int, depths):
-    print(json.dumps({"model_type": "llama 8x7B Q8_0", "n_prompt": 8, "n_gen": 0, "n_depth": d, "avg_ts": 200.0 - d}))
-    print(json.dumps({"model_type": "llama 8x7B Q8_0", "n_prompt": 0, "n_gen": 4, "n_depth": d, "avg_ts": 50.0 - d}))
+    if p:
+        print(json.dumps({"model_type": "llama 8x7B Q8_0", "n_prompt": p, "n_gen": 0, "n_depth": d, "avg_ts": 200.0 - d}))
+    if n:
+        print(json.dumps({"model_type": "llama 8x7B Q8_0", "n_prompt": 0, "n_gen": n, "n_depth": d, "avg_ts": 50.0 - d}))
 """
 
 
@@ -168,9 +171,13 @@ def test_llama_bench_runs_at_the_same_sizes_and_its_ratios_are_reported(tmp_path
     fake.write_text(FAKE_LLAMA_BENCH)
     fake.chmod(0o755)
     result = run_bench("--synthetic", *TINY, "--core-only", "--llama-bench", f"{fake} -m model.gguf --repack 0")
-    args = json.loads(fake.with_suffix(".args").read_text())
+    calls = [json.loads(line) for line in fake.with_suffix(".calls").read_text().splitlines()]
     t = str(result["cpu_threads"])
-    assert args == ["-m", "model.gguf", "--repack", "0", "-p", "8", "-n", "4", "-t", t, "-r", "1", "-o", "jsonl"]
+    same = ["-t", t, "-r", "1", "-o", "jsonl"]
+    assert calls == [  # its prefill right before ours, its decode right after ours
+        ["-m", "model.gguf", "--repack", "0", "-p", "8", "-n", "0", *same],
+        ["-m", "model.gguf", "--repack", "0", "-p", "0", "-n", "4", *same],
+    ]
     assert result["llama_cpp"] == {"prompt_tps": 200.0, "generation_tps": 50.0}
     assert result["decode_vs_llama_cpp"] == pytest.approx(result["generation_tps"] / 50.0)
     assert result["prompt_vs_llama_cpp"] == pytest.approx(result["prompt_tps"] / 200.0)
@@ -192,14 +199,14 @@ def test_depth_times_prefill_and_decode_over_a_filled_cache_beside_llama_bench_d
 
 
 def test_llama_bench_runs_once_beside_each_of_our_runs(tmp_path):
-    # Each of our --repeat runs is followed by one of llama-bench's: both see the same minutes of a shared
-    # machine, where its memory's speed drifts.
+    # Each of our --repeat runs has llama-bench's prefill right before it and its decode right after: each
+    # pair sees the same minute of a shared machine, where its memory's speed drifts.
     fake = tmp_path / "llama-bench"
     fake.write_text(FAKE_LLAMA_BENCH)
     fake.chmod(0o755)
     result = run_bench("--synthetic", *TINY, "--core-only", "--repeat", "2", "--llama-bench", str(fake))
     calls = [json.loads(line) for line in fake.with_suffix(".calls").read_text().splitlines()]
-    assert len(calls) == 2 and all(c[c.index("-r") + 1] == "1" and "-d" not in c for c in calls)
+    assert len(calls) == 4 and all(c[c.index("-r") + 1] == "1" and "-d" not in c for c in calls)
     each = result["decode_vs_llama_cpp_each_run"]
     assert len(each) == 2 and result["decode_vs_llama_cpp_paired"] == pytest.approx((each[0] + each[1]) / 2)
     assert result["llama_cpp"] == {"prompt_tps": 200.0, "generation_tps": 50.0}
