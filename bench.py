@@ -408,8 +408,8 @@ def load_figures(served, clients: list, opts, label: str) -> dict:
 
 def server_figures(opts, threads: int) -> dict:
     """Through HTTP on this machine: a conversation replayed turn by turn as front-ends do (the whole
-    of it resent each time), with the server's cache reuse on and off; then --clients at once on
-    --parallel 1 and the default (and llama-server at -np of the same, with --llama-server)."""
+    of it resent each time), with the server's cache reuse on and off; then --clients at once on the
+    default (beside llama-server at -np of the same, with --llama-server) and on --parallel 1."""
     out = {}
     chosen = ("--parallel", opts.parallel) if opts.parallel else ()
     for label, flags in (("reuse", chosen), ("no_reuse", (*chosen, "--no-cache-reuse"))):
@@ -430,7 +430,7 @@ def server_figures(opts, threads: int) -> dict:
                 )
                 out["server_generation_tps"] = (n - 1) / (last - first)
                 out["server_parallel"] = parallel_of(served)
-                out |= load_figures(served, opts.clients, opts, "server")
+                out |= side_by_side(served, opts, threads, out["server_parallel"])
         finally:
             served.close()
     serial = Served(opts.model_path, "--parallel", 1)
@@ -439,16 +439,6 @@ def server_figures(opts, threads: int) -> dict:
     finally:
         serial.close()
     if opts.llama_server:
-        llama = LlamaServer(
-            llama_command(opts.llama_server, "--llama-server", "llama-server"),
-            out["server_parallel"],
-            threads,
-            opts.turn_tokens + opts.client_tokens + 64,
-        )
-        try:
-            out |= load_figures(llama, opts.clients, opts, "llama_server")
-        finally:
-            llama.close()
         for n in opts.clients:
             out[f"server_vs_llama_server_{n}_clients"] = (
                 out[f"server_{n}_clients_tokens_per_s"] / out[f"llama_server_{n}_clients_tokens_per_s"]
@@ -456,6 +446,23 @@ def server_figures(opts, threads: int) -> dict:
             out[f"server_vs_llama_server_{n}_clients_decode"] = (
                 out[f"server_{n}_clients_decode_tokens_per_s"] / out[f"llama_server_{n}_clients_decode_tokens_per_s"]
             )
+    return out
+
+
+def side_by_side(served, opts, threads: int, slots: int) -> dict:
+    """load_figures on our server and, with --llama-server, on llama-server at -np `slots` beside it: each
+    count of clients on ours, then on llama-server right after. This machine's speed drifts by a third
+    from one minute to the next, and all of ours before all of llama-server's compared minutes."""
+    if not opts.llama_server:
+        return load_figures(served, opts.clients, opts, "server")
+    command = llama_command(opts.llama_server, "--llama-server", "llama-server")
+    llama = LlamaServer(command, slots, threads, opts.turn_tokens + opts.client_tokens + 64)
+    out = {}
+    try:
+        for n in opts.clients:
+            out |= load_figures(served, [n], opts, "server") | load_figures(llama, [n], opts, "llama_server")
+    finally:
+        llama.close()
     return out
 
 
