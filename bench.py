@@ -33,6 +33,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 import chat
+import folder
 import grammar
 import machine
 import mixtral
@@ -455,12 +456,22 @@ def side_by_side(served, opts, threads: int, slots: int) -> dict:
     from one minute to the next, and all of ours before all of llama-server's compared minutes."""
     if not opts.llama_server:
         return load_figures(served, opts.clients, opts, "server")
+    # Three copies of the weights at once (this process's, our server's, llama-server's): where memory
+    # does not hold them, llama-server runs after ours.
+    together = 3 * sum(f.stat().st_size for f in folder.shards(Path(opts.model_path))) < machine.model_budget()
+    if not together:
+        print(
+            "bench: llama-server runs after our server: memory does not hold three copies of the weights",
+            file=sys.stderr,
+        )
+    out = {} if together else load_figures(served, opts.clients, opts, "server")
     command = llama_command(opts.llama_server, "--llama-server", "llama-server")
     llama = LlamaServer(command, slots, threads, opts.turn_tokens + opts.client_tokens + 64)
-    out = {}
     try:
         for n in opts.clients:
-            out |= load_figures(served, [n], opts, "server") | load_figures(llama, [n], opts, "llama_server")
+            if together:
+                out |= load_figures(served, [n], opts, "server")
+            out |= load_figures(llama, [n], opts, "llama_server")
     finally:
         llama.close()
     return out
@@ -626,7 +637,12 @@ def run_llama_bench(opts, threads: int, depths=(), what=("prompt", "generation")
     one run at an empty cache of `what` (bench.py runs it beside each of its own), or --repeat runs at each
     of `depths` with a float16 cache -> its prompt and generation tokens/s, those asked for."""
     cmd = llama_command(opts.llama_bench)
-    cmd += ["-p", str(opts.prompt_tokens if "prompt" in what else 0), "-n", str(opts.gen_tokens if "generation" in what else 0)]
+    cmd += [
+        "-p",
+        str(opts.prompt_tokens if "prompt" in what else 0),
+        "-n",
+        str(opts.gen_tokens if "generation" in what else 0),
+    ]
     cmd += ["-t", str(threads), "-r", str(opts.repeat if depths else 1), "-o", "jsonl"]
     if depths:
         cmd += ["-d", ",".join(map(str, depths)), "-ctk", "f16", "-ctv", "f16"]

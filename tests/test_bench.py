@@ -128,6 +128,42 @@ def test_llama_server_gets_the_same_clients_with_slots_equal_to_our_parallel(tmp
     )
 
 
+class Asked:
+    """A server for bench.side_by_side that notes, in one list for all, who was asked."""
+
+    def __init__(self, name, asked):
+        self.name, self.asked = name, asked
+
+    def ask(self, messages, max_tokens):
+        self.asked.append(self.name)
+        return "", 0.0, 1.0, max_tokens, [0.0, 1.0]
+
+    def close(self):
+        pass
+
+
+def side_by_side_order(tmp_path, monkeypatch, budget):
+    asked = []
+    monkeypatch.setattr(bench, "llama_command", lambda *a: ["llama-server"])
+    monkeypatch.setattr(bench, "LlamaServer", lambda *a: Asked("llama", asked))
+    monkeypatch.setattr(bench.machine, "model_budget", lambda: budget)
+    (tmp_path / "weights.00.npz").write_bytes(b"0" * 1000)
+    opts = bench.argparse.Namespace(
+        model_path=str(tmp_path), llama_server="llama-server", clients=[1, 2], turn_tokens=4, client_tokens=3
+    )
+    bench.side_by_side(Asked("ours", asked), opts, 1, 16)
+    return asked
+
+
+def test_llama_server_takes_each_count_of_clients_right_after_ours(tmp_path, monkeypatch):
+    # The same minute of a shared machine for both sides of each ratio.
+    assert side_by_side_order(tmp_path, monkeypatch, 10**12) == ["ours", "llama", "ours", "ours", "llama", "llama"]
+
+
+def test_llama_server_runs_after_ours_where_memory_does_not_hold_both(tmp_path, monkeypatch):
+    assert side_by_side_order(tmp_path, monkeypatch, 2999) == ["ours", "ours", "ours", "llama", "llama", "llama"]
+
+
 @pytest.mark.parametrize(
     "flag, value, says",
     [
