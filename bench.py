@@ -410,7 +410,7 @@ def load_figures(served, clients: list, opts, label: str) -> dict:
 def server_figures(opts, threads: int) -> dict:
     """Through HTTP on this machine: a conversation replayed turn by turn as front-ends do (the whole
     of it resent each time), with the server's cache reuse on and off; then --clients at once on the
-    default (beside llama-server at -np of the same, with --llama-server) and on --parallel 1."""
+    default, on --parallel 1 and on llama-server at -np of the same (with --llama-server), side by side."""
     out = {}
     chosen = ("--parallel", opts.parallel) if opts.parallel else ()
     for label, flags in (("reuse", chosen), ("no_reuse", (*chosen, "--no-cache-reuse"))):
@@ -434,11 +434,6 @@ def server_figures(opts, threads: int) -> dict:
                 out |= side_by_side(served, opts, threads, out["server_parallel"])
         finally:
             served.close()
-    serial = Served(opts.model_path, "--parallel", 1)
-    try:
-        out |= load_figures(serial, opts.clients, opts, "server_parallel_1")
-    finally:
-        serial.close()
     if opts.llama_server:
         for n in opts.clients:
             out[f"server_vs_llama_server_{n}_clients"] = (
@@ -451,30 +446,40 @@ def server_figures(opts, threads: int) -> dict:
 
 
 def side_by_side(served, opts, threads: int, slots: int) -> dict:
-    """load_figures on our server and, with --llama-server, on llama-server at -np `slots` beside it: each
-    count of clients on ours, then on llama-server right after. This machine's speed drifts by a third
-    from one minute to the next, and all of ours before all of llama-server's compared minutes."""
-    if not opts.llama_server:
-        return load_figures(served, opts.clients, opts, "server")
-    # Three copies of the weights at once (this process's, our server's, llama-server's): where memory
-    # does not hold them, llama-server runs after ours.
-    together = 3 * sum(f.stat().st_size for f in folder.shards(Path(opts.model_path))) < machine.model_budget()
-    if not together:
-        print(
-            "bench: llama-server runs after our server: memory does not hold three copies of the weights",
-            file=sys.stderr,
-        )
-    out = {} if together else load_figures(served, opts.clients, opts, "server")
-    command = llama_command(opts.llama_server, "--llama-server", "llama-server")
-    llama = LlamaServer(command, slots, threads, opts.turn_tokens + opts.client_tokens + 64)
+    """load_figures on our server, on one with --parallel 1 and, with --llama-server, on llama-server at
+    -np `slots`: each count of clients on each in turn, all three up at once. This machine's speed drifts
+    by a third from one minute to the next, and all of one server's counts before all of the next's
+    compared minutes. Where memory does not hold a copy of the weights for each (and this process's),
+    one server after another."""
+    others = [("server_parallel_1", lambda: Served(opts.model_path, "--parallel", 1))]
+    if opts.llama_server:
+        command = llama_command(opts.llama_server, "--llama-server", "llama-server")
+        context = opts.turn_tokens + opts.client_tokens + 64
+        others.append(("llama_server", lambda: LlamaServer(command, slots, threads, context)))
+    copies = 2 + len(others)
+    if copies * sum(f.stat().st_size for f in folder.shards(Path(opts.model_path))) >= machine.model_budget():
+        print(f"bench: one server after another: memory does not hold {copies} copies of the weights", file=sys.stderr)
+        out = load_figures(served, opts.clients, opts, "server")
+        for label, start in others:
+            other = start()
+            try:
+                out |= load_figures(other, opts.clients, opts, label)
+            finally:
+                other.close()
+        return out
+    started = []
     try:
+        for label, start in others:
+            started.append((label, start()))
+        out = {}
         for n in opts.clients:
-            if together:
-                out |= load_figures(served, [n], opts, "server")
-            out |= load_figures(llama, [n], opts, "llama_server")
+            out |= load_figures(served, [n], opts, "server")
+            for label, other in started:
+                out |= load_figures(other, [n], opts, label)
+        return out
     finally:
-        llama.close()
-    return out
+        for _, other in started:
+            other.close()
 
 
 def parallel_of(served) -> int:

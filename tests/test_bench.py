@@ -146,6 +146,7 @@ def side_by_side_order(tmp_path, monkeypatch, budget):
     asked = []
     monkeypatch.setattr(bench, "llama_command", lambda *a: ["llama-server"])
     monkeypatch.setattr(bench, "LlamaServer", lambda *a: Asked("llama", asked))
+    monkeypatch.setattr(bench, "Served", lambda *a: Asked("serial", asked))
     monkeypatch.setattr(bench.machine, "model_budget", lambda: budget)
     (tmp_path / "weights.00.npz").write_bytes(b"0" * 1000)
     opts = bench.argparse.Namespace(
@@ -155,13 +156,15 @@ def side_by_side_order(tmp_path, monkeypatch, budget):
     return asked
 
 
-def test_llama_server_takes_each_count_of_clients_right_after_ours(tmp_path, monkeypatch):
+def test_parallel_1_and_llama_server_take_each_count_of_clients_right_after_ours(tmp_path, monkeypatch):
     # The same minute of a shared machine for both sides of each ratio.
-    assert side_by_side_order(tmp_path, monkeypatch, 10**12) == ["ours", "llama", "ours", "ours", "llama", "llama"]
+    order = ["ours", "serial", "llama", "ours", "ours", "serial", "serial", "llama", "llama"]
+    assert side_by_side_order(tmp_path, monkeypatch, 4001) == order
 
 
-def test_llama_server_runs_after_ours_where_memory_does_not_hold_both(tmp_path, monkeypatch):
-    assert side_by_side_order(tmp_path, monkeypatch, 2999) == ["ours", "ours", "ours", "llama", "llama", "llama"]
+def test_the_servers_run_one_after_another_where_memory_does_not_hold_them_all(tmp_path, monkeypatch):
+    order = ["ours"] * 3 + ["serial"] * 3 + ["llama"] * 3
+    assert side_by_side_order(tmp_path, monkeypatch, 4000) == order
 
 
 @pytest.mark.parametrize(
