@@ -846,12 +846,10 @@ def run(opts):
     # llama-bench run after ours put its decode half a minute from ours at Mixtral's sizes.
     runs, llama_runs, threads = [], [], kernel_threads(model)
     for _ in range(opts.repeat):
-        if opts.llama_bench is None:
-            runs.append(prompt_and_decode(model, opts))
-            continue
-        llama = run_llama_bench(opts, threads, what=("prompt",))
+        before = run_llama_bench(opts, threads, what=("prompt",)) if opts.llama_bench is not None else None
         runs.append(prompt_and_decode(model, opts))
-        llama_runs.append(llama | run_llama_bench(opts, threads, what=("generation",)))
+        if before is not None:
+            llama_runs.append(before | run_llama_bench(opts, threads, what=("generation",)))
     turns = [chat_turns(model, tokenizer, opts) for _ in range(opts.repeat)]
     build_ms, run_ms = decode_breakdown(model, opts) if not opts.core_only else (None, None)
     gen_tps = statistics.median(r[1] for r in runs)
