@@ -476,10 +476,35 @@ def side_by_side(served, opts, threads: int, slots: int) -> dict:
             out |= load_figures(served, [n], opts, "server")
             for label, other in started:
                 out |= load_figures(other, [n], opts, label)
-        return out
+        return out | paired_rounds(served, started[0][1], opts)
     finally:
         for _, other in started:
             other.close()
+
+
+def paired_rounds(served, single, opts) -> dict:
+    """The two ratios of the batching bar, each from adjacent runs: --pair-rounds rounds of one client on
+    our server and one on `single` (--parallel 1, the order alternating), then the largest --clients count
+    on ours. A single reply's decode moves by 15% from one request to the next here, and a table's cells
+    are a minute apart: the medians of the rounds' ratios are what one run can say."""
+    n, ones, singles, manys = max(opts.clients), [], [], []
+
+    def rate(server, count, label):
+        return load_figures(server, [count], opts, label)[f"{label}_{count}_clients_decode_tokens_per_s"]
+
+    for r in range(opts.pair_rounds):
+        first, second = (ones, served), (singles, single)
+        for kept, server in (first, second) if r % 2 == 0 else (second, first):
+            kept.append(rate(server, 1, f"pair_{r}"))
+        manys.append(rate(served, n, f"pair_{r}"))
+    if not manys:
+        return {}
+    return {
+        "server_1_client_vs_parallel_1_each_round": [a / b for a, b in zip(ones, singles)],
+        "server_1_client_vs_parallel_1_paired": statistics.median(a / b for a, b in zip(ones, singles)),
+        f"server_{n}_clients_decode_vs_one_client_each_round": [m / a for m, a in zip(manys, ones)],
+        f"server_{n}_clients_decode_vs_one_client_paired": statistics.median(m / a for m, a in zip(manys, ones)),
+    }
 
 
 def parallel_of(served) -> int:
@@ -760,6 +785,13 @@ def build_parser():
         "--client-tokens", type=int, default=64, help="with --clients: tokens per reply (default: %(default)s)"
     )
     p.add_argument(
+        "--pair-rounds",
+        type=int,
+        default=5,
+        help="with --server: rounds of one client on ours, one on --parallel 1 and the largest --clients count on "
+        "ours, one after another: the medians of their ratios (default: %(default)s)",
+    )
+    p.add_argument(
         "--llama-server",
         metavar="COMMAND",
         help='with --server: also drive llama.cpp\'s server with the same clients, e.g. "llama-server -m M-q8_0.gguf" '
@@ -807,7 +839,7 @@ def main(argv=None):
 LEAST = dict(
     dim=1, hidden_dim=1, n_layers=1, n_experts=1, top_k=1, n_heads=1, n_kv_heads=1, head_dim=1, vocab_size=2,
     q_group_size=1, prompt_tokens=1, gen_tokens=1, chat_turns=1, turn_tokens=1, reply_tokens=1, repeat=1,
-    cpu_threads=1, resume_tokens=0, client_tokens=1, parallel=1,
+    cpu_threads=1, resume_tokens=0, client_tokens=1, parallel=1, pair_rounds=0,
 )  # fmt: skip
 
 

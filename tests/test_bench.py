@@ -74,6 +74,10 @@ def test_bench_measures_the_server_through_http(mlx_q8):
             assert result[f"{label}_{n}_clients_tokens_per_s"] > 0, result
             assert result[f"{label}_{n}_clients_decode_tokens_per_s"] > 0, result
             assert 0 < result[f"{label}_{n}_clients_ttft_median_s"] <= result[f"{label}_{n}_clients_ttft_p95_s"]
+    assert (
+        result["server_1_client_vs_parallel_1_paired"] > 0
+        and result["server_3_clients_decode_vs_one_client_paired"] > 0
+    )
 
 
 def test_the_clients_decode_rate_counts_only_the_tokens_while_all_of_them_decode():
@@ -129,42 +133,57 @@ def test_llama_server_gets_the_same_clients_with_slots_equal_to_our_parallel(tmp
 
 
 class Asked:
-    """A server for bench.side_by_side that notes, in one list for all, who was asked."""
+    """A server for bench.side_by_side that notes, in one list for all, who was asked; each reply is two
+    tokens `1 / rate` seconds apart."""
 
-    def __init__(self, name, asked):
-        self.name, self.asked = name, asked
+    def __init__(self, name, asked, rate=1.0):
+        self.name, self.asked, self.rate = name, asked, rate
 
     def ask(self, messages, max_tokens):
         self.asked.append(self.name)
-        return "", 0.0, 1.0, max_tokens, [0.0, 1.0]
+        return "", 0.0, 1.0 / self.rate, max_tokens, [0.0, 1.0 / self.rate]
 
     def close(self):
         pass
 
 
-def side_by_side_order(tmp_path, monkeypatch, budget):
+def side_by_side_order(tmp_path, monkeypatch, budget, pair_rounds=0):
     asked = []
     monkeypatch.setattr(bench, "llama_command", lambda *a: ["llama-server"])
     monkeypatch.setattr(bench, "LlamaServer", lambda *a: Asked("llama", asked))
-    monkeypatch.setattr(bench, "Served", lambda *a: Asked("serial", asked))
+    monkeypatch.setattr(bench, "Served", lambda *a: Asked("serial", asked, rate=0.8))
     monkeypatch.setattr(bench.machine, "model_budget", lambda: budget)
     (tmp_path / "weights.00.npz").write_bytes(b"0" * 1000)
     opts = bench.argparse.Namespace(
-        model_path=str(tmp_path), llama_server="llama-server", clients=[1, 2], turn_tokens=4, client_tokens=3
+        model_path=str(tmp_path),
+        llama_server="llama-server",
+        clients=[1, 2],
+        turn_tokens=4,
+        client_tokens=3,
+        pair_rounds=pair_rounds,
     )
-    bench.side_by_side(Asked("ours", asked), opts, 1, 16)
-    return asked
+    return asked, bench.side_by_side(Asked("ours", asked), opts, 1, 16)
 
 
 def test_parallel_1_and_llama_server_take_each_count_of_clients_right_after_ours(tmp_path, monkeypatch):
     # The same minute of a shared machine for both sides of each ratio.
     order = ["ours", "serial", "llama", "ours", "ours", "serial", "serial", "llama", "llama"]
-    assert side_by_side_order(tmp_path, monkeypatch, 4001) == order
+    assert side_by_side_order(tmp_path, monkeypatch, 4001)[0] == order
 
 
 def test_the_servers_run_one_after_another_where_memory_does_not_hold_them_all(tmp_path, monkeypatch):
     order = ["ours"] * 3 + ["serial"] * 3 + ["llama"] * 3
-    assert side_by_side_order(tmp_path, monkeypatch, 4000) == order
+    assert side_by_side_order(tmp_path, monkeypatch, 4000, pair_rounds=2)[0] == order
+
+
+def test_the_batching_bar_s_ratios_come_from_adjacent_rounds(tmp_path, monkeypatch):
+    # Each round: one client on ours and on --parallel 1 (first in turn), then the largest count on ours.
+    asked, out = side_by_side_order(tmp_path, monkeypatch, 4001, pair_rounds=2)
+    assert asked[9:] == ["ours", "serial", "ours", "ours", "serial", "ours", "ours", "ours"]
+    # ours decodes 1 token/s alone, --parallel 1 0.8; the 2 clients together 2 tokens/s.
+    assert out["server_1_client_vs_parallel_1_each_round"] == pytest.approx([1.25, 1.25])
+    assert out["server_1_client_vs_parallel_1_paired"] == pytest.approx(1.25)
+    assert out["server_2_clients_decode_vs_one_client_paired"] == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize(
