@@ -500,6 +500,9 @@ def paired_rounds(served, single, opts) -> dict:
     if not manys:
         return {}
     return {
+        "server_1_client_decode_each_round": ones,
+        "server_parallel_1_1_client_decode_each_round": singles,
+        f"server_{n}_clients_decode_each_round": manys,
         "server_1_client_vs_parallel_1_each_round": [a / b for a, b in zip(ones, singles)],
         "server_1_client_vs_parallel_1_paired": statistics.median(a / b for a, b in zip(ones, singles)),
         f"server_{n}_clients_decode_vs_one_client_each_round": [m / a for m, a in zip(manys, ones)],
