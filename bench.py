@@ -977,6 +977,8 @@ def run(opts):
         if k == "compared":
             continue  # the table below
         shown = f"{v:.3f}" if isinstance(v, float) else v
+        if isinstance(v, list) and all(isinstance(x, float) for x in v):
+            shown = ", ".join(f"{x:.3f}" for x in v)
         print(f"{k:<{width}}  {shown}", file=sys.stderr)
     if opts.compare_kernels or opts.llama_bench is not None:
         print(comparison_table(rows, result.get("llama_cpp")), file=sys.stderr)
