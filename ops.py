@@ -76,6 +76,18 @@ def sdpa_segments(q, segments: list, scale: float, sdpa_one=sdpa):
     )
 
 
+def write_rows(rows, caches: list, offsets: list, starts: list, ends: list) -> list:
+    """The caches (1, H, capacity, D), cache i with rows[:, :, starts[i]:ends[i]] written at positions offsets[i]
+    on. Ours: one op for all (kernels/small.cpp), each new cache in its old one's buffer where nothing else holds
+    it, as MLX's slice update does; else a slice update each."""
+    fast = KERNELS["module"]
+    if fast is not None and all(c.dtype == rows.dtype for c in caches):
+        return fast.write_rows(rows, caches, offsets, starts, ends)
+    for c, o, a, b in zip(caches, offsets, starts, ends):
+        c[:, :, o : o + b - a] = rows[:, :, a:b]
+    return caches
+
+
 def kv_dtype(choice, compute):
     """The KV cache's dtype: `choice` (a name, an mx.Dtype), or by default (None, "auto") float16 where our
     attention reads it in place (the CPU: half the bytes a decode step reads at depth; docs/performance.md
@@ -134,6 +146,7 @@ OUR_OPS = (
     "rope_at",
     "rms_norm",
     "swiglu",
+    "write_rows",
 )  # what the model calls in mixtral_kernels
 KERNELS = {"name": None, "module": None, "path": None, "line": ""}  # what qmm runs: use_kernels, or at load
 

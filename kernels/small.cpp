@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -29,6 +30,24 @@ int64_t row_offset(int64_t r, const mx::Shape& shape, const mx::Strides& strides
     r /= shape[d];
   }
   return offset;
+}
+
+// a (1, H, S, D), whatever its layout, into dst as row-major.
+void copy_whole(const mx::array& a, char* dst) {
+  const char* from = static_cast<const char*>(a.data<void>());
+  const int64_t size = a.itemsize();
+  if (a.flags().row_contiguous && a.data_size() == a.size()) {
+    std::memcpy(dst, from, a.nbytes());
+  } else if (a.data_size() == 1) { // one value broadcast: a new cache's zeros
+    for (int64_t e = 0; e < int64_t(a.size()); ++e)
+      std::memcpy(dst + e * size, from, size);
+  } else {
+    const auto& st = a.strides();
+    for (int64_t h = 0, e = 0; h < a.shape(1); ++h)
+      for (int64_t t = 0; t < a.shape(2); ++t)
+        for (int64_t d = 0; d < a.shape(3); ++d, ++e)
+          std::memcpy(dst + e * size, from + (h * st[1] + t * st[2] + d * st[3]) * size, size);
+  }
 }
 
 } // namespace
@@ -153,6 +172,84 @@ void Swiglu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 
 void Swiglu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("[mixtral_kernels.swiglu] runs on the CPU only; use nn.silu(a) * b");
+}
+
+std::vector<mx::array> write_rows(const mx::array& rows, const std::vector<mx::array>& caches, std::vector<int> offsets,
+                                  std::vector<int> starts, std::vector<int> ends, mx::StreamOrDevice s) {
+  require(rows.ndim() == 4 && rows.shape(0) == 1, "write_rows: rows must be (1, H, T, D)");
+  require(offsets.size() == caches.size() && starts.size() == caches.size() && ends.size() == caches.size(),
+          "write_rows: one offset, start and end for each cache");
+  std::vector<mx::array> inputs{rows};
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  for (size_t i = 0; i < caches.size(); ++i) {
+    const mx::array& c = caches[i];
+    require(c.ndim() == 4 && c.shape(0) == 1 && c.shape(1) == rows.shape(1) && c.shape(3) == rows.shape(3) &&
+                c.dtype() == rows.dtype(),
+            "write_rows: each cache must be (1, H, capacity, D) of the rows' H, D and dtype");
+    require(0 <= starts[i] && starts[i] <= ends[i] && ends[i] <= rows.shape(2) && 0 <= offsets[i] &&
+                offsets[i] + ends[i] - starts[i] <= c.shape(2),
+            "write_rows: each run of rows must lie within the rows and fit its cache");
+    inputs.push_back(c);
+    shapes.push_back(c.shape());
+    dtypes.push_back(c.dtype());
+  }
+  if (caches.empty())
+    return {};
+  auto op = std::make_shared<WriteRows>(mx::to_stream(s), std::move(offsets), std::move(starts), std::move(ends));
+  return mx::array::make_arrays(std::move(shapes), dtypes, op, inputs);
+}
+
+void WriteRows::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  // Every output holds a copy of the inputs (MLX's siblings), so no cache could be donated; the one
+  // `inputs` names is enough now (MLX drops them all once this returns).
+  for (auto& o : outputs)
+    if (&o.inputs() != &inputs)
+      o.inputs().clear();
+  std::vector<bool> donated(outputs.size());
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    const mx::array& in = inputs[i + 1];
+    donated[i] = in.is_donatable() && in.flags().row_contiguous && in.data_size() == in.size();
+    if (donated[i])
+      outputs[i].copy_shared_buffer(in);
+    else
+      outputs[i].set_data(mx::allocator::malloc(outputs[i].nbytes()));
+  }
+  std::vector<mx::array> outs;
+  for (auto& a : inputs)
+    encoder.set_input_array(a);
+  for (auto& o : outputs) {
+    encoder.set_output_array(o);
+    outs.push_back(mx::array::unsafe_weak_copy(o));
+  }
+  encoder.dispatch([inputs, outs, donated, offsets = offsets_, starts = starts_, ends = ends_]() mutable {
+    const mx::array& rows = inputs[0];
+    const int64_t H = rows.shape(1), D = rows.shape(3), size = rows.itemsize();
+    const char* src = static_cast<const char*>(rows.data<void>());
+    for (size_t i = 0; i < outs.size(); ++i) {
+      const mx::array& in = inputs[i + 1];
+      char* dst = static_cast<char*>(outs[i].data<void>());
+      const int64_t cap = in.shape(2);
+      if (!donated[i])
+        copy_whole(in, dst);
+      const auto& rs = rows.strides();
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t t = starts[i]; t < ends[i]; ++t) {
+          char* to = dst + ((h * cap + offsets[i] + t - starts[i]) * D) * size;
+          const char* from = src + (h * rs[1] + t * rs[2]) * size;
+          if (rs[3] == 1)
+            std::memcpy(to, from, D * size);
+          else
+            for (int64_t d = 0; d < D; ++d)
+              std::memcpy(to + d * size, from + d * rs[3] * size, size);
+        }
+    }
+  });
+}
+
+void WriteRows::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("[mixtral_kernels.write_rows] runs on the CPU only; use slice updates");
 }
 
 } // namespace mixtral_kernels

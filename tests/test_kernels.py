@@ -380,6 +380,55 @@ def test_segments_that_do_not_cover_q_in_order_are_refused_with_a_message():
         mk.attend_segments(q, [k], [k], [2], [0], [3], scale=0.25)
 
 
+@settings(max_examples=examples(30))
+@given(
+    seed=st.integers(0, 2**16),
+    runs=st.lists(st.tuples(st.integers(1, 9), st.integers(0, 40)), min_size=1, max_size=5),
+    dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+    fresh=st.booleans(),
+    transposed=st.booleans(),
+)
+def test_write_rows_gives_each_cache_what_a_slice_update_gives_it(seed, runs, dtype, fresh, transposed):
+    # runs: (rows, offset) of each cache; a fresh cache is MLX's broadcast zeros, else an evaluated array.
+    mk, rng, dt = ours(), np.random.default_rng(seed), getattr(mx, dtype)
+    T = sum(n for n, _ in runs)
+    rows = mx.array(rng.standard_normal((1, T, 2, 8)).astype(np.float32)).astype(dt).transpose(0, 2, 1, 3)
+    rows = rows if transposed else mx.contiguous(rows)  # a view, as a step's values are
+    caches = [
+        mx.zeros((1, 2, 64, 8), dt) if fresh else mx.array(rng.standard_normal((1, 2, 64, 8))).astype(dt) for _ in runs
+    ]
+    mx.eval(caches)
+    expected, a = [], 0
+    for c, (n, o) in zip(caches, runs):
+        e = mx.array(c)
+        e[:, :, o : o + n] = rows[:, :, a : a + n]
+        expected.append(e)
+        a += n
+    starts = np.cumsum([0] + [n for n, _ in runs])[:-1].tolist()
+    got = mk.write_rows(rows, caches, [o for _, o in runs], starts, [s + n for s, (n, _) in zip(starts, runs)])
+    for g, e in zip(got, expected):
+        assert g.dtype == dt and np.array_equal(np.array(g.astype(mx.float32)), np.array(e.astype(mx.float32)))
+
+
+def test_write_rows_writes_in_place_only_where_nothing_else_holds_the_cache():
+    mk = ours()
+    rows = mx.ones((1, 2, 1, 8), mx.float16)
+    held = mx.zeros((1, 2, 16, 8), mx.float16) + 0  # an evaluated buffer
+    mx.eval(held)
+    before = np.array(held)
+    got = mk.write_rows(rows, [held], [3], [0], [1])[0]
+    mx.eval(got)
+    assert np.array_equal(np.array(held), before) and np.array(got)[0, :, 3].min() == 1
+
+
+def test_write_rows_refuses_a_run_that_does_not_fit_with_a_message():
+    mk, rows, cache = ours(), mx.zeros((1, 2, 3, 8)), mx.zeros((1, 2, 4, 8))
+    with pytest.raises(ValueError, match="fit its cache"):
+        mk.write_rows(rows, [cache], [2], [0], [3])
+    with pytest.raises(ValueError, match="the rows' H, D and dtype"):
+        mk.write_rows(rows, [cache.astype(mx.float16)], [0], [0], [1])
+
+
 def test_mlx_attention_takes_a_cache_in_another_dtype_than_the_compute(kernels):
     """MIXTRAL_KERNELS=mlx (and a GPU) with --kv-dtype other than the compute dtype: MLX's kernel takes
     one dtype, so ops.sdpa widens the cache for it; the result is our kernel's within float32 rounding."""

@@ -1,4 +1,4 @@
-"""Quantized projections, attention (one sequence, or several in a row), RoPE, RMSNorm and SwiGLU for Mixtral on MLX's CPU backend
+"""Quantized projections, attention (one sequence, or several in a row), RoPE, RMSNorm, SwiGLU and cache writes for Mixtral on MLX's CPU backend
 (qmm.cpp, attend.cpp, small.cpp).
 
     from mixtral_kernels import qmm, EXACT, INT16
@@ -23,6 +23,7 @@ try:
         simd,
         swiglu,
         threads,
+        write_rows,
     )
 except ImportError as e:
     raise ImportError(f"mixtral_kernels was installed without its compiled module ({e})") from None
@@ -45,6 +46,7 @@ __all__ = [
     "rope_at",
     "rms_norm",
     "swiglu",
+    "write_rows",
     "set_threads",
     "threads",
     "simd",
