@@ -476,18 +476,19 @@ def side_by_side(served, opts, threads: int, slots: int) -> dict:
             out |= load_figures(served, [n], opts, "server")
             for label, other in started:
                 out |= load_figures(other, [n], opts, label)
-        return out | paired_rounds(served, started[0][1], opts)
+        return out | paired_rounds(served, started[0][1], opts, min(max(opts.clients), slots))
     finally:
         for _, other in started:
             other.close()
 
 
-def paired_rounds(served, single, opts) -> dict:
+def paired_rounds(served, single, opts, n: int) -> dict:
     """The two ratios of the batching bar, each from adjacent runs: --pair-rounds rounds of one client on
-    our server and one on `single` (--parallel 1, the order alternating), then the largest --clients count
-    on ours. A single reply's decode moves by 15% from one request to the next here, and a table's cells
-    are a minute apart: the medians of the rounds' ratios are what one run can say."""
-    n, ones, singles, manys = max(opts.clients), [], [], []
+    our server and one on `single` (--parallel 1, the order alternating), then n clients on ours (a full
+    batch: the largest --clients count up to our --parallel). A single reply's decode moves by 15% from one
+    request to the next here, and a table's cells are a minute apart: the medians of the rounds' ratios
+    are what one run can say."""
+    ones, singles, manys = [], [], []
 
     def rate(server, count, label):
         return load_figures(server, [count], opts, label)[f"{label}_{count}_clients_decode_tokens_per_s"]
@@ -791,8 +792,9 @@ def build_parser():
         "--pair-rounds",
         type=int,
         default=5,
-        help="with --server: rounds of one client on ours, one on --parallel 1 and the largest --clients count on "
-        "ours, one after another: the medians of their ratios (default: %(default)s)",
+        help="with --server: rounds of one client on ours, one on --parallel 1 and a full batch of clients (the "
+        "largest --clients count up to our --parallel) on ours, one after another: the medians of their ratios "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--llama-server",

@@ -147,7 +147,7 @@ class Asked:
         pass
 
 
-def side_by_side_order(tmp_path, monkeypatch, budget, pair_rounds=0):
+def side_by_side_order(tmp_path, monkeypatch, budget, pair_rounds=0, clients=(1, 2), slots=16):
     asked = []
     monkeypatch.setattr(bench, "llama_command", lambda *a: ["llama-server"])
     monkeypatch.setattr(bench, "LlamaServer", lambda *a: Asked("llama", asked))
@@ -157,12 +157,12 @@ def side_by_side_order(tmp_path, monkeypatch, budget, pair_rounds=0):
     opts = bench.argparse.Namespace(
         model_path=str(tmp_path),
         llama_server="llama-server",
-        clients=[1, 2],
+        clients=list(clients),
         turn_tokens=4,
         client_tokens=3,
         pair_rounds=pair_rounds,
     )
-    return asked, bench.side_by_side(Asked("ours", asked), opts, 1, 16)
+    return asked, bench.side_by_side(Asked("ours", asked), opts, 1, slots)
 
 
 def test_parallel_1_and_llama_server_take_each_count_of_clients_right_after_ours(tmp_path, monkeypatch):
@@ -184,6 +184,11 @@ def test_the_batching_bar_s_ratios_come_from_adjacent_rounds(tmp_path, monkeypat
     assert out["server_1_client_vs_parallel_1_each_round"] == pytest.approx([1.25, 1.25])
     assert out["server_1_client_vs_parallel_1_paired"] == pytest.approx(1.25)
     assert out["server_2_clients_decode_vs_one_client_paired"] == pytest.approx(2.0)
+
+
+def test_the_rounds_batch_is_the_largest_count_of_clients_up_to_our_parallel(tmp_path, monkeypatch):
+    _, out = side_by_side_order(tmp_path, monkeypatch, 4001, pair_rounds=1, clients=(1, 4, 8), slots=4)
+    assert out["server_4_clients_decode_vs_one_client_paired"] == pytest.approx(4.0)
 
 
 @pytest.mark.parametrize(
