@@ -791,7 +791,7 @@ def build_parser():
     p.add_argument(
         "--pair-rounds",
         type=int,
-        default=5,
+        default=9,
         help="with --server: rounds of one client on ours, one on --parallel 1 and a full batch of clients (the "
         "largest --clients count up to our --parallel) on ours, one after another: the medians of their ratios "
         "(default: %(default)s)",
