@@ -155,8 +155,8 @@ class Segments(list):
 
     def update(self, keys, values):
         """Each sequence's keys and values, rows start:end of these (1, n_kv_heads, T, head_dim), into its
-        cache: one op for all of them with our kernels (a sequence's were four ops a layer, 8% of a step of
-        16 decoding together)."""
+        cache: one op for all of them with our kernels (a sequence's were four ops a layer; a step of 16
+        decoding together is 2% faster)."""
         for c, a, b in self:
             c.reserve(keys, values, b - a)
         offsets, starts, ends = ([c.offset for c, _, _ in self], [a for _, a, _ in self], [b for *_, b in self])
