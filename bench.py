@@ -493,21 +493,22 @@ def paired_rounds(served, single, opts, n: int) -> dict:
     def rate(server, count, label):
         return load_figures(server, [count], opts, label)[f"{label}_{count}_clients_decode_tokens_per_s"]
 
+    first, second = (ones, served), (singles, single)
     for r in range(opts.pair_rounds):
-        first, second = (ones, served), (singles, single)
         for kept, server in (first, second) if r % 2 == 0 else (second, first):
             kept.append(rate(server, 1, f"pair_{r}"))
         manys.append(rate(served, n, f"pair_{r}"))
     if not manys:
         return {}
+    one_vs_single, many_vs_one = [a / b for a, b in zip(ones, singles)], [m / a for m, a in zip(manys, ones)]
     return {
         "server_1_client_decode_each_round": ones,
         "server_parallel_1_1_client_decode_each_round": singles,
         f"server_{n}_clients_decode_each_round": manys,
-        "server_1_client_vs_parallel_1_each_round": [a / b for a, b in zip(ones, singles)],
-        "server_1_client_vs_parallel_1_paired": statistics.median(a / b for a, b in zip(ones, singles)),
-        f"server_{n}_clients_decode_vs_one_client_each_round": [m / a for m, a in zip(manys, ones)],
-        f"server_{n}_clients_decode_vs_one_client_paired": statistics.median(m / a for m, a in zip(manys, ones)),
+        "server_1_client_vs_parallel_1_each_round": one_vs_single,
+        "server_1_client_vs_parallel_1_paired": statistics.median(one_vs_single),
+        f"server_{n}_clients_decode_vs_one_client_each_round": many_vs_one,
+        f"server_{n}_clients_decode_vs_one_client_paired": statistics.median(many_vs_one),
     }
 
 
