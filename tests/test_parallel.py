@@ -722,11 +722,12 @@ def test_a_rank_killed_out_of_three_ends_all_with_one_line_each(four_heads, monk
     assert len(ranks) == 3, ranks
     err = ended_after_killing(proc, ranks[1])
     # Each living rank's last line (rank 0's unmarked, the others' marked "[rank N]"), and no other word
-    # from our programs: the launcher's colored lines, which the ranks' output can cut into pieces, aside.
-    final = re.compile(r"^(\[rank (\d)\] )?(stopped \(SIGTERM: another rank failed|error: another rank stopped)")
+    # from our programs: the launcher's colored lines, which the ranks' output can cut into pieces, aside
+    # (a rank's line may also start after one of them on the same line: "...exited with code -9 [rank 2] error").
+    final = re.compile(r"(?:^| )(\[rank (\d)\] )?(stopped \(SIGTERM: another rank failed|error: another rank stopped)")
     said = {}
     for line in err.splitlines():
-        if m := final.match(line):
+        for m in final.finditer(line):
             said.setdefault(int(m[2] or 0), []).append(line)
     assert {rank: len(lines) for rank, lines in said.items()} == {0: 1, 2: 1}, err
     assert not re.search(r"^(\[rank \d\] )?(error|warning)", err.replace("error: another rank stopped", ""), re.M), err
