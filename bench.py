@@ -937,6 +937,7 @@ def run(opts):
         result |= grammar_figures(model, tokenizer, opts)
     if opts.server:
         generate_tps = prompt_and_decode(model, opts)[1]  # in-process, right before the server runs
+        result["one_stream_before_server_tps"] = generate_tps  # what the ratios below divide by
         result |= server_figures(opts, result["cpu_threads"])
         result["server_vs_generate_tps"] = result["server_generation_tps"] / generate_tps
         if 16 in opts.clients:

@@ -69,6 +69,9 @@ def test_bench_measures_the_server_through_http(mlx_q8):
     for key in ("server_reuse_ttft_ratio", "server_no_reuse_ttft_ratio"):
         assert result[key] > 0, result
     assert result["server_parallel"] == 16
+    assert result["one_stream_before_server_tps"] == pytest.approx(
+        result["server_generation_tps"] / result["server_vs_generate_tps"]
+    )
     for label in ("server", "server_parallel_1"):
         for n in (1, 3):
             assert result[f"{label}_{n}_clients_tokens_per_s"] > 0, result
