@@ -7,11 +7,13 @@
 // n * u / (1 - n * u) * (sum of |terms|), u = 2^-24 (Higham, Accuracy and Stability, 4.3); the scale
 // products add two roundings per group. So |got - reference| <= (K + 2 K / G + 2) * 1.01 u * S, with S
 // the sum of the terms' magnitudes. The int16 path's integer dot products are exact.
+// Where dot.h has dots_int16_rows (AVX2), each of its outputs must also be the bits dots_int16 gives.
 // Prints "ok N" and exits 0, or prints each failure and exits 1.
 #include "dot.h"
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -90,6 +92,45 @@ static int check(std::mt19937& rng, int G, int K, int& cases) {
   return failures;
 }
 
+#ifdef MK_DOTS_ROWS
+// dots_int16_rows: NW weight rows (one after another) with R rows of x must give each output the bits
+// dots_int16 gives it, one weight row at a time.
+template <int BITS, int G>
+static int check_rows(std::mt19937& rng, int K, int& cases) {
+  constexpr int NW = 2, R = 4;
+  std::vector<Case> w, x;
+  for (int i = 0; i < NW; ++i)
+    w.push_back(make(rng, BITS, G, K));
+  for (int i = 0; i < R; ++i)
+    x.push_back(make(rng, BITS, G, K));
+  std::vector<uint8_t> packed;
+  std::vector<float> scales, biases, xs, xsum;
+  std::vector<int16_t> xq;
+  for (const Case& c : w) {
+    packed.insert(packed.end(), c.w.begin(), c.w.end());
+    scales.insert(scales.end(), c.scales.begin(), c.scales.end());
+    biases.insert(biases.end(), c.biases.begin(), c.biases.end());
+  }
+  for (const Case& c : x) {
+    xq.insert(xq.end(), c.xq.begin(), c.xq.end());
+    xs.insert(xs.end(), c.xs.begin(), c.xs.end());
+    xsum.insert(xsum.end(), c.xsum.begin(), c.xsum.end());
+  }
+  float many[R * NW], alone[R * NW];
+  dots_int16_rows<BITS, NW, R, G>(Row{packed.data(), scales.data(), biases.data()}, xq.data(), xs.data(), xsum.data(),
+                                  K, many, NW);
+  for (int o = 0; o < NW; ++o)
+    dots_int16<BITS, R, G>(Row{w[o].w.data(), w[o].scales.data(), w[o].biases.data()}, xq.data(), xs.data(),
+                           xsum.data(), K, alone + o, NW);
+  ++cases;
+  if (std::memcmp(many, alone, sizeof many) == 0)
+    return 0;
+  std::printf("FAIL %s int16 %d weight rows at once: bits %d group %d K %d differ from one at a time\n",
+              simd_name().c_str(), NW, BITS, G, K);
+  return 1;
+}
+#endif
+
 int main() {
   std::mt19937 rng(0);
   int failures = 0, cases = 0;
@@ -98,6 +139,12 @@ int main() {
       for (int repeat = 0; repeat < 4; ++repeat) {
         failures += check<8>(rng, G, G * groups, cases);
         failures += check<4>(rng, G, G * groups, cases);
+#ifdef MK_DOTS_ROWS
+        with_group(G, [&](auto g) {
+          failures += check_rows<8, g()>(rng, G * groups, cases);
+          failures += check_rows<4, g()>(rng, G * groups, cases);
+        });
+#endif
       }
   if (failures)
     return 1;

@@ -222,11 +222,18 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
         // block from memory (and asks ahead), the others find it in L2.
         auto passes = [&](auto row_of) {
           auto dots = [&](auto rows) {
-            for (; p.path == Path::int16 && r + rows() <= t1; r += rows())
-              each_row([&](int64_t n) {
-                dots_int16<BITS, rows(), G>(row_of(n), q.xq.data() + r * p.K, q.xs.data() + r * groups,
-                                            q.xsum.data() + r * groups, p.K, p.out + r * p.N + n, p.N, r == t0);
-              });
+            for (; p.path == Path::int16 && r + rows() <= t1; r += rows()) {
+              const int16_t* xq = q.xq.data() + r * p.K;
+              const float *xs = q.xs.data() + r * groups, *xsum = q.xsum.data() + r * groups;
+              int64_t n = nb;
+#ifdef MK_DOTS_ROWS
+              if constexpr (rows() == 4) // two weight rows at a time: each load of x serves both
+                for (; n + 2 <= nb1; n += 2)
+                  dots_int16_rows<BITS, 2, 4, G>(row_of(n), xq, xs, xsum, p.K, p.out + r * p.N + n, p.N, r == t0);
+#endif
+              for (; n < nb1; ++n)
+                dots_int16<BITS, rows(), G>(row_of(n), xq, xs, xsum, p.K, p.out + r * p.N + n, p.N, r == t0);
+            }
           };
           dots(std::integral_constant<int, 4>{});
           dots(std::integral_constant<int, 3>{}); // what is left of the tile, in one pass
