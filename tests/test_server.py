@@ -245,6 +245,18 @@ def test_a_port_in_use_is_a_one_line_error(mlx_q8):
     assert_one_line_error(r, "cannot listen on 127.0.0.1:", "--port")
 
 
+def test_a_connection_the_server_accepts_sends_each_streamed_token_at_once():
+    # TCP_NODELAY on the listener, inherited by what it accepts: with Nagle's algorithm a streamed token
+    # waited for the client's delayed ACK of the one before (up to 40 ms a token).
+    import server as module
+
+    listener = module.listen("127.0.0.1", 0)
+    with listener, socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
 # --------------------------------------------------------------------------- other web pages
 
 
