@@ -247,7 +247,7 @@ def test_a_port_in_use_is_a_one_line_error(mlx_q8):
 
 def test_a_connection_the_server_accepts_sends_each_streamed_token_at_once():
     # TCP_NODELAY on the listener, inherited by what it accepts: with Nagle's algorithm a streamed token
-    # waited for the client's delayed ACK of the one before (up to 40 ms a token).
+    # may wait for the client's delayed ACK of the one before (up to 40 ms a token over a network).
     import server as module
 
     listener = module.listen("127.0.0.1", 0)
