@@ -14,6 +14,8 @@ if __name__ == "__main__":  # Ctrl-C during the imports below ends the program q
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
+import heapq
+import itertools
 import json
 import os
 import re
@@ -305,21 +307,50 @@ def chat_turns(model, tokenizer, opts):
 
 def ask(url, messages, max_tokens, extra=None):
     """A streamed chat request to an OpenAI-compatible server -> (reply text, seconds to the first text,
-    seconds to the last, text events: a token each on our server and on llama-server, and the clock
-    (time.perf_counter) at each event)."""
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True} | (extra or {})
+    seconds to the last, the reply's tokens, and the clock (time.perf_counter) at each token: token_times).
+    The tokens are the server's usage count where it sends one (ours and llama-server do), else the text
+    events."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body |= {"stream_options": {"include_usage": True}} | (extra or {})
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    tic, parts, stamps = time.perf_counter(), [], []
+    tic, parts, stamps, tokens = time.perf_counter(), [], [], None
     with urllib.request.urlopen(request, timeout=600) as r:
         for line in r:
             if not line.startswith(b"data: {"):
                 continue
-            choices = json.loads(line[6:])["choices"]
+            event = json.loads(line[6:])
+            if isinstance(event.get("usage"), dict):
+                tokens = event["usage"].get("completion_tokens")
+            choices = event.get("choices")
             if choices and choices[0]["delta"].get("content"):
                 stamps.append(time.perf_counter())
                 parts.append(choices[0]["delta"]["content"])
     first, last = (stamps[0] - tic, stamps[-1] - tic) if stamps else (None, None)
-    return "".join(parts), first, last, len(parts), stamps
+    times = token_times(stamps, tokens if isinstance(tokens, int) else len(stamps))
+    return "".join(parts), first, last, len(times), times
+
+
+def token_times(stamps: list, tokens: int) -> list:
+    """When each of a reply's `tokens` came, from its text events' times. An event can carry several
+    tokens: a server holds back tokens that do not yet make a whole character (byte tokens; those that
+    never do come with the last event), so counting events undercounts such a reply. Each token beyond
+    the events goes to the gap between events that is longest per token it already has (a silent
+    stream was decoding), and a gap's tokens are spread evenly over it."""
+    extra = tokens - len(stamps)
+    if extra <= 0 or not stamps:
+        return stamps
+    if len(stamps) == 1:
+        return stamps * tokens
+    gaps = [(-(b - a), 1, i) for i, (a, b) in enumerate(itertools.pairwise(stamps))]
+    heapq.heapify(gaps)
+    for _ in range(extra):
+        span, k, i = heapq.heappop(gaps)
+        heapq.heappush(gaps, (span * k / (k + 1), k + 1, i))
+    held = {i: k for _, k, i in gaps}
+    times = stamps[:1]
+    for i, (a, b) in enumerate(itertools.pairwise(stamps)):
+        times += [a + (b - a) * j / held[i] for j in range(1, held[i] + 1)]
+    return times
 
 
 def decode_rate(stamps: list) -> float:

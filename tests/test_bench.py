@@ -1,6 +1,8 @@
 """bench.py at a tiny size: a smoke run, not a measurement."""
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -92,6 +94,36 @@ def test_the_clients_decode_rate_counts_only_the_tokens_while_all_of_them_decode
     assert bench.decode_rate([a]) == pytest.approx(22 / 11)  # one client: its tokens after the first
     # Never all at once: every token after each one's first, over the whole span.
     assert bench.decode_rate([[0.0, 1.0], [2.0, 3.0, 4.0]]) == pytest.approx(3 / 4)
+
+
+def test_tokens_held_back_into_a_later_event_are_spread_over_the_silence_before_it():
+    # 14 tokens in 5 text events, the last one carrying 10 (byte tokens that never made a character):
+    # the stream was silent 10 s while they were decoded, one a second like the others.
+    times = bench.token_times([0.0, 1.0, 2.0, 3.0, 13.0], 14)
+    assert times == pytest.approx([float(t) for t in range(14)])
+    assert bench.decode_rate([times]) == pytest.approx(1.0)
+    assert bench.token_times([0.0, 1.0, 2.0], 3) == [0.0, 1.0, 2.0]  # one token an event: as they came
+
+
+def test_a_reply_s_tokens_are_the_server_s_usage_count_not_its_text_events():
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert body["stream_options"] == {"include_usage": True}
+            self.send_response(200)
+            self.end_headers()
+            for text in ("a", "b", "\ufffd" * 6):
+                self.wfile.write(b"data: " + json.dumps({"choices": [{"delta": {"content": text}}]}).encode() + b"\n\n")
+            self.wfile.write(b'data: {"choices": [], "usage": {"completion_tokens": 8}}\n\ndata: [DONE]\n\n')
+
+        def log_message(self, *a):
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        text, first, last, tokens, times = bench.ask(f"http://127.0.0.1:{httpd.server_port}/", [], 8)
+        httpd.shutdown()
+    assert text == "ab" + "\ufffd" * 6 and tokens == 8 and len(times) == 8 and first <= last
 
 
 # llama-server's side of the protocol bench.py uses: /health, then streamed chat chunks; it writes its argv beside it.
