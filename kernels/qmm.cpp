@@ -217,7 +217,7 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
         // through the passes over L2 and the compute waited on memory in the first. With 2 threads: 16 rows against the
         // bench checkpoint's output projection (32000 x 1024) 0.90x the time (median of 5 alternating runs of separate
         // builds); an expert's 5 and 8 rows, weights from memory, 0.91x and 0.83x; a step of 16 sequences decoding
-        // together about 0.97x (median of 18 alternating pairs; this shared machine is noisy). An expert's 4 rows or
+        // together 0.965x and 0.978x (median of 18 alternating pairs, geometric mean of 16 more). An expert's 4 rows or
         // fewer have one pass only: nothing to hide it under.
         int64_t we = e, wn0 = nb1, wn1 = std::min(n1, nb1 + block);
         if (nb1 >= n1) {
@@ -302,7 +302,7 @@ static void run(const Problem& p) {
   // until it came back: 20% of a decode step's samples were that wait. About 4 pieces a thread, and 16
   // where each weight read serves 8 to 64 rows (a step of many sequences decoding together: the dense
   // projections): the first thread done waits half a piece on average, and a step of 16 sequences went
-  // from 1.7% to 1.0% of its samples in that wait, 4% faster (geometric mean of 16 alternating pairs of
+  // from 1.7% to 1.0% of its samples in that wait, 0.965x the time (geometric mean of 16 alternating pairs of
   // separate builds). Not for a stream's one row, which streams its weights and which shorter pieces
   // restart more often (16 a thread: 9% slower), nor a prefill's many rows (alike: 1.02x the time).
   const int n = std::max<int64_t>(1, std::min<int64_t>(Pool::get().size, p.N / 8));
