@@ -149,6 +149,19 @@ static const float* widened(const S* from, int64_t n, float* to) {
   }
 }
 
+// Ask memory for weight row wr (counting every expert's rows), its scales and biases, into the caches
+// __builtin_prefetch's LOCALITY names (3: L1 and out; 1: L2 and out).
+template <int LOCALITY, typename S>
+static void ask_row(const Problem& p, const S* scales, const S* biases, int64_t wr, int64_t row_bytes) {
+  const int64_t groups = p.K / p.G;
+  for (int64_t i = 0; i < row_bytes; i += 64)
+    __builtin_prefetch(p.w + wr * row_bytes + i, 0, LOCALITY);
+  for (int64_t i = 0; i < groups * int64_t(sizeof(S)); i += 64) {
+    __builtin_prefetch(reinterpret_cast<const char*>(scales + wr * groups) + i, 0, LOCALITY);
+    __builtin_prefetch(reinterpret_cast<const char*>(biases + wr * groups) + i, 0, LOCALITY);
+  }
+}
+
 template <int BITS, int G, typename S>
 static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
   const int64_t row_bytes = p.K * BITS / 8, groups = p.K / p.G;
@@ -186,13 +199,7 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
       ++b1;
     const int64_t e = p.expert[b0], r_begin = b0 * p.rows_per_batch, r_end = b1 * p.rows_per_batch;
     auto read_ahead = [&](int64_t n) { // ask for weight row n now: memory works while this one computes
-      const int64_t wr = e * p.N + n;
-      for (int64_t i = 0; i < row_bytes; i += 64)
-        __builtin_prefetch(p.w + wr * row_bytes + i);
-      for (int64_t i = 0; i < groups * int64_t(sizeof(S)); i += 64) {
-        __builtin_prefetch(reinterpret_cast<const char*>(scales + wr * groups) + i);
-        __builtin_prefetch(reinterpret_cast<const char*>(biases + wr * groups) + i);
-      }
+      ask_row<3>(p, scales, biases, e * p.N + n, row_bytes);
     };
     for (int64_t t0 = r_begin; t0 < r_end; t0 += tile) {
       const int64_t t1 = std::min(r_end, t0 + tile);
@@ -228,13 +235,7 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
           const int64_t m = wn0 + (n - nb);
           if (we < 0 || pass != t0 + 4 || m >= wn1)
             return;
-          const int64_t wr = we * p.N + m;
-          for (int64_t i = 0; i < row_bytes; i += 64)
-            __builtin_prefetch(p.w + wr * row_bytes + i, 0, 1);
-          for (int64_t i = 0; i < groups * int64_t(sizeof(S)); i += 64) {
-            __builtin_prefetch(reinterpret_cast<const char*>(scales + wr * groups) + i, 0, 1);
-            __builtin_prefetch(reinterpret_cast<const char*>(biases + wr * groups) + i, 0, 1);
-          }
+          ask_row<1>(p, scales, biases, we * p.N + m, row_bytes);
         };
 #endif
         auto each_row = [&](auto&& f) { // f(n) for the block's weight rows, the first time reading ahead
