@@ -94,10 +94,10 @@ static int check(std::mt19937& rng, int G, int K, int& cases) {
 
 #ifdef MK_DOTS_ROWS
 // dots_int16_rows: NW weight rows (one after another) with R rows of x must give each output the bits
-// dots_int16 gives it, one weight row at a time.
-template <int BITS, int G>
+// dots_int16 gives it, one weight row at a time (qmm.cpp's passes take 3 to 6 rows of x so).
+template <int BITS, int G, int R>
 static int check_rows(std::mt19937& rng, int K, int& cases) {
-  constexpr int NW = 2, R = 4;
+  constexpr int NW = 2;
   std::vector<Case> w, x;
   for (int i = 0; i < NW; ++i)
     w.push_back(make(rng, BITS, G, K));
@@ -125,8 +125,8 @@ static int check_rows(std::mt19937& rng, int K, int& cases) {
   ++cases;
   if (std::memcmp(many, alone, sizeof many) == 0)
     return 0;
-  std::printf("FAIL %s int16 %d weight rows at once: bits %d group %d K %d differ from one at a time\n",
-              simd_name().c_str(), NW, BITS, G, K);
+  std::printf("FAIL %s int16 %d weight rows with %d rows of x at once: bits %d group %d K %d differ from one at a time\n",
+              simd_name().c_str(), NW, R, BITS, G, K);
   return 1;
 }
 #endif
@@ -141,8 +141,12 @@ int main() {
         failures += check<4>(rng, G, G * groups, cases);
 #ifdef MK_DOTS_ROWS
         with_group(G, [&](auto g) {
-          failures += check_rows<8, g()>(rng, G * groups, cases);
-          failures += check_rows<4, g()>(rng, G * groups, cases);
+          auto rows = [&](auto r) {
+            failures += check_rows<8, g(), r()>(rng, G * groups, cases);
+            failures += check_rows<4, g(), r()>(rng, G * groups, cases);
+          };
+          rows(std::integral_constant<int, 3>{}), rows(std::integral_constant<int, 4>{});
+          rows(std::integral_constant<int, 5>{}), rows(std::integral_constant<int, 6>{});
         });
 #endif
       }

@@ -397,8 +397,8 @@ void dots_int16(const RowOf<S>& r, const int16_t* xq, const float* xs, const flo
 // dots_int16 of NW weight rows that lie one after another (row `first` and the NW - 1 after it) with the
 // same R rows of x: each vector of x, loaded once, serves all NW. With one weight row the bound was the
 // loads (one of x for every multiply, plus spills: llvm-mca -mcpu=znver3 puts the load pipes first), not
-// the multiplies. qmm.cpp takes 4 rows of x against 2 weight rows (AMD EPYC Zen 3, 2 threads, separate
-// builds alternated): a 64-row projection 74-80 -> 89-91 billion multiply-adds a second, a 512-token
+// the multiplies. qmm.cpp takes 3 to 6 rows of x against 2 weight rows. With 4 (AMD EPYC Zen 3, 2 threads,
+// separate builds alternated): a 64-row projection 74-80 -> 89-91 billion multiply-adds a second, a 512-token
 // prefill 1.07x faster (median of 6 pairs), a step of 16 sequences decoding together 1.03x (only its
 // dense projections gain: the experts' few rows stream their weights from memory, and measured alike).
 // The registers hold the NW x R integer sums; the float sums and the first group's products of each pair

@@ -162,6 +162,45 @@ static void ask_row(const Problem& p, const S* scales, const S* biases, int64_t 
   }
 }
 
+#ifdef MK_DOTS
+// How many of the tile's `left` rows of x the next pass takes. With the two-weight-row kernel (AVX2) up to 6,
+// the passes as even as can be (7 rows: 4 and 3; 16: 6, 5 and 5). A pass of 5 or 6 rows costs per row what
+// one of 4 does (one thread, weights in L2: 45-47 billion multiply-adds a second each), where the 1 to 3 rows
+// left after passes of 4 cost up to 1.6x as much per row: an expert's 5 rows took a pass of 4 and one of 1.
+// Sequences decoding together, A/B in one process (alternating blocks of 15 steps, 2 threads): 16 of them
+// 0.89-0.93x the time a step (random and the bench's prompts), 32 0.91x, 8 0.95x; a 512-token prefill
+// 0.96x; one stream alike. Elsewhere (AVX-512) 4 at a time.
+static int64_t pass_rows(int64_t left) {
+#ifdef MK_DOTS_ROWS
+  const int64_t passes = (left + 5) / 6;
+  return (left + passes - 1) / passes;
+#else
+  return std::min<int64_t>(4, left);
+#endif
+}
+
+// f(the rows of a pass as a constant), for 1 to pass_rows' most.
+template <class F>
+static void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+#ifdef MK_DOTS_ROWS
+    case 5:
+      return f(std::integral_constant<int, 5>{});
+    case 6:
+      return f(std::integral_constant<int, 6>{});
+#endif
+    default:
+      return f(std::integral_constant<int, 4>{});
+  }
+}
+#endif
+
 template <int BITS, int G, typename S>
 static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1) {
   const int64_t row_bytes = p.K * BITS / 8, groups = p.K / p.G;
@@ -219,21 +258,22 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
         int64_t r = t0;
 #ifdef MK_DOTS
         // The block the next first pass reads: this expert's next, else the next tile's or the next expert's first. A
-        // pass over weights already in L2 (the second: r at t0 + 4) asks memory for it meanwhile, row for row, into L2
+        // pass over weights already in L2 (the second, at `second`) asks memory for it meanwhile, row for row, into L2
         // (prefetcht2: in L1 it would push out x), so that the next first pass finds it there. Otherwise memory idled
         // through the passes over L2 and the compute waited on memory in the first. With 2 threads: 16 rows against the
         // bench checkpoint's output projection (32000 x 1024) 0.90x the time (median of 5 alternating runs of separate
         // builds); an expert's 5 and 8 rows, weights from memory, 0.91x and 0.83x; a step of 16 sequences decoding
-        // together 0.965x and 0.978x (median of 18 alternating pairs, geometric mean of 16 more). An expert's 4 rows or
+        // together 0.965x and 0.978x (median of 18 alternating pairs, geometric mean of 16 more). An expert's 6 rows or
         // fewer have one pass only: nothing to hide it under.
         int64_t we = e, wn0 = nb1, wn1 = std::min(n1, nb1 + block);
         if (nb1 >= n1) {
           we = t0 + tile < r_end ? e : b1 < p.batches ? p.expert[b1] : -1;
           wn0 = n0, wn1 = std::min(n1, n0 + block);
         }
+        const int64_t second = t0 + pass_rows(t1 - t0); // where the second pass starts, if there is one
         auto warm = [&](int64_t n, int64_t pass) {
           const int64_t m = wn0 + (n - nb);
-          if (we < 0 || pass != t0 + 4 || m >= wn1)
+          if (we < 0 || pass != second || m >= wn1)
             return;
           ask_row<1>(p, scales, biases, we * p.N + m, row_bytes);
         };
@@ -246,31 +286,29 @@ static void compute(const Problem& p, const Prepared& q, int64_t n0, int64_t n1)
           }
         };
 #ifdef MK_DOTS
-        // The tile's rows of x 4 at a time against each weight row of the block; the first pass reads the
+        // The tile's rows of x in passes (pass_rows) against each weight row of the block; the first pass reads the
         // block from memory (and asks ahead), the others find it in L2.
         auto passes = [&](auto row_of) {
-          auto dots = [&](auto rows) {
-            for (; p.path == Path::int16 && r + rows() <= t1; r += rows()) {
-              const int16_t* xq = q.xq.data() + r * p.K;
-              const float *xs = q.xs.data() + r * groups, *xsum = q.xsum.data() + r * groups;
-              int64_t n = nb;
+          auto pass = [&](auto rows) {
+            const int16_t* xq = q.xq.data() + r * p.K;
+            const float *xs = q.xs.data() + r * groups, *xsum = q.xsum.data() + r * groups;
+            int64_t n = nb;
 #ifdef MK_DOTS_ROWS
-              if constexpr (rows() == 4) // two weight rows at a time: each load of x serves both
-                for (; n + 2 <= nb1; n += 2) {
-                  warm(n, r), warm(n + 1, r);
-                  dots_int16_rows<BITS, 2, 4, G>(row_of(n), xq, xs, xsum, p.K, p.out + r * p.N + n, p.N, r == t0);
-                }
-#endif
-              for (; n < nb1; ++n) {
-                warm(n, r);
-                dots_int16<BITS, rows(), G>(row_of(n), xq, xs, xsum, p.K, p.out + r * p.N + n, p.N, r == t0);
+            // Two weight rows at a time: each load of x serves both (for 1 or 2 rows of x one at a time measured
+            // faster, weights in L2: 1.2x and 1.05x the multiply-adds a second; for 3 rows 0.88-0.93x).
+            if constexpr (rows() >= 3)
+              for (; n + 2 <= nb1; n += 2) {
+                warm(n, r), warm(n + 1, r);
+                dots_int16_rows<BITS, 2, rows(), G>(row_of(n), xq, xs, xsum, p.K, p.out + r * p.N + n, p.N, r == t0);
               }
+#endif
+            for (; n < nb1; ++n) {
+              warm(n, r);
+              dots_int16<BITS, rows(), G>(row_of(n), xq, xs, xsum, p.K, p.out + r * p.N + n, p.N, r == t0);
             }
           };
-          dots(std::integral_constant<int, 4>{});
-          dots(std::integral_constant<int, 3>{}); // what is left of the tile, in one pass
-          dots(std::integral_constant<int, 2>{});
-          dots(std::integral_constant<int, 1>{});
+          for (int64_t rows; p.path == Path::int16 && r < t1; r += rows)
+            with_rows(rows = pass_rows(t1 - r), pass);
         };
         if constexpr (in_registers) {
           if (in_place)
