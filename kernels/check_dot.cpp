@@ -125,7 +125,8 @@ static int check_rows(std::mt19937& rng, int K, int& cases) {
   ++cases;
   if (std::memcmp(many, alone, sizeof many) == 0)
     return 0;
-  std::printf("FAIL %s int16 %d weight rows with %d rows of x at once: bits %d group %d K %d differ from one at a time\n",
+  std::printf("FAIL %s int16 %d weight rows with %d rows of x at once: bits %d group %d K %d differ from one at a "
+              "time\n",
               simd_name().c_str(), NW, R, BITS, G, K);
   return 1;
 }
