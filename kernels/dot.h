@@ -437,7 +437,7 @@ template <int BITS, int NW, int R, int G, typename S>
 void dots_int16_rows(const RowOf<S>& first, const int16_t* xq, const float* xs, const float* xsum, int64_t K,
                      float* out, int64_t N, bool ahead = false) {
   const int64_t groups = K / G, row_bytes = K * BITS / 8;
-  alignas(32) float t[NW][R][8] = {}, p[NW][R][8], sx[NW][R][8];
+  alignas(32) float t[NW][R][8], p[NW][R][8], sx[NW][R][8]; // t: from the first block on (no memset)
   auto in_memory = [&] { asm volatile("" : "+m"(t), "+m"(p)); };
   in_memory();
   // Inlined (as group_int16_rows is): a block called as a function reloaded its captures after every store.
@@ -448,7 +448,8 @@ void dots_int16_rows(const RowOf<S>& first, const int16_t* xq, const float* xs, 
       const __m256 scale = load(first.scales + o * groups + c), bias = load(first.biases + o * groups + c);
       for (int i = 0; i < R; ++i) {
         _mm256_store_ps(sx[o][i], _mm256_mul_ps(scale, load(xs + i * groups + c)));
-        _mm256_store_ps(t[o][i], _mm256_fmadd_ps(bias, load(xsum + i * groups + c), _mm256_load_ps(t[o][i])));
+        const __m256 before = c == 0 ? _mm256_setzero_ps() : _mm256_load_ps(t[o][i]);
+        _mm256_store_ps(t[o][i], _mm256_fmadd_ps(bias, load(xsum + i * groups + c), before));
       }
     }
     int64_t g = 0;
