@@ -480,11 +480,12 @@ def attach(model: Mixtral, weights: dict, dtype, path: Path):
             )
 
     # Floating tensors (norms, router, unquantized weights) compute in dtype; quantization scales and
-    # biases stay as stored where our kernels read them so (ops.scales_dtype).
+    # biases stay as stored where our kernels read them so (ops.scales_dtype). Not the embedding's: MLX
+    # dequantizes its rows in their scales' dtype, and in float16 rounded them to 11 significant bits.
     def cast(k, w):
         if not mx.issubdtype(w.dtype, mx.floating):
             return w
-        quantization = k.endswith((".scales", ".biases"))
+        quantization = k.endswith((".scales", ".biases")) and not k.startswith("tok_embeddings.")
         return w.astype(ops.scales_dtype(w.dtype, dtype) if quantization else dtype)
 
     model.load_weights([(k, cast(k, w)) for k, w in weights.items()], strict=True)

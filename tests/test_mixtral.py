@@ -269,6 +269,21 @@ def test_our_kernels_keep_the_scales_as_stored_with_the_logits_of_float32_scales
     assert np.array_equal(np.array(kept), np.array(model(tokens)[0]))
 
 
+def test_the_embedding_is_dequantized_in_the_compute_dtype_from_its_stored_scales(mlx_q8):
+    """MLX dequantizes the embedding's rows in its scales' dtype: kept as stored (half precision) they came
+    out rounded to 11 significant bits. Its scales compute in the model's dtype, so a row is exactly its
+    stored scales and biases widened to float32."""
+    model, _ = mixtral.load_model(mlx_q8)
+    tokens = mx.array([1, 5, 9, 200])
+    scales, biases = (stored_scales(mlx_q8, f"tok_embeddings.{name}") for name in ("scales", "biases"))
+    assert scales.dtype in (mx.float16, mx.bfloat16)
+    rows = model.tok_embeddings(tokens[None])[0]
+    assert rows.dtype == model.dtype == mx.float32
+    packed = model.tok_embeddings.weight[tokens]
+    widened = (a[tokens].astype(mx.float32) for a in (scales, biases))
+    assert np.array_equal(np.array(rows), np.array(mx.dequantize(packed, *widened, 64, 8)))
+
+
 def test_mlx_kernels_keep_the_scales_in_the_compute_dtype(mlx_q8, kernels):
     kernels("mlx")
     model, _ = mixtral.load_model(mlx_q8)
