@@ -540,7 +540,7 @@ def sample(logits, temp: float = 0.0, top_p: float = 1.0, min_p: float = 0.0, ke
     tokens whose probability reaches top_p; min_p drops tokens below min_p x the top probability.
     key: the draw's random key (default: MLX's global sequence, which mx.random.seed starts)."""
     if temp == 0:
-        return mx.argmax(logits, axis=-1)
+        return ops.argmax(logits)
     logprobs = logits / temp
     logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
     if min_p > 0:

@@ -1,7 +1,7 @@
 """The ops the model calls where MLX's CPU backend is slow, and which kernels run them.
 
 On the CPU, ours (kernels/, an MLX C++ extension: mixtral_kernels) where they are built: the quantized
-projections (qmm), attention (sdpa), RoPE, RMSNorm and SwiGLU, each one op with threads inside. On a GPU,
+projections (qmm), attention (sdpa), RoPE, RMSNorm, SwiGLU and greedy argmax, each one op. On a GPU,
 or where ours are not built (no compiler at install), MLX's own; `use_kernels` says which in one line,
 with the remedy when ours cannot run. MIXTRAL_KERNELS=int16|exact|mlx chooses.
 
@@ -122,6 +122,15 @@ def swiglu(a, b):
     return nn.silu(a) * b
 
 
+def argmax(x):
+    """The index of the largest value along the last axis: greedy decoding's draw. Ours on the CPU (kernels/small.h:
+    vectorized, MLX's CPU loop compares one value at a time), else MLX's; the same index either way."""
+    fast = KERNELS["module"]
+    if fast is not None and x.dtype == mx.float32:
+        return fast.argmax(x)
+    return mx.argmax(x, axis=-1)
+
+
 def qmm(x, w, scales, biases, group_size, bits, indices=None, sorted_indices=False):
     """x @ dequantize(w).T; with indices, w holds stacked experts and each batch element of x uses the
     one indices names. Ours on the CPU (kernels/, see use_kernels; scales in float32 or as a checkpoint
@@ -147,6 +156,7 @@ OUR_OPS = (
     "rms_norm",
     "swiglu",
     "write_rows",
+    "argmax",
 )  # what the model calls in mixtral_kernels
 KERNELS = {"name": None, "module": None, "path": None, "line": ""}  # what qmm runs: use_kernels, or at load
 

@@ -38,6 +38,8 @@ NB_MODULE(_ext, m) {
         "x / sqrt(mean(x^2) + eps) * weight over the last axis.");
   m.def("swiglu", &mk::swiglu, "a"_a, "b"_a, nb::kw_only(), "stream"_a = nb::none(),
         "silu(a) * b, elementwise (a and b of one shape).");
+  m.def("argmax", &mk::argmax, "x"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "The index of the largest value along x's last axis, as mx.argmax(x, axis=-1).");
   m.def("write_rows", &mk::write_rows, "rows"_a, "caches"_a, "offsets"_a, "starts"_a, "ends"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "The caches with rows[:, :, starts[i]:ends[i]] written into cache i at positions offsets[i] on, in one op.");

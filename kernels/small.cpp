@@ -1,10 +1,11 @@
-// RoPE, RMSNorm and SwiGLU as one op each (small.h says why). Each reads its inputs as they come (views,
+// RoPE, RMSNorm, SwiGLU and argmax as one op each (small.h says why). Each reads its inputs as they come (views,
 // with strides) and writes a new row-major output; float32 throughout, RoPE and RMSNorm with MLX's own
 // formulas, SwiGLU with a polynomial exp (MLX's calls a scalar one).
 #include "small.h"
 #include "exp.h"
 #include "pool.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -12,6 +13,10 @@
 #include <vector>
 
 #include "mlx/backend/cpu/encoder.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace mixtral_kernels {
 
@@ -246,6 +251,94 @@ void WriteRows::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
         }
     }
   });
+}
+
+mx::array argmax(const mx::array& x, mx::StreamOrDevice s) {
+  require(x.dtype() == mx::float32 && x.ndim() >= 1 && x.shape(-1) >= 1,
+          "argmax: x must be float32, its last axis not empty");
+  mx::Shape shape(x.shape().begin(), x.shape().end() - 1);
+  return mx::array(shape, mx::uint32, std::make_shared<ArgMax>(mx::to_stream(s)), {x});
+}
+
+namespace {
+
+// Whether value v at index i comes before the best so far (value best at index at) in argmax's order: a
+// NaN first (the first of them), then larger values, equal ones by their index.
+inline bool before(float v, uint32_t i, float best, uint32_t at) {
+  if (std::isnan(v) || std::isnan(best))
+    return std::isnan(v) && (!std::isnan(best) || i < at);
+  return v > best || (v == best && i < at);
+}
+
+uint32_t argmax_row(const float* a, int64_t n, int64_t stride) {
+  float best = a[0];
+  uint32_t at = 0;
+  int64_t j = 1;
+#if defined(__AVX2__)
+  if (stride == 1 && n >= 64) {
+    // 32 lanes, lane l over the positions l, l + 32, ...: each keeps its first NaN, else the first of its
+    // largest values (from a[0] on: a lane's best is never behind position 0's). The lanes' bests, in
+    // argmax's order, give the row's. Four vectors of lanes, so that four compare-and-blend chains overlap.
+    constexpr int V = 4;
+    __m256 top[V];
+    __m256i where[V], here[V];
+    for (int u = 0; u < V; ++u) {
+      top[u] = _mm256_set1_ps(a[0]);
+      where[u] = _mm256_setzero_si256();
+      here[u] = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * u));
+    }
+    const __m256i step = _mm256_set1_epi32(8 * V);
+    for (j = 0; j + 8 * V <= n; j += 8 * V)
+      for (int u = 0; u < V; ++u) {
+        const __m256 v = _mm256_loadu_ps(a + j + 8 * u);
+        const __m256 nan_over_number =
+            _mm256_and_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), _mm256_cmp_ps(top[u], top[u], _CMP_ORD_Q));
+        const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, top[u], _CMP_GT_OQ), nan_over_number);
+        top[u] = _mm256_blendv_ps(top[u], v, take);
+        where[u] = _mm256_castps_si256(
+            _mm256_blendv_ps(_mm256_castsi256_ps(where[u]), _mm256_castsi256_ps(here[u]), take));
+        here[u] = _mm256_add_epi32(here[u], step);
+      }
+    alignas(32) float tops[V][8];
+    alignas(32) uint32_t wheres[V][8];
+    for (int u = 0; u < V; ++u) {
+      _mm256_store_ps(tops[u], top[u]);
+      _mm256_store_si256((__m256i*)wheres[u], where[u]);
+      for (int l = 0; l < 8; ++l)
+        if (before(tops[u][l], wheres[u][l], best, at))
+          best = tops[u][l], at = wheres[u][l];
+    }
+  }
+#endif
+  for (; j < n && !std::isnan(best); ++j)
+    if (before(a[j * stride], uint32_t(j), best, at))
+      best = a[j * stride], at = uint32_t(j);
+  return at;
+}
+
+} // namespace
+
+void ArgMax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(inputs[0]);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = inputs[0], out = mx::array::unsafe_weak_copy(out)]() mutable {
+    const int64_t n = x.shape(-1), rows = x.size() / n, stride = x.strides().back();
+    const float* src = x.data<float>();
+    uint32_t* dst = out.data<uint32_t>();
+    auto some_rows = [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        dst[r] = argmax_row(src + row_offset(r, x.shape(), x.strides()), n, stride);
+    };
+    // Threads only where the work outweighs waking them (one row of 32000 does not).
+    const int t = std::max<int64_t>(1, std::min<int64_t>({Pool::get().size, rows, int64_t(x.size()) / 65536}));
+    Pool::get().run(t, [&](int i) { some_rows(rows * i / t, rows * (i + 1) / t); });
+  });
+}
+
+void ArgMax::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[mixtral_kernels.argmax] runs on the CPU only; use mx.argmax");
 }
 
 void WriteRows::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {

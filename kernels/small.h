@@ -37,6 +37,25 @@ mx::array swiglu(const mx::array& a, const mx::array& b, mx::StreamOrDevice s = 
 std::vector<mx::array> write_rows(const mx::array& rows, const std::vector<mx::array>& caches, std::vector<int> offsets,
                                   std::vector<int> starts, std::vector<int> ends, mx::StreamOrDevice s = {});
 
+// The index of the largest value along x's last axis (float32; rows read as they are laid out) -> uint32,
+// as mx.argmax(x, axis=-1) (and numpy) give it: the first NaN if there is one, else the first of the largest
+// values. Greedy decoding's draw: MLX's CPU loop compares one value at a time, 0.55 ms for 16 rows of 32000
+// logits where this takes 0.05 (a step of 16 sequences decoding together 0.98x the time, A/B in one process).
+mx::array argmax(const mx::array& x, mx::StreamOrDevice s = {});
+
+class ArgMax : public mx::UnaryPrimitive {
+ public:
+  explicit ArgMax(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override;
+  const char* name() const override {
+    return "MixtralArgMax";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
 class WriteRows : public mx::Primitive {
  public:
   WriteRows(mx::Stream stream, std::vector<int> offsets, std::vector<int> starts, std::vector<int> ends)

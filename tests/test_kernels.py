@@ -526,6 +526,35 @@ def test_swiglu_covers_the_whole_float_range_and_big_inputs_on_threads():
     assert np.all(np.abs(got - ref) <= 6 * EPS * np.abs(ref) + 1e-38 * np.abs(a)), np.abs(got - ref).max()
 
 
+SPECIAL = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, 2.0, -1.0, 3.4e38, -3.4e38, 1e-45]
+
+
+@settings(max_examples=examples(60))
+@given(
+    seed=st.integers(0, 2**16),
+    shape=st.tuples(st.integers(1, 5), st.integers(1, 300)),
+    special=st.floats(0, 1),
+    transposed=st.booleans(),
+)
+def test_argmax_gives_numpy_and_mlx_argmax_index_nan_first_then_the_first_largest(seed, shape, special, transposed):
+    # Ties, NaNs, infinities and signed zeros at random places, and few distinct values (many ties).
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, size=shape).astype(np.float32)
+    odd = rng.random(shape) < special
+    x[odd] = rng.choice(SPECIAL, size=int(odd.sum()))
+    xm = mx.array(x.T.copy()).T if transposed else mx.array(x)  # a view: the last axis with a stride
+    got = np.array(ours().argmax(xm))
+    assert got.dtype == np.uint32 and np.array_equal(got, np.argmax(x, axis=-1))
+    assert np.array_equal(got, np.array(mx.argmax(xm, axis=-1)))
+
+
+def test_argmax_of_many_long_rows_on_threads_equals_numpy():
+    # A step of 64 sequences' logits over a 32000-token vocabulary: rows shared among the pool's threads.
+    x = np.random.default_rng(0).standard_normal((64, 32000)).astype(np.float32)
+    x[5, 31999], x[9, 7] = 100, np.nan
+    assert np.array_equal(np.array(ours().argmax(mx.array(x))), np.argmax(x, axis=-1))
+
+
 def test_a_kernels_build_that_lacks_an_op_the_model_calls_falls_back_to_mlx_in_one_line(monkeypatch):
     # A mixtral_kernels built from an older checkout: the model must not fail mid-prefill on it.
     monkeypatch.delattr(ours(), "swiglu")

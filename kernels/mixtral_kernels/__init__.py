@@ -1,4 +1,4 @@
-"""Quantized projections, attention (one sequence, or several in a row), RoPE, RMSNorm, SwiGLU and cache writes for Mixtral on MLX's CPU backend
+"""Quantized projections, attention (one sequence, or several in a row), RoPE, RMSNorm, SwiGLU, cache writes and argmax for Mixtral on MLX's CPU backend
 (qmm.cpp, attend.cpp, small.cpp).
 
     from mixtral_kernels import qmm, EXACT, INT16
@@ -13,6 +13,7 @@ import mlx.core as mx
 try:
     from ._ext import (
         accepts_arrays,
+        argmax,
         attend,
         attend_segments,
         qmm,
@@ -47,6 +48,7 @@ __all__ = [
     "rms_norm",
     "swiglu",
     "write_rows",
+    "argmax",
     "set_threads",
     "threads",
     "simd",
