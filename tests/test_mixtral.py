@@ -570,12 +570,15 @@ def expected_text(model_path, prompt, n, **kw):
 
 @pytest.mark.parametrize("sampling", [[], ["--temp", "0.9", "--top-p", "0.95", "--seed", "7"]])
 def test_prompt_prints_decode_of_generated_ids(mlx_q8, sampling):
-    r = run_script("mixtral.py", "--model-path", mlx_q8, "--prompt", "Once upon a time", "--max-tokens", 30, *sampling)
-    assert r.returncode == 0, r.stderr
+    # Bytes: text mode would turn a carriage return in the reply into a newline.
+    r = run_script(
+        "mixtral.py", "--model-path", mlx_q8, "--prompt", "Once upon a time", "--max-tokens", 30, *sampling, text=False
+    )
+    assert r.returncode == 0, r.stderr.decode()
     kw = dict(temp=0.9, top_p=0.95, seed=7) if sampling else {}
     text = expected_text(mlx_q8, "Once upon a time", 30, **kw)
-    assert text and r.stdout == text + "\n"
-    assert "tokens/s" in r.stderr and "peak" in r.stderr
+    assert text and r.stdout.decode() == text + "\n"
+    assert "tokens/s" in r.stderr.decode() and "peak" in r.stderr.decode()
 
 
 def test_prompt_dash_reads_stdin(mlx_q8):
