@@ -7,7 +7,7 @@
 // n * u / (1 - n * u) * (sum of |terms|), u = 2^-24 (Higham, Accuracy and Stability, 4.3); the scale
 // products add two roundings per group. So |got - reference| <= (K + 2 K / G + 2) * 1.01 u * S, with S
 // the sum of the terms' magnitudes. The int16 path's integer dot products are exact.
-// Where dot.h has dots_int16_rows (AVX2), each of its outputs must also be the bits dots_int16 gives.
+// Where dot.h has dots_int16_rows (AVX2, AVX-512), each of its outputs must also be the bits dots_int16 gives.
 // Prints "ok N" and exits 0, or prints each failure and exits 1.
 #include "dot.h"
 

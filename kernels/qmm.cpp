@@ -213,13 +213,14 @@ static void ask_row(const Problem& p, const S* scales, const S* biases, int64_t 
 }
 
 #ifdef MK_DOTS
-// How many of the tile's `left` rows of x the next pass takes. With the two-weight-row kernel (AVX2) up to 6,
+// How many of the tile's `left` rows of x the next pass takes. With the two-weight-row kernel (x86) up to 6,
 // the passes as even as can be (7 rows: 4 and 3; 16: 6, 5 and 5). A pass of 5 or 6 rows costs per row what
 // one of 4 does (one thread, weights in L2: 45-47 billion multiply-adds a second each), where the 1 to 3 rows
 // left after passes of 4 cost up to 1.6x as much per row: an expert's 5 rows took a pass of 4 and one of 1.
 // Sequences decoding together, A/B in one process (alternating blocks of 15 steps, 2 threads): 16 of them
 // 0.89-0.93x the time a step (random and the bench's prompts), 32 0.91x, 8 0.95x; a 512-token prefill
-// 0.96x; one stream alike. Elsewhere (AVX-512) 4 at a time.
+// 0.96x; one stream alike. On AVX-512 (AMD EPYC Zen 4, 2 threads, an expert's w1 at Mixtral's sizes from
+// memory) passes of 4, 5 and 6 rows 1.3-1.4x faster than one weight row at a time (4 at most). Elsewhere 4.
 static int64_t pass_rows(int64_t left) {
 #ifdef MK_DOTS_ROWS
   const int64_t passes = (left + 5) / 6;
